@@ -1,0 +1,51 @@
+# Sluice — the two commands a newcomer needs are `make run` and `make test`.
+
+CARGO     ?= cargo
+POLICY    ?= conf/sluice.yaml
+VENV      := .venv
+
+.PHONY: run test deps build release lint unit sdk demo bench check fmt clean
+
+## run: build (release) and start the sidecar with $(POLICY), state in memory.
+run: deps
+	$(CARGO) build --release -p sluice
+	./target/release/sluice run -c $(POLICY)
+
+## test: install what is missing, then lint, unit/integration tests and SDK tests.
+test: deps lint unit sdk
+
+## deps: install missing system packages, Rust components and the Python venv.
+deps:
+	@bash scripts/install-deps.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace
+
+## sdk: the official openai and anthropic Python SDKs through the real sidecar.
+sdk:
+	$(CARGO) build --workspace --bins
+	$(VENV)/bin/python -m pytest -q tests/sdk
+
+## check: validate a policy file (POLICY=...).
+check:
+	$(CARGO) run --quiet -p sluice -- check $(POLICY)
+
+## demo: the mock provider and the sidecar, a normal call, a streamed call and a reload.
+demo: deps
+	$(CARGO) build --release -p sluice -p sluice-mock
+	bash scripts/demo.sh
+
+## bench: direct vs Sluice vs nginx, side by side; writes BENCHMARKS.md. Not part of `make test`.
+bench: deps
+	bash bench/run.sh
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)

@@ -1,0 +1,104 @@
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use crate::facts::BodyFacts;
+use crate::RequestHeader;
+
+/// One request/response pair as the filters see it. The process fills it in as the exchange
+/// advances; filters read it and record their own facts on it for the filters after them.
+#[derive(Debug)]
+pub struct Exchange {
+    /// The route's name from the policy.
+    pub route: Arc<str>,
+    /// The request head as the caller sent it (before any rewrite for the upstream).
+    pub request: RequestHeader,
+    /// The complete request body; replayed as-is on every upstream attempt.
+    pub body: Bytes,
+    pub facts: BodyFacts,
+    /// Set by the `request_id` filter; echoed downstream and sent upstream.
+    pub request_id: Option<HeaderValue>,
+    pub started: Instant,
+    /// The upstream that served the response, once one did.
+    pub upstream: Option<Arc<str>>,
+    /// The status sent downstream, once the response head went out.
+    pub status: Option<StatusCode>,
+    /// Response body bytes sent downstream so far.
+    pub response_bytes: u64,
+    pub outcome: Outcome,
+}
+
+impl Exchange {
+    pub fn new(route: Arc<str>, request: RequestHeader, body: Bytes) -> Self {
+        let facts = BodyFacts::parse(&body);
+        Self {
+            route,
+            request,
+            body,
+            facts,
+            request_id: None,
+            started: Instant::now(),
+            upstream: None,
+            status: None,
+            response_bytes: 0,
+            outcome: Outcome::InProgress,
+        }
+    }
+}
+
+/// How the exchange ended, as the `done` phase sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    InProgress,
+    /// The response went downstream completely.
+    Completed,
+    /// Sluice answered with an error of its own (a filter, no route, upstream failure before the
+    /// response head).
+    Refused,
+    /// The upstream failed after the response head went downstream.
+    UpstreamBroke,
+    /// The caller went away before the response was complete.
+    CallerGone,
+}
+
+/// The kinds of error Sluice itself produces; each provider renders them in its own error shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidRequest,
+    Authentication,
+    PermissionDenied,
+    NotFound,
+    RequestTooLarge,
+    RateLimited,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    Internal,
+}
+
+/// A refusal from a filter or from the process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: StatusCode,
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// A response made by a filter instead of the upstream.
+#[derive(Debug, Clone)]
+pub struct LocalResponse {
+    pub status: StatusCode,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}

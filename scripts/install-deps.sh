@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what building and testing Sluice needs and is missing; does nothing when all is there.
+# Debian packages: cmake (libz-ng-sys), pkg-config + libssl-dev (Pingora's openssl feature),
+# redis-server (shared-state tests), nginx (benchmark reference), python3-venv.
+# Python: a venv in .venv with the official SDKs the end-to-end tests drive.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v cmake >/dev/null || need+=(cmake)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v cc >/dev/null || need+=(build-essential)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import openai, anthropic, pytest, httpx' 2>/dev/null; then
+  .venv/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+fi

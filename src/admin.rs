@@ -1,0 +1,112 @@
+//! The admin listener: health, readiness, reload and the active policy. Bind it to loopback or a
+//! pod-internal address; it has no authentication of its own.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{header, Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::json;
+
+use crate::policy::{PolicyStore, ReloadOutcome};
+
+pub struct AdminApp {
+    store: Arc<PolicyStore>,
+    draining: Arc<AtomicBool>,
+}
+
+impl AdminApp {
+    pub fn new(store: Arc<PolicyStore>, draining: Arc<AtomicBool>) -> Self {
+        Self { store, draining }
+    }
+
+    async fn reload(&self) -> (StatusCode, serde_json::Value) {
+        let store = self.store.clone();
+        // Reading and compiling the file is blocking work; keep it off the async workers.
+        let outcome = tokio::task::spawn_blocking(move || store.reload()).await;
+        match outcome {
+            Ok(Ok(ReloadOutcome::Applied { hash })) => {
+                (StatusCode::OK, json!({"result": "applied", "hash": hash}))
+            }
+            Ok(Ok(ReloadOutcome::Unchanged { hash })) => {
+                (StatusCode::OK, json!({"result": "unchanged", "hash": hash}))
+            }
+            Ok(Err(errors)) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({
+                    "result": "rejected",
+                    "active_hash": self.store.current().hash,
+                    "errors": errors.errors,
+                    "message": errors.to_string(),
+                }),
+            ),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"result": "failed", "message": e.to_string()}),
+            ),
+        }
+    }
+
+    fn policy(&self) -> serde_json::Value {
+        let policy = self.store.current();
+        let loaded_at = humantime::format_rfc3339_seconds(policy.loaded_at).to_string();
+        json!({
+            "hash": policy.hash,
+            "loaded_at": loaded_at,
+            "source": policy.source.display().to_string(),
+            "summary": policy.summary(),
+            "reloads": {
+                "applied": self.store.reloads_applied.load(Ordering::Relaxed),
+                "rejected": self.store.reloads_rejected.load(Ordering::Relaxed),
+                "last_rejection": self.store.last_rejection(),
+            },
+            "policy": policy.redacted,
+        })
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // Admin requests carry no meaningful body; drain it so the connection stays usable.
+        let _ = session.drain_request_body().await;
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_owned();
+        let (status, body) = match (method, path.as_str()) {
+            (Method::GET, "/healthz") => (StatusCode::OK, json!({"status": "ok"})),
+            (Method::GET, "/readyz") => {
+                if self.draining.load(Ordering::Acquire) {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"status": "draining"}),
+                    )
+                } else {
+                    let hash = self.store.current().hash.clone();
+                    (
+                        StatusCode::OK,
+                        json!({"status": "ready", "policy_hash": hash}),
+                    )
+                }
+            }
+            (Method::POST, "/admin/reload") => self.reload().await,
+            (Method::GET, "/admin/policy") => (StatusCode::OK, self.policy()),
+            (_, "/healthz" | "/readyz" | "/admin/reload" | "/admin/policy") => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": "method not allowed"}),
+            ),
+            _ => (
+                StatusCode::NOT_FOUND,
+                json!({"error": format!("no admin endpoint {path}")}),
+            ),
+        };
+        let body = serde_json::to_vec_pretty(&body).unwrap_or_default();
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .unwrap_or_default()
+    }
+}

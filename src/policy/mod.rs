@@ -1,0 +1,262 @@
+//! The policy: loading (parse → interpolate → validate → compile), the compiled form the proxy
+//! runs on, and the store that swaps it atomically on reload.
+
+mod compile;
+mod error;
+mod interpolate;
+pub mod schema;
+mod store;
+mod watch;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sluice_filters::Chain;
+
+use crate::upstream::Upstream;
+pub use error::{PolicyError, PolicyErrors};
+pub use store::{PolicyStore, ReloadOutcome};
+pub use watch::PolicyWatcher;
+
+/// Largest policy file accepted: a policy is configuration, not data.
+const MAX_POLICY_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A compiled, immutable policy. Requests hold an `Arc` of the one they started with.
+#[derive(Debug)]
+pub struct Policy {
+    /// SHA-256 of the file's bytes, hex.
+    pub hash: String,
+    pub loaded_at: SystemTime,
+    pub source: PathBuf,
+    pub listen: ListenAddrs,
+    pub server: ServerRuntime,
+    pub routes: Vec<Route>,
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// The policy as written, secrets shown as `<redacted>`, for `GET /admin/policy`.
+    pub redacted: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddrs {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerRuntime {
+    pub threads: usize,
+    pub drain_timeout: Duration,
+    pub upstream_pool_size: usize,
+    pub client_body_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    /// Lower-case host names; empty matches any host.
+    pub hosts: Vec<String>,
+    /// Without a trailing slash; empty for the root prefix.
+    pub path_prefix: String,
+    pub rewrite_prefix: String,
+    pub upstream: Arc<Upstream>,
+    pub max_body: u64,
+    pub chain: Chain,
+}
+
+impl Route {
+    fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        let host_ok = self.hosts.is_empty()
+            || host.is_some_and(|host| self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)));
+        host_ok && self.prefix_len(path).is_some()
+    }
+
+    /// Length of the matched prefix, on a path-segment boundary.
+    fn prefix_len(&self, path: &str) -> Option<usize> {
+        let rest = path.strip_prefix(self.path_prefix.as_str())?;
+        (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+            .then_some(self.path_prefix.len())
+    }
+
+    /// The upstream path: the matched prefix replaced by `rewrite_prefix`, behind the upstream's
+    /// base path. The query string is kept as sent.
+    pub fn upstream_path(&self, path_and_query: &str) -> String {
+        let rest = &path_and_query[self.prefix_len(path_and_query).unwrap_or(0)..];
+        let base = &self.upstream.base_path;
+        let mut out =
+            String::with_capacity(base.len() + self.rewrite_prefix.len() + rest.len() + 1);
+        out.push_str(base);
+        out.push_str(&self.rewrite_prefix);
+        if !rest.is_empty() && !rest.starts_with('/') && !out.ends_with('/') {
+            out.push('/');
+        }
+        out.push_str(rest);
+        if !out.starts_with('/') {
+            out.insert(0, '/');
+        }
+        out
+    }
+}
+
+impl Policy {
+    /// The first route, in file order, whose hosts and path prefix match.
+    pub fn route_for(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|route| route.matches(host, path))
+    }
+
+    /// One line for `sluice check` and the log.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} routes, {} upstreams, proxy {}, admin {}, sha256 {}",
+            self.routes.len(),
+            self.upstreams.len(),
+            self.listen.proxy,
+            self.listen.admin,
+            &self.hash[..12]
+        )
+    }
+}
+
+/// Reads, parses and compiles a policy file, with `${VAR}` taken from the process environment.
+pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
+    let file = path.display().to_string();
+    let fail = |message: String| PolicyErrors {
+        file: file.clone(),
+        errors: vec![PolicyError::new("", message)],
+    };
+    let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
+    if meta.len() > MAX_POLICY_BYTES {
+        return Err(fail(format!(
+            "the file is {} bytes; a policy may be at most {MAX_POLICY_BYTES}",
+            meta.len()
+        )));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
+    compile::compile_text(&text, path, &|name| std::env::var(name).ok()).map_err(|errors| {
+        PolicyErrors {
+            file: file.clone(),
+            errors,
+        }
+    })
+}
+
+#[cfg(test)]
+pub(crate) use compile::compile_text;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(text: &str) -> Result<Policy, Vec<PolicyError>> {
+        compile_text(text, Path::new("test.yaml"), &|name| {
+            (name == "KEY").then(|| "sk-1".to_owned())
+        })
+    }
+
+    const POLICY: &str = r#"
+upstreams:
+  openai: { provider: openai, base_url: "https://api.openai.com/", keys: ["${KEY}"] }
+  proxied: { provider: openai_compatible, base_url: "http://127.0.0.1:8000/base/" }
+routes:
+  - { name: by-host, match: { hosts: [API.openai.com], path_prefix: / }, upstream: openai }
+  - { name: openai, match: { path_prefix: /openai/ }, upstream: openai }
+  - { name: local, match: { path_prefix: /local }, rewrite_prefix: /v1, upstream: proxied }
+"#;
+
+    #[test]
+    fn routes_match_by_host_and_whole_segments() {
+        let policy = compile(POLICY).unwrap();
+        let name = |host, path| policy.route_for(host, path).map(|r| &*r.name);
+        assert_eq!(name(Some("api.openai.com"), "/v1/models"), Some("by-host"));
+        assert_eq!(name(Some("localhost"), "/openai/v1/models"), Some("openai"));
+        assert_eq!(name(None, "/openai"), Some("openai"));
+        assert_eq!(name(None, "/openai?x=1"), Some("openai"));
+        assert_eq!(name(None, "/openaix/v1"), None);
+        assert_eq!(name(None, "/local/chat/completions"), Some("local"));
+    }
+
+    #[test]
+    fn upstream_paths_are_rewritten_behind_the_base_path() {
+        let policy = compile(POLICY).unwrap();
+        let route = |name: &str| policy.routes.iter().find(|r| &*r.name == name).unwrap();
+        assert_eq!(
+            route("openai").upstream_path("/openai/v1/chat/completions?a=b"),
+            "/v1/chat/completions?a=b"
+        );
+        assert_eq!(route("openai").upstream_path("/openai"), "/");
+        assert_eq!(route("by-host").upstream_path("/v1/models"), "/v1/models");
+        assert_eq!(
+            route("local").upstream_path("/local/chat/completions"),
+            "/base/v1/chat/completions"
+        );
+        let upstream = &policy.upstreams["proxied"];
+        assert_eq!(
+            (
+                upstream.tls,
+                upstream.port,
+                upstream.authority.to_str().unwrap()
+            ),
+            (false, 8000, "127.0.0.1:8000")
+        );
+        let openai = &policy.upstreams["openai"];
+        assert_eq!(
+            (openai.tls, openai.port, openai.authority.to_str().unwrap()),
+            (true, 443, "api.openai.com")
+        );
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_and_the_redacted_view() {
+        let policy = compile(POLICY).unwrap();
+        let debug = format!("{policy:?}");
+        assert!(!debug.contains("sk-1"), "{debug}");
+        let shown = policy.redacted.to_string();
+        assert!(
+            !shown.contains("sk-1") && !shown.contains("${KEY}"),
+            "{shown}"
+        );
+        assert_eq!(
+            policy.upstreams["openai"].next_credential().unwrap(),
+            "Bearer sk-1"
+        );
+    }
+
+    #[test]
+    fn all_semantic_errors_come_in_one_pass() {
+        let errors = compile(
+            r#"
+upstreams:
+  a: { provider: anthropic, base_url: "https://x", api_version: "1", keys: ["${MISSING}", ""] }
+routes:
+  - { name: r, match: { path_prefix: nope }, upstream: zzz, max_body: 0, rewrite_prefix: v1 }
+"#,
+        )
+        .unwrap_err();
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let joined = text.join("\n");
+        for expected in [
+            "environment variable `MISSING` is not set",
+            "the key is empty",
+            "apply to provider azure_openai only",
+            "must start with /",
+            "must be empty or start with /",
+            "must be more than 0",
+            "unknown upstream `zzz`",
+        ] {
+            assert!(
+                joined.contains(expected),
+                "missing {expected:?} in:\n{joined}"
+            );
+        }
+        assert!(errors.iter().all(|e| e.line.is_some()), "{joined}");
+    }
+
+    #[test]
+    fn an_empty_policy_is_an_error() {
+        let errors = compile("{}").unwrap_err();
+        assert!(errors[0].message.contains("no routes"));
+    }
+}

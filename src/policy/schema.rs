@@ -1,0 +1,302 @@
+//! The policy as a user writes it: every field documented in `conf/sluice.yaml`, unknown fields
+//! refused. Nothing here is used on the request path; [`super::compile`] turns it into the
+//! internal [`super::Policy`] the proxy runs on (river's split between the two).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize, Serializer};
+use serde_saphyr::Spanned;
+use sluice_filters::FilterSpec;
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub server: ServerSettings,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Spanned<UpstreamSpec>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RouteSpec>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    #[serde(default = "default_proxy_addr")]
+    pub proxy: Spanned<String>,
+    #[serde(default = "default_admin_addr")]
+    pub admin: Spanned<String>,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            proxy: default_proxy_addr(),
+            admin: default_admin_addr(),
+        }
+    }
+}
+
+fn unspanned<T>(value: T) -> Spanned<T> {
+    let nowhere = serde_saphyr::Location::UNKNOWN;
+    Spanned::new(value, nowhere, nowhere)
+}
+
+fn default_proxy_addr() -> Spanned<String> {
+    unspanned("127.0.0.1:8787".to_owned())
+}
+
+fn default_admin_addr() -> Spanned<String> {
+    unspanned("127.0.0.1:9787".to_owned())
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Worker threads of the proxy listener.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// How long SIGTERM waits for in-flight requests (open streams included) before exiting.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Duration,
+    /// Idle upstream connections kept for reuse, over all upstreams.
+    #[serde(default = "default_pool_size")]
+    pub upstream_pool_size: usize,
+    /// How long a downstream client may take between two reads of its request body.
+    #[serde(default = "default_client_body_timeout")]
+    pub client_body_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            threads: default_threads(),
+            drain_timeout: default_drain_timeout(),
+            upstream_pool_size: default_pool_size(),
+            client_body_timeout: default_client_body_timeout(),
+        }
+    }
+}
+
+fn default_threads() -> usize {
+    2
+}
+fn default_drain_timeout() -> Duration {
+    Duration(std::time::Duration::from_secs(30))
+}
+fn default_pool_size() -> usize {
+    256
+}
+fn default_client_body_timeout() -> Duration {
+    Duration(std::time::Duration::from_secs(60))
+}
+
+/// The API an upstream speaks: decides its credential header, its error shape and path rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    Openai,
+    AzureOpenai,
+    Anthropic,
+    OpenaiCompatible,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSpec {
+    pub provider: ProviderKind,
+    /// `https://host[:port][/base/path]`; `http://` for local servers. `${VAR}` allowed.
+    pub base_url: Spanned<String>,
+    /// Provider keys. With none, the caller's own credential passes through unchanged.
+    #[serde(default)]
+    pub keys: Vec<SecretTemplate>,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Extra headers sent upstream (e.g. `OpenAI-Organization`). Values may hold secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, SecretTemplate>,
+    /// Azure OpenAI only: `api-version` for OpenAI-style paths rewritten to deployments.
+    #[serde(default)]
+    pub api_version: Option<Spanned<String>>,
+    /// Azure OpenAI only: model name → deployment name (a model not listed is its own deployment).
+    #[serde(default)]
+    pub deployments: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// TCP connect plus TLS handshake.
+    #[serde(default = "default_connect")]
+    pub connect: Duration,
+    /// From the request sent to the response head received (a model thinking counts here).
+    #[serde(default = "default_first_byte")]
+    pub first_byte: Duration,
+    /// Longest silence between two body chunks once the response started.
+    #[serde(default = "default_idle")]
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: default_connect(),
+            first_byte: default_first_byte(),
+            idle: default_idle(),
+        }
+    }
+}
+
+fn default_connect() -> Duration {
+    Duration(std::time::Duration::from_secs(5))
+}
+fn default_first_byte() -> Duration {
+    Duration(std::time::Duration::from_secs(120))
+}
+fn default_idle() -> Duration {
+    Duration(std::time::Duration::from_secs(120))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: RouteMatch,
+    /// What replaces the matched path prefix before the upstream's base path is put in front.
+    /// Default: the prefix is stripped.
+    #[serde(default)]
+    pub rewrite_prefix: String,
+    /// The upstream this route sends to.
+    pub upstream: Spanned<String>,
+    /// Largest request body accepted, e.g. `8MiB`; larger gets 413 before the rest is read.
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+    /// The route's filters, in order. Default: `[request_id: {}]`.
+    #[serde(default)]
+    pub filters: Option<Vec<FilterSpec>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    /// Matches whole path segments: `/openai` matches `/openai` and `/openai/v1/…`, not `/openaix`.
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    /// Request hosts (without port) this route answers; empty matches any host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+fn default_prefix() -> String {
+    "/".to_owned()
+}
+
+fn default_max_body() -> ByteSize {
+    ByteSize(8 * 1024 * 1024)
+}
+
+/// A string that may hold a secret once interpolated: kept as written (with `${VAR}`), shown
+/// nowhere. Its `Debug` and `Serialize` print `<redacted>`.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub struct SecretTemplate(pub Spanned<String>);
+
+impl std::fmt::Debug for SecretTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for SecretTemplate {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
+    }
+}
+
+/// A duration written as `30s`, `250ms`, `2m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Duration(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map(Duration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
+impl Serialize for Duration {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+/// A size written as `8MiB`, `512KiB`, `1MB` or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    fn parse(text: &str) -> Option<u64> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let number: u64 = digits.parse().ok()?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            _ => return None,
+        };
+        number.checked_mul(factor)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => ByteSize::parse(&text).map(ByteSize).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid size {text:?}: use a number of bytes or a unit (KiB, MiB, GiB, KB, MB, GB)"
+                ))
+            }),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(ByteSize::parse("8MiB"), Some(8 << 20));
+        assert_eq!(ByteSize::parse("512 KiB"), Some(512 << 10));
+        assert_eq!(ByteSize::parse("1MB"), Some(1_000_000));
+        assert_eq!(ByteSize::parse("42"), Some(42));
+        assert_eq!(ByteSize::parse("8 parsecs"), None);
+        assert_eq!(ByteSize::parse("MiB"), None);
+    }
+}

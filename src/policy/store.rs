@@ -1,0 +1,98 @@
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use super::{load, Policy, PolicyErrors};
+
+/// Holds the active policy. A request takes an `Arc` once and keeps it to the end, so a reload
+/// never changes a request midway; the swap itself is a single atomic pointer store.
+#[derive(Debug)]
+pub struct PolicyStore {
+    current: ArcSwap<Policy>,
+    path: PathBuf,
+    /// Serialises reloads (watcher, SIGHUP and admin may ask at once).
+    reloading: Mutex<()>,
+    pub reloads_applied: AtomicU64,
+    pub reloads_rejected: AtomicU64,
+    last_rejection: Mutex<Option<PolicyErrors>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    Applied {
+        hash: String,
+    },
+    /// The file's bytes are those of the active policy.
+    Unchanged {
+        hash: String,
+    },
+}
+
+impl PolicyStore {
+    pub fn new(path: &Path, policy: Policy) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(policy),
+            path: path.to_path_buf(),
+            reloading: Mutex::new(()),
+            reloads_applied: AtomicU64::new(0),
+            reloads_rejected: AtomicU64::new(0),
+            last_rejection: Mutex::new(None),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Policy> {
+        self.current.load_full()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The errors of the last rejected reload, if the last reload attempt was rejected.
+    pub fn last_rejection(&self) -> Option<PolicyErrors> {
+        self.last_rejection.lock().ok()?.clone()
+    }
+
+    /// Reads the file again; a valid, different policy replaces the active one, anything else
+    /// leaves it in place.
+    pub fn reload(&self) -> Result<ReloadOutcome, PolicyErrors> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let active = self.current();
+        let result = load(&self.path);
+        let mut last = self
+            .last_rejection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(policy) if policy.hash == active.hash => {
+                *last = None;
+                Ok(ReloadOutcome::Unchanged { hash: policy.hash })
+            }
+            Ok(policy) => {
+                if policy.listen != active.listen || policy.server.threads != active.server.threads
+                {
+                    tracing::warn!(
+                        "policy changes `listen` or `server.threads`; they take effect at the next restart"
+                    );
+                }
+                let hash = policy.hash.clone();
+                tracing::info!(summary = %policy.summary(), "policy reloaded");
+                self.current.store(Arc::new(policy));
+                self.reloads_applied.fetch_add(1, Ordering::Relaxed);
+                *last = None;
+                Ok(ReloadOutcome::Applied { hash })
+            }
+            Err(errors) => {
+                tracing::error!(
+                    "policy reload rejected, keeping sha256 {}: {errors}",
+                    &active.hash[..12]
+                );
+                self.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+                *last = Some(errors.clone());
+                Err(errors)
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Process wiring: one Pingora server with the proxy listener, the admin listener and the
+//! background services (policy watcher, drain monitor).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::apps::HttpServerOptions;
+use pingora::proxy::ProxyServiceBuilder;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+
+use crate::admin::AdminApp;
+use crate::exchange::{Inflight, SluiceProxy};
+use crate::policy::{self, PolicyErrors, PolicyStore, PolicyWatcher};
+
+/// Starts the sidecar and serves until a signal ends it; never returns on success.
+pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
+    let policy = policy::load(policy_path)?;
+    tracing::info!(summary = %policy.summary(), "policy loaded from {}", policy_path.display());
+    let listen = policy.listen;
+    let settings = policy.server;
+    let store = Arc::new(PolicyStore::new(policy_path, policy));
+    let inflight = Arc::new(Inflight::default());
+    let draining = Arc::new(AtomicBool::new(false));
+
+    let conf = ServerConf {
+        threads: settings.threads,
+        // Pingora waits this long after SIGTERM before stopping its runtimes; the drain monitor
+        // exits sooner, as soon as nothing is in flight.
+        grace_period_seconds: Some(settings.drain_timeout.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upstream_keepalive_pool_size: settings.upstream_pool_size,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let conf = server.configuration.clone();
+
+    let proxy = SluiceProxy::new(store.clone(), inflight.clone(), settings.upstream_pool_size);
+    let mut server_options = HttpServerOptions::default();
+    server_options.h2c = true;
+    let mut proxy_service = ProxyServiceBuilder::new(&conf, proxy)
+        .name("sluice proxy")
+        .server_options(server_options)
+        .build();
+    proxy_service.add_tcp(&listen.proxy.to_string());
+
+    let mut admin = Service::new(
+        "sluice admin".to_owned(),
+        HttpServer::new_app(AdminApp::new(store.clone(), draining.clone())),
+    );
+    admin.add_tcp(&listen.admin.to_string());
+    admin.threads = Some(1);
+
+    server.add_service(proxy_service);
+    server.add_service(admin);
+    server.add_service(background_service(
+        "policy watcher",
+        PolicyWatcher::new(store),
+    ));
+    server.add_service(background_service(
+        "drain monitor",
+        DrainMonitor { inflight, draining },
+    ));
+    tracing::info!(proxy = %listen.proxy, admin = %listen.admin, "sluice listening");
+    server.run_forever();
+}
+
+/// After SIGTERM, exits as soon as no exchange is in flight (open streams included) instead of
+/// always sleeping the whole drain period; Pingora's grace period is the upper bound.
+struct DrainMonitor {
+    inflight: Arc<Inflight>,
+    draining: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl BackgroundService for DrainMonitor {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                return;
+            }
+        }
+        self.draining.store(true, Ordering::Release);
+        tracing::info!(in_flight = self.inflight.count(), "SIGTERM: draining");
+        // Let connections accepted just before the signal register their exchanges.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        loop {
+            if self.inflight.count() == 0 {
+                tracing::info!("drained; exiting");
+                std::process::exit(0);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

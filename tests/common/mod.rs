@@ -1,0 +1,178 @@
+//! Test harness: the real `sluice` binary on free ports, against the in-process mock provider.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use sluice_mock::{MockConfig, MockServer};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running sidecar with its own policy file in a temporary folder.
+pub struct Sidecar {
+    pub proxy: String,
+    pub admin: String,
+    pub policy_path: PathBuf,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+/// The policy's `listen` block is added by the harness; `body` holds upstreams and routes.
+/// `{MOCK}` in `body` is replaced by the mock's base URL.
+pub fn policy(proxy_port: u16, admin_port: u16, body: &str) -> String {
+    format!(
+        "listen: {{ proxy: 127.0.0.1:{proxy_port}, admin: 127.0.0.1:{admin_port} }}\nserver: {{ drain_timeout: 10s }}\n{body}"
+    )
+}
+
+impl Sidecar {
+    pub async fn start(body: &str) -> Sidecar {
+        Self::start_with_env(body, &[]).await
+    }
+
+    pub async fn start_with_env(body: &str, env: &[(&str, &str)]) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let policy_path = dir.path().join("sluice.yaml");
+        let (proxy_port, admin_port) = (free_port(), free_port());
+        std::fs::write(&policy_path, policy(proxy_port, admin_port, body)).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        command
+            .args(["run", "-c"])
+            .arg(&policy_path)
+            .env(
+                "SLUICE_LOG",
+                std::env::var("SLUICE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let child = command.spawn().expect("start sluice");
+        let sidecar = Sidecar {
+            proxy: format!("http://127.0.0.1:{proxy_port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            policy_path,
+            child,
+            _dir: dir,
+        };
+        sidecar.wait_ready().await;
+        sidecar
+    }
+
+    async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = client.get(format!("{}/readyz", self.admin)).send().await;
+            let proxy_up =
+                std::net::TcpStream::connect(self.proxy.trim_start_matches("http://")).is_ok();
+            if ready.is_ok_and(|r| r.status().is_success()) && proxy_up {
+                return;
+            }
+            assert!(Instant::now() < deadline, "sluice did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Rewrites the policy file in place (same inode, as an editor's save would).
+    pub fn write_policy(&self, body: &str) {
+        let text = std::fs::read_to_string(&self.policy_path).unwrap();
+        let listen_and_server: String = text.lines().take(2).map(|l| format!("{l}\n")).collect();
+        let mut file = std::fs::File::create(&self.policy_path).unwrap();
+        file.write_all(format!("{listen_and_server}{body}").as_bytes())
+            .unwrap();
+        file.sync_all().unwrap();
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, returning how long that took and its exit status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<(Duration, std::process::ExitStatus)> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some((started.elapsed(), status));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub async fn policy_hash(&self) -> String {
+        let policy: serde_json::Value = reqwest::get(format!("{}/admin/policy", self.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        policy["hash"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A mock with default settings on a free port.
+pub async fn mock() -> MockServer {
+    MockServer::start(MockConfig::default()).await.unwrap()
+}
+
+/// Upstreams `openai` and `anthropic` (no keys) on the mock, routes `/openai` and `/anthropic`.
+pub fn passthrough_policy(mock_url: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  openai: {{ provider: openai, base_url: "{mock_url}" }}
+  anthropic: {{ provider: anthropic, base_url: "{mock_url}" }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai }}
+  - {{ name: anthropic, match: {{ path_prefix: /anthropic }}, upstream: anthropic }}
+"#
+    )
+}
+
+pub fn chat_body(content: &str, stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model": "gpt-4o-mini",
+        "stream": stream,
+        "messages": [{"role": "user", "content": content}],
+    })
+}
+
+/// Sends raw bytes on a fresh connection and returns everything read until the server closes
+/// or `limit` passes.
+pub async fn raw_exchange(addr: &str, request: &[u8], limit: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(limit, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

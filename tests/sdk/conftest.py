@@ -1,0 +1,88 @@
+"""Starts the mock provider and the real sidecar for the SDK tests."""
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SLUICE = os.environ.get("SLUICE_BIN", str(ROOT / "target/debug/sluice"))
+MOCK = os.environ.get("SLUICE_MOCK_BIN", str(ROOT / "target/debug/sluice-mock"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, limit: float = 20.0) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def mock_url():
+    port = free_port()
+    process = subprocess.Popen([MOCK, "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/_mock/health")
+        yield url
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def sidecar(mock_url):
+    """The sidecar with provider keys of its own, so the SDK's key must never reach the mock."""
+    proxy, admin = free_port(), free_port()
+    policy = f"""
+listen: {{ proxy: 127.0.0.1:{proxy}, admin: 127.0.0.1:{admin} }}
+upstreams:
+  openai: {{ provider: openai, base_url: "{mock_url}", keys: ["sk-upstream-openai"] }}
+  anthropic: {{ provider: anthropic, base_url: "{mock_url}", keys: ["sk-upstream-anthropic"] }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai }}
+  - {{ name: anthropic, match: {{ path_prefix: /anthropic }}, upstream: anthropic }}
+"""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "sluice.yaml"
+        path.write_text(policy)
+        env = dict(os.environ, SLUICE_LOG=os.environ.get("SLUICE_LOG", "warn"))
+        process = subprocess.Popen([SLUICE, "run", "-c", str(path)], env=env)
+        try:
+            wait_http(f"http://127.0.0.1:{admin}/readyz")
+            yield f"http://127.0.0.1:{proxy}"
+        finally:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def mock_requests(mock_url):
+    """Clears the mock's record, then returns a function that reads it."""
+    urllib.request.urlopen(urllib.request.Request(f"{mock_url}/_mock/requests", method="DELETE"))
+
+    def read():
+        import json
+
+        with urllib.request.urlopen(f"{mock_url}/_mock/requests") as response:
+            return json.load(response)
+
+    return read

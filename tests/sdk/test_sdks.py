@@ -1,0 +1,78 @@
+"""The official SDKs, pointed at the sidecar by base URL only, must not notice it."""
+
+import anthropic
+import openai
+import pytest
+
+
+def test_openai_chat(sidecar, mock_requests):
+    client = openai.OpenAI(base_url=f"{sidecar}/openai/v1", api_key="sk-caller-not-forwarded")
+    completion = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello from the sdk"}]
+    )
+    assert completion.choices[0].message.content == "echo: hello from the sdk"
+    assert completion.usage.total_tokens > 0
+    (seen,) = mock_requests()
+    assert seen["path"] == "/v1/chat/completions"
+    assert seen["headers"]["authorization"] == "Bearer sk-upstream-openai"
+    assert "sk-caller-not-forwarded" not in str(seen)
+
+
+def test_openai_streaming(sidecar, mock_requests):
+    client = openai.OpenAI(base_url=f"{sidecar}/openai/v1", api_key="sk-caller")
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "stream to the sdk"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage:
+            usage = chunk.usage
+    assert text == "echo: stream to the sdk"
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_openai_embeddings_and_models(sidecar):
+    client = openai.OpenAI(base_url=f"{sidecar}/openai/v1", api_key="sk-caller")
+    embedding = client.embeddings.create(model="text-embedding-3-small", input="abc")
+    assert len(embedding.data[0].embedding) == 8
+    models = client.models.list()
+    assert len(models.data) > 0
+
+
+def test_openai_sdk_raises_on_sidecar_errors(sidecar):
+    client = openai.OpenAI(base_url=f"{sidecar}/nowhere/v1", api_key="sk-caller", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert "no route" in str(raised.value)
+
+
+def test_openai_sdk_sees_provider_errors(sidecar):
+    client = openai.OpenAI(base_url=f"{sidecar}/openai/v1", api_key="sk-caller", max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "x"}],
+            extra_headers={"x-mock-status": "429"},
+        )
+
+
+def test_anthropic_messages_and_stream(sidecar, mock_requests):
+    client = anthropic.Anthropic(base_url=f"{sidecar}/anthropic", api_key="sk-ant-caller")
+    message = client.messages.create(
+        model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi claude"}]
+    )
+    assert message.content[0].text == "echo: hi claude"
+    with client.messages.stream(
+        model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "stream claude"}]
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "echo: stream claude"
+    assert final.usage.output_tokens > 0
+    for seen in mock_requests():
+        assert seen["headers"]["x-api-key"] == "sk-upstream-anthropic"
