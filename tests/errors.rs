@@ -204,6 +204,8 @@ async fn a_stream_that_breaks_upstream_does_not_end_cleanly() {
         .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
         .header("x-mock-fault", "reset-mid-stream")
         .header("x-mock-chunks", "6")
+        // Spaced out, so the head and the first events are on the wire before the reset.
+        .header("x-mock-chunk-ms", "50")
         .json(&chat_body("this will break", true))
         .send()
         .await

@@ -192,7 +192,13 @@ async fn anthropic_stream_keeps_its_event_sequence() {
     assert_eq!(events.first(), Some(&"message_start"));
     assert_eq!(events.last(), Some(&"message_stop"));
     assert!(events.contains(&"message_delta"));
-    assert!(text.contains("bonjour"));
+    let said: String = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .map(|data| serde_json::from_str::<serde_json::Value>(data).unwrap())
+        .filter_map(|event| event["delta"]["text"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(said, "echo: bonjour");
     let seen = &mock.requests()[0];
     assert_eq!(seen.path, "/v1/messages");
     assert_eq!(header(seen, "x-api-key"), Some("sk-ant-caller"));

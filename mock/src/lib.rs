@@ -1,1 +1,438 @@
+//! A mock LLM provider speaking OpenAI (`/v1/chat/completions`, `/v1/completions`,
+//! `/v1/embeddings`, `/v1/models`, Azure deployment paths) and Anthropic (`/v1/messages`), with
+//! SSE streaming, fault injection and a record of what it received.
+//!
+//! Answers are derived from the request (`"echo: " + the last message`) so tests can check them.
+//! Per-request control headers override the instance settings:
+//! `x-mock-status` (+ `x-mock-retry-after`), `x-mock-first-byte-ms`, `x-mock-chunk-ms`,
+//! `x-mock-chunks`, `x-mock-fault: reset-mid-stream | stall | stall-mid-stream`.
 
+mod content;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+
+pub use content::Api;
+
+/// Instance-wide behaviour; each field can be overridden per request by a control header.
+#[derive(Debug, Clone)]
+pub struct MockConfig {
+    pub first_byte_delay: Duration,
+    pub chunk_delay: Duration,
+    /// Content pieces per answer (streamed as that many events).
+    pub chunks: usize,
+    /// Keep the last requests for inspection; off for benchmarks.
+    pub record: bool,
+    pub fault: Option<Fault>,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        Self {
+            first_byte_delay: Duration::ZERO,
+            chunk_delay: Duration::ZERO,
+            chunks: 5,
+            record: true,
+            fault: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer with this status and a provider-shaped error.
+    Status {
+        status: u16,
+        retry_after: Option<String>,
+    },
+    /// Send about half the events, then abort the connection.
+    ResetMidStream,
+    /// Never send the response head.
+    Stall,
+    /// Send about half the events, then hang.
+    StallMidStream,
+}
+
+impl Fault {
+    pub fn parse(name: &str) -> Option<Fault> {
+        match name {
+            "reset-mid-stream" => Some(Fault::ResetMidStream),
+            "stall" => Some(Fault::Stall),
+            "stall-mid-stream" => Some(Fault::StallMidStream),
+            _ => None,
+        }
+    }
+}
+
+/// One request as received.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub method: String,
+    /// Path and query as received.
+    pub path: String,
+    /// Lower-case names, in arrival order.
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+const RECORD_LIMIT: usize = 1000;
+const BODY_LIMIT: usize = 64 * 1024 * 1024;
+
+struct Shared {
+    config: MockConfig,
+    record: Mutex<VecDeque<RecordedRequest>>,
+    count: AtomicU64,
+    ids: AtomicU64,
+    cancelled: AtomicU64,
+}
+
+pub struct MockServer {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl MockServer {
+    /// Binds 127.0.0.1 on a free port and serves on the current runtime.
+    pub async fn start(config: MockConfig) -> std::io::Result<MockServer> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(listener, config).await
+    }
+
+    pub async fn start_on(
+        listener: tokio::net::TcpListener,
+        config: MockConfig,
+    ) -> std::io::Result<MockServer> {
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            record: Mutex::new(VecDeque::new()),
+            count: AtomicU64::new(0),
+            ids: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+        });
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(MockServer { addr, shared, task })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The recorded requests, oldest first (at most the last 1000).
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.lock_record().iter().cloned().collect()
+    }
+
+    pub fn clear(&self) {
+        self.shared.lock_record().clear();
+    }
+
+    /// Provider requests received (control endpoints not counted), recorded or not.
+    pub fn request_count(&self) -> usize {
+        self.shared.count.load(Ordering::Relaxed) as usize
+    }
+
+    /// Streams whose reader went away before the last event was sent.
+    pub fn cancelled_streams(&self) -> u64 {
+        self.shared.cancelled.load(Ordering::Relaxed)
+    }
+}
+
+impl Shared {
+    fn lock_record(&self) -> std::sync::MutexGuard<'_, VecDeque<RecordedRequest>> {
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The settings for one request: instance config overridden by control headers.
+struct Plan {
+    first_byte_delay: Duration,
+    chunk_delay: Duration,
+    chunks: usize,
+    fault: Option<Fault>,
+}
+
+fn header_ms(headers: &HeaderMap, name: &str) -> Option<Duration> {
+    let value = headers.get(name)?.to_str().ok()?.parse().ok()?;
+    Some(Duration::from_millis(value))
+}
+
+impl Plan {
+    fn new(config: &MockConfig, headers: &HeaderMap) -> Plan {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let status_fault = text("x-mock-status")
+            .and_then(|s| s.parse().ok())
+            .map(|status| Fault::Status {
+                status,
+                retry_after: text("x-mock-retry-after").map(str::to_owned),
+            });
+        let named_fault = text("x-mock-fault").and_then(Fault::parse);
+        Plan {
+            first_byte_delay: header_ms(headers, "x-mock-first-byte-ms")
+                .unwrap_or(config.first_byte_delay),
+            chunk_delay: header_ms(headers, "x-mock-chunk-ms").unwrap_or(config.chunk_delay),
+            chunks: text("x-mock-chunks")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(config.chunks)
+                .max(1),
+            fault: status_fault
+                .or(named_fault)
+                .or_else(|| config.fault.clone()),
+        }
+    }
+}
+
+async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let Ok(body) = axum::body::to_bytes(body, BODY_LIMIT).await else {
+        return json_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &serde_json::json!({"error": "body too large"}),
+        );
+    };
+
+    match (&parts.method, parts.uri.path()) {
+        (&Method::GET, "/_mock/health") => return text_response(StatusCode::OK, "ok"),
+        (&Method::GET, "/_mock/requests") => {
+            return json_response(StatusCode::OK, &record_json(&shared))
+        }
+        (&Method::DELETE, "/_mock/requests") => {
+            shared.lock_record().clear();
+            return text_response(StatusCode::OK, "cleared");
+        }
+        _ => {}
+    }
+
+    shared.count.fetch_add(1, Ordering::Relaxed);
+    if shared.config.record {
+        let mut record = shared.lock_record();
+        if record.len() == RECORD_LIMIT {
+            record.pop_front();
+        }
+        record.push_back(RecordedRequest {
+            method: parts.method.to_string(),
+            path: path.clone(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: body.clone(),
+        });
+    }
+
+    let plan = Plan::new(&shared.config, &parts.headers);
+    let id = shared.ids.fetch_add(1, Ordering::Relaxed);
+    let mut response = respond(&shared, &parts.method, parts.uri.path(), &body, plan, id).await;
+    if let Some(request_id) = parts.headers.get("x-request-id") {
+        response
+            .headers_mut()
+            .insert("x-request-id", request_id.clone());
+    }
+    response
+}
+
+async fn respond(
+    shared: &Arc<Shared>,
+    method: &Method,
+    path: &str,
+    body: &Bytes,
+    plan: Plan,
+    id: u64,
+) -> Response {
+    let Some(api) = Api::from_request(method, path) else {
+        let error = Api::Chat.error(
+            StatusCode::NOT_FOUND,
+            &format!("no mock endpoint {method} {path}"),
+        );
+        return json_response(StatusCode::NOT_FOUND, &error);
+    };
+    if plan.fault == Some(Fault::Stall) {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    if !plan.first_byte_delay.is_zero() {
+        tokio::time::sleep(plan.first_byte_delay).await;
+    }
+    if let Some(Fault::Status {
+        status,
+        retry_after,
+    }) = &plan.fault
+    {
+        let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = json_response(status, &api.error(status, "injected by x-mock-status"));
+        if let Some(value) = retry_after.as_deref().and_then(|v| v.parse().ok()) {
+            response.headers_mut().insert("retry-after", value);
+        }
+        return response;
+    }
+    let request: serde_json::Value = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(value) => value,
+            Err(e) => {
+                let error = api.error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"));
+                return json_response(StatusCode::BAD_REQUEST, &error);
+            }
+        }
+    };
+    let answer = content::Answer::new(api, &request, path, body.len(), plan.chunks, id);
+    let stream = request
+        .get("stream")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false)
+        && api.streams();
+    if !stream {
+        if plan.fault == Some(Fault::ResetMidStream) {
+            return aborted_body();
+        }
+        return json_response(StatusCode::OK, &answer.whole());
+    }
+    let include_usage = request
+        .pointer("/stream_options/include_usage")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let events = answer.events(include_usage);
+    sse_response(shared.clone(), events, plan)
+}
+
+/// Streams `events`, one frame each, `chunk_delay` apart; a reader that leaves early is counted.
+fn sse_response(shared: Arc<Shared>, events: Vec<Bytes>, plan: Plan) -> Response {
+    struct Progress {
+        shared: Arc<Shared>,
+        events: std::vec::IntoIter<Bytes>,
+        sent: usize,
+        half: usize,
+        delay: Duration,
+        fault: Option<Fault>,
+        finished: bool,
+    }
+    impl Drop for Progress {
+        fn drop(&mut self) {
+            if !self.finished {
+                self.shared.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    let half = events.len() / 2;
+    let progress = Progress {
+        shared,
+        events: events.into_iter(),
+        sent: 0,
+        half,
+        delay: plan.chunk_delay,
+        fault: plan.fault,
+        finished: false,
+    };
+    let stream = futures_util::stream::unfold(progress, |mut progress| async move {
+        if progress.finished {
+            return None;
+        }
+        if progress.sent > 0 && !progress.delay.is_zero() {
+            tokio::time::sleep(progress.delay).await;
+        }
+        if progress.sent == progress.half.max(1) {
+            match progress.fault {
+                Some(Fault::ResetMidStream) => {
+                    // Ending with an error makes the server abort the connection mid-body.
+                    progress.finished = true;
+                    return Some((Err(std::io::Error::other("injected reset")), progress));
+                }
+                Some(Fault::StallMidStream) => tokio::time::sleep(Duration::from_secs(3600)).await,
+                _ => {}
+            }
+        }
+        let event = progress.events.next()?;
+        progress.sent += 1;
+        // Handing out the last event completes the stream, whether or not it is polled again.
+        progress.finished = progress.events.len() == 0;
+        Some((Ok::<Bytes, std::io::Error>(event), progress))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(stream))
+        .expect("static response parts are valid")
+}
+
+fn aborted_body() -> Response {
+    let stream = futures_util::stream::once(async {
+        Err::<Bytes, _>(std::io::Error::other("injected reset"))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Body::from_stream(stream))
+        .expect("static response parts are valid")
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(value.to_string()))
+        .expect("static response parts are valid")
+}
+
+fn text_response(status: StatusCode, text: &'static str) -> Response {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .body(Body::from(text))
+        .expect("static response parts are valid")
+}
+
+fn record_json(shared: &Shared) -> serde_json::Value {
+    let record = shared.lock_record();
+    serde_json::Value::Array(
+        record
+            .iter()
+            .map(|r| {
+                let headers: serde_json::Map<String, serde_json::Value> = r
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.clone(), serde_json::Value::String(v.clone())))
+                    .collect();
+                serde_json::json!({
+                    "method": r.method,
+                    "path": r.path,
+                    "headers": headers,
+                    "body": String::from_utf8_lossy(&r.body),
+                    "body_len": r.body.len(),
+                })
+            })
+            .collect(),
+    )
+}

@@ -140,9 +140,7 @@ impl SluiceProxy {
             .await;
         };
         let provider = route.upstream.provider;
-        if request.headers.contains_key(header::TRANSFER_ENCODING)
-            && request.headers.contains_key(header::CONTENT_LENGTH)
-        {
+        if has_conflicting_framing(session) {
             // Ambiguous framing is how request smuggling starts (pingora#945).
             let refusal = Refusal::new(
                 StatusCode::BAD_REQUEST,
@@ -539,6 +537,29 @@ async fn read_body(
     })
 }
 
+/// Whether the request carried both `Content-Length` and `Transfer-Encoding`. Pingora drops
+/// `Content-Length` in that case (RFC 9112 §6.3) and goes on; the raw head still shows it.
+fn has_conflicting_framing(session: &Session) -> bool {
+    let request = session.req_header();
+    if !request.headers.contains_key(header::TRANSFER_ENCODING) {
+        return false;
+    }
+    if request.headers.contains_key(header::CONTENT_LENGTH) {
+        return true;
+    }
+    session
+        .as_downstream()
+        .as_http1()
+        .is_some_and(|h1| raw_head_has_content_length(&h1.get_headers_raw_bytes()))
+}
+
+fn raw_head_has_content_length(raw: &[u8]) -> bool {
+    const NAME: &[u8] = b"content-length:";
+    raw.split(|&b| b == b'\n')
+        .skip(1)
+        .any(|line| line.len() >= NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME))
+}
+
 /// The request's host, without a port: the `Host` header, or the authority of an absolute URI.
 fn request_host(request: &RequestHeader) -> Option<&str> {
     let raw = match request.headers.get(header::HOST) {
@@ -651,6 +672,16 @@ fn log_exchange(ex: &Exchange) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_length_is_found_in_a_raw_head() {
+        assert!(raw_head_has_content_length(
+            b"POST / HTTP/1.1\r\nHost: x\r\nCONTENT-LENGTH: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(!raw_head_has_content_length(
+            b"POST /content-length: HTTP/1.1\r\nTransfer-Encoding: chunked\r\nX-Content-Length: 4\r\n\r\n"
+        ));
+    }
 
     #[test]
     fn host_is_read_without_port() {

@@ -1,0 +1,350 @@
+//! What the mock answers: bodies and SSE events in each API's real shape, derived from the
+//! request so tests can check that it arrived intact.
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    Chat,
+    Completions,
+    Embeddings,
+    Models,
+    AnthropicMessages,
+}
+
+impl Api {
+    /// OpenAI paths (`/v1/...`), Azure deployment paths, Anthropic's `/v1/messages`.
+    pub fn from_request(method: &Method, path: &str) -> Option<Api> {
+        let operation = match path.strip_prefix("/openai/deployments/") {
+            Some(rest) => rest.split_once('/').map(|(_, op)| op)?,
+            None => path.strip_prefix("/v1/")?,
+        };
+        match (method, operation) {
+            (&Method::POST, "chat/completions") => Some(Api::Chat),
+            (&Method::POST, "completions") => Some(Api::Completions),
+            (&Method::POST, "embeddings") => Some(Api::Embeddings),
+            (&Method::GET, "models") => Some(Api::Models),
+            (&Method::POST, "messages") => Some(Api::AnthropicMessages),
+            _ => None,
+        }
+    }
+
+    pub fn streams(self) -> bool {
+        matches!(self, Api::Chat | Api::Completions | Api::AnthropicMessages)
+    }
+
+    /// An error body in this API's provider shape.
+    pub fn error(self, status: StatusCode, message: &str) -> Value {
+        if self == Api::AnthropicMessages {
+            let kind = match status.as_u16() {
+                400 => "invalid_request_error",
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                529 => "overloaded_error",
+                _ => "api_error",
+            };
+            return json!({"type": "error", "error": {"type": kind, "message": message}});
+        }
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            s if s >= 500 => "server_error",
+            _ => "invalid_request_error",
+        };
+        json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
+    }
+}
+
+/// One answer, split into `chunks` pieces.
+pub struct Answer {
+    api: Api,
+    id: String,
+    model: String,
+    text: String,
+    pieces: Vec<String>,
+    input_tokens: usize,
+    embedding_inputs: Vec<String>,
+}
+
+const CREATED: u64 = 1_767_225_600;
+const MODELS: [&str; 3] = ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"];
+
+fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(text) => text.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|part| part.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+fn split(text: &str, pieces: usize) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let size = chars.len().div_ceil(pieces).max(1);
+    (0..pieces)
+        .map(|i| chars.iter().skip(i * size).take(size).collect())
+        .collect()
+}
+
+impl Answer {
+    pub fn new(
+        api: Api,
+        request: &Value,
+        path: &str,
+        body_len: usize,
+        chunks: usize,
+        id: u64,
+    ) -> Answer {
+        let deployment = path
+            .strip_prefix("/openai/deployments/")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or("mock-model");
+        let model = request
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or(deployment)
+            .to_owned();
+        let said = match api {
+            Api::Chat | Api::AnthropicMessages => request
+                .get("messages")
+                .and_then(Value::as_array)
+                .and_then(|messages| messages.last())
+                .map(|message| text_of(&message["content"]))
+                .unwrap_or_default(),
+            Api::Completions => text_of(&request["prompt"]),
+            Api::Embeddings | Api::Models => String::new(),
+        };
+        let text: String = format!("echo: {said}").chars().take(200).collect();
+        let embedding_inputs = match &request["input"] {
+            Value::String(s) => vec![s.clone()],
+            Value::Array(items) => items
+                .iter()
+                .map(|v| v.as_str().unwrap_or("").to_owned())
+                .collect(),
+            _ => Vec::new(),
+        };
+        Answer {
+            api,
+            id: match api {
+                Api::AnthropicMessages => format!("msg_mock_{id}"),
+                _ => format!("chatcmpl-mock-{id}"),
+            },
+            model,
+            pieces: split(&text, chunks),
+            text,
+            input_tokens: (body_len / 4).max(1),
+            embedding_inputs,
+        }
+    }
+
+    fn output_tokens(&self) -> usize {
+        self.pieces.len()
+    }
+
+    fn openai_usage(&self) -> Value {
+        json!({
+            "prompt_tokens": self.input_tokens,
+            "completion_tokens": self.output_tokens(),
+            "total_tokens": self.input_tokens + self.output_tokens(),
+        })
+    }
+
+    /// The non-streaming answer.
+    pub fn whole(&self) -> Value {
+        match self.api {
+            Api::Chat => json!({
+                "id": self.id, "object": "chat.completion", "created": CREATED, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text, "refusal": null},
+                             "logprobs": null, "finish_reason": "stop"}],
+                "usage": self.openai_usage(),
+            }),
+            Api::Completions => json!({
+                "id": self.id, "object": "text_completion", "created": CREATED, "model": self.model,
+                "choices": [{"index": 0, "text": self.text, "logprobs": null, "finish_reason": "stop"}],
+                "usage": self.openai_usage(),
+            }),
+            Api::Embeddings => json!({
+                "object": "list", "model": self.model,
+                "data": self.embedding_inputs.iter().enumerate().map(|(i, input)| json!({
+                    "object": "embedding", "index": i, "embedding": embedding(input),
+                })).collect::<Vec<_>>(),
+                "usage": {"prompt_tokens": self.input_tokens, "total_tokens": self.input_tokens},
+            }),
+            Api::Models => json!({
+                "object": "list",
+                "data": MODELS.iter().map(|id| json!({
+                    "id": id, "object": "model", "created": CREATED, "owned_by": "sluice-mock",
+                })).collect::<Vec<_>>(),
+            }),
+            Api::AnthropicMessages => json!({
+                "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                "content": [{"type": "text", "text": self.text}],
+                "stop_reason": "end_turn", "stop_sequence": null,
+                "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens()},
+            }),
+        }
+    }
+
+    /// The streamed answer as SSE events, each one body frame.
+    pub fn events(&self, include_usage: bool) -> Vec<Bytes> {
+        let data = |value: Value| Bytes::from(format!("data: {value}\n\n"));
+        let last = self.pieces.len() - 1;
+        match self.api {
+            Api::AnthropicMessages => {
+                let event = |name: &str, value: Value| {
+                    Bytes::from(format!("event: {name}\ndata: {value}\n\n"))
+                };
+                let mut events = vec![
+                    event(
+                        "message_start",
+                        json!({"type": "message_start", "message": {
+                        "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                        "content": [], "stop_reason": null, "stop_sequence": null,
+                        "usage": {"input_tokens": self.input_tokens, "output_tokens": 1}}}),
+                    ),
+                    event(
+                        "content_block_start",
+                        json!({"type": "content_block_start", "index": 0,
+                        "content_block": {"type": "text", "text": ""}}),
+                    ),
+                    event("ping", json!({"type": "ping"})),
+                ];
+                events.extend(self.pieces.iter().map(|piece| {
+                    event(
+                        "content_block_delta",
+                        json!({"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "text_delta", "text": piece}}),
+                    )
+                }));
+                events.push(event(
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": 0}),
+                ));
+                events.push(event(
+                    "message_delta",
+                    json!({"type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                    "usage": {"output_tokens": self.output_tokens()}}),
+                ));
+                events.push(event("message_stop", json!({"type": "message_stop"})));
+                events
+            }
+            Api::Completions => {
+                let mut events: Vec<Bytes> = self.pieces.iter().enumerate().map(|(i, piece)| data(json!({
+                    "id": self.id, "object": "text_completion", "created": CREATED, "model": self.model,
+                    "choices": [{"index": 0, "text": piece, "logprobs": null,
+                                 "finish_reason": if i == last { json!("stop") } else { Value::Null }}],
+                }))).collect();
+                if include_usage {
+                    events.push(data(
+                        json!({"id": self.id, "object": "text_completion", "created": CREATED,
+                        "model": self.model, "choices": [], "usage": self.openai_usage()}),
+                    ));
+                }
+                events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                events
+            }
+            _ => {
+                let mut events: Vec<Bytes> = self.pieces.iter().enumerate().map(|(i, piece)| {
+                    let mut delta = json!({"content": piece});
+                    if i == 0 {
+                        delta["role"] = json!("assistant");
+                    }
+                    data(json!({
+                        "id": self.id, "object": "chat.completion.chunk", "created": CREATED, "model": self.model,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": null,
+                                     "finish_reason": if i == last { json!("stop") } else { Value::Null }}],
+                    }))
+                }).collect();
+                if include_usage {
+                    events.push(data(
+                        json!({"id": self.id, "object": "chat.completion.chunk", "created": CREATED,
+                        "model": self.model, "choices": [], "usage": self.openai_usage()}),
+                    ));
+                }
+                events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                events
+            }
+        }
+    }
+}
+
+/// A deterministic 8-dimension vector from the input's bytes.
+fn embedding(input: &str) -> Vec<f64> {
+    let mut state: u64 = 0xcbf2_9ce4_8422_2325;
+    (0..8)
+        .map(|i| {
+            for byte in input.bytes().chain([i as u8]) {
+                state = (state ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+            (state % 2000) as f64 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_apis() {
+        assert_eq!(
+            Api::from_request(&Method::POST, "/v1/chat/completions"),
+            Some(Api::Chat)
+        );
+        assert_eq!(
+            Api::from_request(&Method::POST, "/openai/deployments/d/embeddings"),
+            Some(Api::Embeddings)
+        );
+        assert_eq!(
+            Api::from_request(&Method::POST, "/v1/messages"),
+            Some(Api::AnthropicMessages)
+        );
+        assert_eq!(
+            Api::from_request(&Method::GET, "/v1/models"),
+            Some(Api::Models)
+        );
+        assert_eq!(
+            Api::from_request(&Method::GET, "/v1/chat/completions"),
+            None
+        );
+        assert_eq!(Api::from_request(&Method::POST, "/other"), None);
+    }
+
+    #[test]
+    fn answers_echo_the_last_message_in_n_pieces() {
+        let request = json!({"model": "m", "messages": [
+            {"role": "user", "content": "first"},
+            {"role": "user", "content": [{"type": "text", "text": "second"}]}]});
+        let answer = Answer::new(Api::Chat, &request, "/v1/chat/completions", 100, 3, 7);
+        assert_eq!(
+            answer.whole()["choices"][0]["message"]["content"],
+            "echo: second"
+        );
+        assert_eq!(answer.pieces.concat(), "echo: second");
+        assert_eq!(answer.pieces.len(), 3);
+        assert_eq!(answer.whole()["usage"]["completion_tokens"], 3);
+        let events = answer.events(true);
+        assert_eq!(events.len(), 3 + 2);
+        assert!(std::str::from_utf8(&events[3])
+            .unwrap()
+            .contains("\"usage\""));
+        assert_eq!(&events[4][..], b"data: [DONE]\n\n");
+        assert_eq!(answer.events(false).len(), 4);
+    }
+
+    #[test]
+    fn short_texts_still_give_n_events() {
+        assert_eq!(split("ab", 5).len(), 5);
+        assert_eq!(split("ab", 5).concat(), "ab");
+    }
+}
