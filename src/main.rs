@@ -41,7 +41,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => {
-            init_logging();
+            // Held for the process's life: dropping it would stop the log writer thread.
+            let _log_writer = init_logging();
             match server::run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(errors) => {
@@ -63,16 +64,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs go to stderr through a writer thread, so a request never waits on a log write (lines are
+/// dropped rather than block if the writer falls far behind).
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if json {
         builder.json().init();
     } else {
-        builder.init();
+        builder.with_ansi(false).init();
     }
+    guard
 }

@@ -94,6 +94,8 @@ impl BackgroundService for DrainMonitor {
         loop {
             if self.inflight.count() == 0 {
                 tracing::info!("drained; exiting");
+                // Give the log writer thread a moment to write the last access lines.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 std::process::exit(0);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -20,7 +20,7 @@ use pingora::protocols::ALPN;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType};
 use sluice_filters::{
-    ErrorKind, Exchange, LocalResponse, Outcome, RequestHeader, ResponseHeader, Verdict,
+    ErrorKind, Exchange, LocalResponse, Outcome, Rejection, RequestHeader, ResponseHeader, Verdict,
 };
 
 use crate::policy::{Policy, PolicyStore, Route};
@@ -66,23 +66,6 @@ impl Close {
             Close::UpstreamBroke(_) => ErrorType::ReadError,
         };
         Error::explain(kind, self.to_string())
-    }
-}
-
-/// A failure before anything went downstream: answered in the route's error shape.
-struct Refusal {
-    status: StatusCode,
-    kind: ErrorKind,
-    message: String,
-}
-
-impl Refusal {
-    fn new(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            kind,
-            message: message.into(),
-        }
     }
 }
 
@@ -132,27 +115,26 @@ impl SluiceProxy {
         let host = request_host(request);
         let Some(route) = policy.route_for(host, path) else {
             let message = format!("no route for {path}");
-            return respond_refusal(
-                session,
-                ProviderKind::Openai,
-                Refusal::new(StatusCode::NOT_FOUND, ErrorKind::NotFound, message),
-            )
-            .await;
+            let rejection = Rejection::new(StatusCode::NOT_FOUND, ErrorKind::NotFound, message);
+            log_early_rejection(session, "-", &rejection);
+            return respond_rejection(session, ProviderKind::Openai, rejection).await;
         };
         let provider = route.upstream.provider;
         if has_conflicting_framing(session) {
             // Ambiguous framing is how request smuggling starts (pingora#945).
-            let refusal = Refusal::new(
+            let rejection = Rejection::new(
                 StatusCode::BAD_REQUEST,
                 ErrorKind::InvalidRequest,
                 "a request may not carry both Content-Length and Transfer-Encoding",
             );
-            return respond_refusal(session, provider, refusal).await;
+            log_early_rejection(session, &route.name, &rejection);
+            return respond_rejection(session, provider, rejection).await;
         }
         let body = match read_body(session, route, policy.server.client_body_timeout).await {
             Ok(body) => body,
-            Err(BodyError::Refused(refusal)) => {
-                return respond_refusal(session, provider, refusal).await
+            Err(BodyError::Refused(rejection)) => {
+                log_early_rejection(session, &route.name, &rejection);
+                return respond_rejection(session, provider, rejection).await;
             }
             Err(BodyError::CallerGone(e)) => return Err(Close::CallerGone(e)),
         };
@@ -161,10 +143,9 @@ impl SluiceProxy {
         let result = match route.chain.on_request(&mut ex).await {
             Verdict::Continue => self.forward(session, route, &mut ex).await,
             Verdict::Reject(rejection) => {
-                let refusal = Refusal::new(rejection.status, rejection.kind, rejection.message);
-                ex.status = Some(refusal.status);
+                ex.status = Some(rejection.status);
                 ex.outcome = Outcome::Refused;
-                respond_refusal(session, provider, refusal).await
+                respond_rejection(session, provider, rejection).await
             }
             Verdict::Respond(local) => respond_local(session, route, &mut ex, *local).await,
         };
@@ -183,7 +164,7 @@ impl SluiceProxy {
         let upstream = &route.upstream;
         let mut upstream_request = match build_upstream_request(route, ex) {
             Ok(request) => request,
-            Err(refusal) => return refuse(session, upstream.provider, ex, refusal).await,
+            Err(rejection) => return refuse(session, upstream.provider, ex, rejection).await,
         };
         route.chain.on_upstream_request(ex, &mut upstream_request);
 
@@ -192,8 +173,8 @@ impl SluiceProxy {
             .await
         {
             Ok(sent) => sent,
-            Err(Attempt::Refused(refusal)) => {
-                return refuse(session, upstream.provider, ex, refusal).await
+            Err(Attempt::Refused(rejection)) => {
+                return refuse(session, upstream.provider, ex, rejection).await
             }
             Err(Attempt::CallerGone(e)) => {
                 ex.outcome = Outcome::CallerGone;
@@ -204,12 +185,12 @@ impl SluiceProxy {
         let mut response = match upstream_session.response_header() {
             Some(head) => head.clone(),
             None => {
-                let refusal = Refusal::new(
+                let rejection = Rejection::new(
                     StatusCode::BAD_GATEWAY,
                     ErrorKind::UpstreamUnavailable,
                     "upstream sent no response head",
                 );
-                return refuse(session, upstream.provider, ex, refusal).await;
+                return refuse(session, upstream.provider, ex, rejection).await;
             }
         };
         let downstream_h1_1 =
@@ -309,7 +290,7 @@ impl SluiceProxy {
             .resolve(&upstream.host, upstream.port)
             .await
             .map_err(|e| {
-                Attempt::Refused(Refusal::new(
+                Attempt::Refused(Rejection::new(
                     StatusCode::BAD_GATEWAY,
                     ErrorKind::UpstreamUnavailable,
                     format!("upstream `{}`: {e}", upstream.name),
@@ -327,13 +308,14 @@ impl SluiceProxy {
         // A pooled connection may have been closed by the upstream just before reuse; that
         // failure says nothing about the upstream, so it gets one fresh connection.
         let mut fresh_retry = true;
+        let mut request = Some(request);
         loop {
             let connected = tokio::select! {
                 connected = self.connector.get_http_session(&peer) => connected,
                 gone = session.as_downstream_mut().read_body_or_idle(true) => return Err(Attempt::CallerGone(caller_gone(gone))),
             };
             let (mut upstream_session, reused) = connected.map_err(|e| {
-                Attempt::Refused(Refusal::new(
+                Attempt::Refused(Rejection::new(
                     StatusCode::BAD_GATEWAY,
                     ErrorKind::UpstreamUnavailable,
                     format!(
@@ -345,7 +327,12 @@ impl SluiceProxy {
             })?;
             let started = Instant::now();
             let sent = tokio::select! {
-                sent = write_request(&mut upstream_session, request.clone(), body) => sent,
+                // Keep a copy only when a retry is possible.
+                sent = write_request(
+                    &mut upstream_session,
+                    if reused && fresh_retry { request.clone() } else { request.take() },
+                    body,
+                ) => sent,
                 gone = session.as_downstream_mut().read_body_or_idle(true) => return Err(Attempt::CallerGone(caller_gone(gone))),
             };
             let head = match sent {
@@ -367,7 +354,7 @@ impl SluiceProxy {
                     continue;
                 }
                 Ok(Err(e)) => {
-                    return Err(Attempt::Refused(Refusal::new(
+                    return Err(Attempt::Refused(Rejection::new(
                         StatusCode::BAD_GATEWAY,
                         ErrorKind::UpstreamUnavailable,
                         format!(
@@ -378,7 +365,7 @@ impl SluiceProxy {
                     )))
                 }
                 Err(_elapsed) => {
-                    return Err(Attempt::Refused(Refusal::new(
+                    return Err(Attempt::Refused(Rejection::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         ErrorKind::UpstreamTimeout,
                         format!(
@@ -393,7 +380,7 @@ impl SluiceProxy {
 }
 
 enum Attempt {
-    Refused(Refusal),
+    Refused(Rejection),
     CallerGone(Box<Error>),
 }
 
@@ -409,9 +396,11 @@ fn caller_gone(result: pingora::Result<Option<Bytes>>) -> Box<Error> {
 
 async fn write_request(
     upstream: &mut HttpSession,
-    request: RequestHeader,
+    request: Option<RequestHeader>,
     body: &Bytes,
 ) -> pingora::Result<()> {
+    let request = request
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "request head already sent"))?;
     upstream.write_request_header(Box::new(request)).await?;
     if !body.is_empty() {
         upstream.write_request_body(body.clone(), true).await?;
@@ -420,7 +409,7 @@ async fn write_request(
 }
 
 /// The request head for the upstream: path rewritten, headers cleaned, credentials set.
-fn build_upstream_request(route: &Route, ex: &Exchange) -> Result<RequestHeader, Refusal> {
+fn build_upstream_request(route: &Route, ex: &Exchange) -> Result<RequestHeader, Rejection> {
     let upstream = &route.upstream;
     let incoming = &ex.request;
     let path_and_query = incoming.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -432,7 +421,7 @@ fn build_upstream_request(route: &Route, ex: &Exchange) -> Result<RequestHeader,
             &upstream.azure,
         )
         .map_err(|e| {
-            Refusal::new(
+            Rejection::new(
                 StatusCode::BAD_REQUEST,
                 ErrorKind::InvalidRequest,
                 e.to_string(),
@@ -444,7 +433,7 @@ fn build_upstream_request(route: &Route, ex: &Exchange) -> Result<RequestHeader,
         Some(incoming.headers.len() + 4),
     )
     .map_err(|_| {
-        Refusal::new(
+        Rejection::new(
             StatusCode::BAD_REQUEST,
             ErrorKind::InvalidRequest,
             "the request path cannot be sent upstream",
@@ -468,7 +457,7 @@ fn build_upstream_request(route: &Route, ex: &Exchange) -> Result<RequestHeader,
 }
 
 enum BodyError {
-    Refused(Refusal),
+    Refused(Rejection),
     CallerGone(Box<Error>),
 }
 
@@ -480,7 +469,7 @@ async fn read_body(
     timeout: Duration,
 ) -> Result<Bytes, BodyError> {
     let too_large = || {
-        BodyError::Refused(Refusal::new(
+        BodyError::Refused(Rejection::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::RequestTooLarge,
             format!(
@@ -507,7 +496,7 @@ async fn read_body(
             Ok(Ok(None)) => break,
             Ok(Err(e)) => return Err(BodyError::CallerGone(e)),
             Err(_) => {
-                return Err(BodyError::Refused(Refusal::new(
+                return Err(BodyError::Refused(Rejection::new(
                     StatusCode::REQUEST_TIMEOUT,
                     ErrorKind::InvalidRequest,
                     format!("the request body did not arrive within {timeout:?}"),
@@ -576,23 +565,23 @@ async fn refuse(
     session: &mut Session,
     provider: ProviderKind,
     ex: &mut Exchange,
-    refusal: Refusal,
+    rejection: Rejection,
 ) -> Result<(), Close> {
-    ex.status = Some(refusal.status);
+    ex.status = Some(rejection.status);
     ex.outcome = Outcome::Refused;
-    tracing::debug!(route = %ex.route, status = refusal.status.as_u16(), "{}", refusal.message);
-    respond_refusal(session, provider, refusal).await
+    tracing::debug!(route = %ex.route, status = rejection.status.as_u16(), "{}", rejection.message);
+    respond_rejection(session, provider, rejection).await
 }
 
 /// Answers with an error of Sluice's own in the provider's shape. The connection is closed
 /// afterwards if the request body was not read to its end.
-async fn respond_refusal(
+async fn respond_rejection(
     session: &mut Session,
     provider: ProviderKind,
-    refusal: Refusal,
+    rejection: Rejection,
 ) -> Result<(), Close> {
-    let body = provider.error_body(refusal.kind, &refusal.message);
-    write_simple(session, refusal.status, body).await
+    let body = provider.error_body(rejection.kind, &rejection.message);
+    write_simple(session, rejection.status, body).await
 }
 
 async fn respond_local(
@@ -648,6 +637,21 @@ async fn write_simple(session: &mut Session, status: StatusCode, body: Bytes) ->
         .write_response_body(Some(body), true)
         .await
         .map_err(Close::CallerGone)
+}
+
+/// The access line for a request refused before its exchange began (no route, bad framing,
+/// body too large or too slow).
+fn log_early_rejection(session: &Session, route: &str, rejection: &Rejection) {
+    let request = session.req_header();
+    tracing::info!(
+        target: "sluice::access",
+        route,
+        method = %request.method,
+        path = request.uri.path(),
+        status = rejection.status.as_u16(),
+        outcome = "Refused",
+        reason = %rejection.message,
+    );
 }
 
 /// One access log line per exchange, on the `sluice::access` target.
