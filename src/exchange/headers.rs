@@ -60,6 +60,8 @@ pub fn copy_request_headers(from: &RequestHeader, to: &mut RequestHeader, strip_
 /// body's framing is re-chosen by the downstream writer: `Content-Length` is kept when the
 /// upstream sent one, otherwise an HTTP/1.1 caller gets chunked encoding.
 pub fn sanitize_response(response: &mut ResponseHeader, downstream_h1_1: bool) {
+    // The status line is Sluice's own: an HTTP/1.0 upstream does not make the caller's hop 1.0.
+    response.set_version(http::Version::HTTP_11);
     let names: Vec<HeaderName> = response
         .headers
         .keys()
@@ -149,6 +151,12 @@ mod tests {
         );
         sanitize_response(&mut streamed, true);
         assert_eq!(streamed.headers["transfer-encoding"], "chunked");
+
+        let mut old = ResponseHeader::build(200, None).unwrap();
+        old.set_version(http::Version::HTTP_10);
+        sanitize_response(&mut old, true);
+        assert_eq!(old.version, http::Version::HTTP_11);
+        assert_eq!(old.headers["transfer-encoding"], "chunked");
 
         let mut empty = ResponseHeader::build(204, None).unwrap();
         sanitize_response(&mut empty, true);

@@ -303,6 +303,7 @@ impl SluiceProxy {
         peer.options.write_timeout = Some(upstream.idle_timeout);
         if upstream.tls {
             peer.options.alpn = ALPN::H2H1;
+            peer.options.ca = upstream.ca.clone();
         }
 
         // A pooled connection may have been closed by the upstream just before reuse; that

@@ -228,6 +228,20 @@ fn compile_upstream(
         None => is_azure.then(|| "2024-10-21".to_owned()),
     };
 
+    let ca = spec.tls.ca_file.as_ref().and_then(|file| {
+        let ca_path = format!("{path}.tls.ca_file");
+        if base.as_ref().is_some_and(|(tls, ..)| !tls) {
+            errors.push(
+                PolicyError::new(&ca_path, "applies to https:// upstreams only")
+                    .at(file.referenced),
+            );
+            return None;
+        }
+        load_ca(&file.value)
+            .map_err(|message| errors.push(PolicyError::new(&ca_path, message).at(file.referenced)))
+            .ok()
+    });
+
     if errors.len() > before {
         return None;
     }
@@ -248,9 +262,21 @@ fn compile_upstream(
             api_version,
             deployments: spec.deployments.clone(),
         },
+        ca,
     })
     .map_err(|e| errors.push(PolicyError::new(path, e.to_string()).at(at)))
     .ok()
+}
+
+/// The certificates of a PEM file, for an upstream's trust store.
+fn load_ca(file: &str) -> Result<Arc<pingora::protocols::tls::CaType>, String> {
+    let pem = std::fs::read(file).map_err(|e| format!("cannot read `{file}`: {e}"))?;
+    let certificates = pingora::tls::x509::X509::stack_from_pem(&pem)
+        .map_err(|e| format!("`{file}` is not PEM certificates: {e}"))?;
+    if certificates.is_empty() {
+        return Err(format!("`{file}` holds no certificate"));
+    }
+    Ok(Arc::new(certificates.into_boxed_slice()))
 }
 
 /// `(tls, host, port, base_path)` from `http(s)://host[:port][/path]`.

@@ -117,12 +117,24 @@ pub struct UpstreamSpec {
     /// Extra headers sent upstream (e.g. `OpenAI-Organization`). Values may hold secrets.
     #[serde(default)]
     pub headers: BTreeMap<String, SecretTemplate>,
+    #[serde(default)]
+    pub tls: UpstreamTls,
     /// Azure OpenAI only: `api-version` for OpenAI-style paths rewritten to deployments.
     #[serde(default)]
     pub api_version: Option<Spanned<String>>,
     /// Azure OpenAI only: model name → deployment name (a model not listed is its own deployment).
     #[serde(default)]
     pub deployments: BTreeMap<String, String>,
+}
+
+/// TLS to an `https://` upstream. Certificates are always verified (chain and host name).
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// PEM file of the CA certificates to trust instead of the system's (a private CA in front
+    /// of an internal model server).
+    #[serde(default)]
+    pub ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize)]

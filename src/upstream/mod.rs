@@ -33,6 +33,8 @@ pub struct Upstream {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub azure: AzureSettings,
+    /// Trusted CAs replacing the system store, when the policy names a `tls.ca_file`.
+    pub ca: Option<Arc<pingora::protocols::tls::CaType>>,
     /// Round-robin position over `credentials`. Weighted rotation with cooldowns comes with key
     /// pools; until then an even spread is the expected behaviour.
     next_credential: AtomicUsize,
@@ -53,6 +55,7 @@ impl std::fmt::Debug for Upstream {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("base_path", &self.base_path)
+            .field("custom_ca", &self.ca.is_some())
             .field(
                 "credentials",
                 &format_args!("<{} redacted>", self.credentials.len()),
@@ -82,6 +85,7 @@ pub struct UpstreamParts {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub azure: AzureSettings,
+    pub ca: Option<Arc<pingora::protocols::tls::CaType>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +119,7 @@ impl Upstream {
             first_byte_timeout: parts.first_byte_timeout,
             idle_timeout: parts.idle_timeout,
             azure: parts.azure,
+            ca: parts.ca,
             next_credential: AtomicUsize::new(0),
         })
     }
