@@ -330,3 +330,26 @@ routes:
         "/openai/deployments/mini-deployment/chat/completions?api-version=2024-10-21"
     );
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&passthrough_policy(&mock.url())).await;
+    let client = reqwest::Client::new();
+    for stream in [false, true, false] {
+        let response = client
+            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+            .json(&chat_body("again", stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    let peers: Vec<_> = mock.requests().iter().map(|r| r.peer).collect();
+    assert_eq!(peers.len(), 3);
+    assert!(
+        peers.iter().all(|p| *p == peers[0]),
+        "one pooled connection: {peers:?}"
+    );
+}

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
@@ -77,6 +77,8 @@ impl Fault {
 #[derive(Debug, Clone)]
 pub struct RecordedRequest {
     pub method: String,
+    /// The client's address: the same for requests that reused a connection.
+    pub peer: SocketAddr,
     /// Path and query as received.
     pub path: String,
     /// Lower-case names, in arrival order.
@@ -130,6 +132,7 @@ impl MockServer {
             .fallback(handle)
             .with_state(shared.clone());
         let task = tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let _ = axum::serve(listener, app).await;
         });
         Ok(MockServer { addr, shared, task })
@@ -203,7 +206,11 @@ impl Plan {
     }
 }
 
-async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
     let (parts, body) = request.into_parts();
     let path = parts
         .uri
@@ -237,6 +244,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         }
         record.push_back(RecordedRequest {
             method: parts.method.to_string(),
+            peer,
             path: path.clone(),
             headers: parts
                 .headers
@@ -427,6 +435,7 @@ fn record_json(shared: &Shared) -> serde_json::Value {
                     .collect();
                 serde_json::json!({
                     "method": r.method,
+                    "peer": r.peer.to_string(),
                     "path": r.path,
                     "headers": headers,
                     "body": String::from_utf8_lossy(&r.body),
