@@ -16,7 +16,7 @@ use super::error::PolicyError;
 use super::interpolate::interpolate;
 use super::schema::{PolicyFile, ProviderKind, RouteSpec, UpstreamSpec};
 use super::{ListenAddrs, Policy, Route, ServerRuntime};
-use crate::upstream::{AzureSettings, Upstream, UpstreamParts};
+use crate::upstream::{AzureSettings, Upstream};
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
@@ -246,14 +246,24 @@ fn compile_upstream(
         return None;
     }
     let (tls, host, port, base_path) = base?;
-    Upstream::new(UpstreamParts {
+    let authority = Upstream::authority_for(tls, &host, port)
+        .map_err(|e| errors.push(PolicyError::new(&base_url_path, e.to_string()).at(at)))
+        .ok()?;
+    let credentials = keys
+        .iter()
+        .map(|key| spec.provider.credential_value(key))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| errors.push(PolicyError::new(format!("{path}.keys"), e.to_string()).at(at)))
+        .ok()?;
+    Some(Upstream {
         name: name.into(),
         provider: spec.provider,
         tls,
         host,
         port,
+        authority,
         base_path,
-        keys,
+        credentials,
         extra_headers,
         connect_timeout: spec.timeouts.connect.0,
         first_byte_timeout: spec.timeouts.first_byte.0,
@@ -263,9 +273,8 @@ fn compile_upstream(
             deployments: spec.deployments.clone(),
         },
         ca,
+        next_credential: Default::default(),
     })
-    .map_err(|e| errors.push(PolicyError::new(path, e.to_string()).at(at)))
-    .ok()
 }
 
 /// The certificates of a PEM file, for an upstream's trust store.

@@ -37,7 +37,7 @@ pub struct Upstream {
     pub ca: Option<Arc<pingora::protocols::tls::CaType>>,
     /// Round-robin position over `credentials`. Weighted rotation with cooldowns comes with key
     /// pools; until then an even spread is the expected behaviour.
-    next_credential: AtomicUsize,
+    pub next_credential: AtomicUsize,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -72,56 +72,24 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-pub struct UpstreamParts {
-    pub name: Arc<str>,
-    pub provider: ProviderKind,
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    pub base_path: String,
-    pub keys: Vec<String>,
-    pub extra_headers: Vec<(HeaderName, HeaderValue)>,
-    pub connect_timeout: Duration,
-    pub first_byte_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub azure: AzureSettings,
-    pub ca: Option<Arc<pingora::protocols::tls::CaType>>,
-}
-
 #[derive(Debug, thiserror::Error)]
 #[error("a provider key contains characters not allowed in an HTTP header")]
 pub struct InvalidKey;
 
+#[derive(Debug, thiserror::Error)]
+#[error("the host cannot be sent in a Host header")]
+pub struct InvalidHost;
+
 impl Upstream {
-    pub fn new(parts: UpstreamParts) -> Result<Self, InvalidKey> {
-        let default_port = if parts.tls { 443 } else { 80 };
-        let authority = if parts.port == default_port {
-            parts.host.clone()
+    /// The `Host` header for an upstream: the port only when it is not the scheme's default.
+    pub fn authority_for(tls: bool, host: &str, port: u16) -> Result<HeaderValue, InvalidHost> {
+        let default_port = if tls { 443 } else { 80 };
+        let authority = if port == default_port {
+            HeaderValue::from_str(host)
         } else {
-            format!("{}:{}", parts.host, parts.port)
+            HeaderValue::from_str(&format!("{host}:{port}"))
         };
-        let credentials = parts
-            .keys
-            .iter()
-            .map(|key| parts.provider.credential_value(key))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self {
-            name: parts.name,
-            provider: parts.provider,
-            tls: parts.tls,
-            authority: HeaderValue::from_str(&authority).map_err(|_| InvalidKey)?,
-            host: parts.host,
-            port: parts.port,
-            base_path: parts.base_path,
-            credentials,
-            extra_headers: parts.extra_headers,
-            connect_timeout: parts.connect_timeout,
-            first_byte_timeout: parts.first_byte_timeout,
-            idle_timeout: parts.idle_timeout,
-            azure: parts.azure,
-            ca: parts.ca,
-            next_credential: AtomicUsize::new(0),
-        })
+        authority.map_err(|_| InvalidHost)
     }
 
     /// The credential for the next attempt, if this upstream has keys of its own.

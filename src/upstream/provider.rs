@@ -24,7 +24,7 @@ impl ProviderKind {
         }
     }
 
-    pub(super) fn credential_value(self, key: &str) -> Result<HeaderValue, InvalidKey> {
+    pub fn credential_value(self, key: &str) -> Result<HeaderValue, InvalidKey> {
         let mut value = match self {
             ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
                 HeaderValue::from_str(&format!("Bearer {key}"))
