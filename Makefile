@@ -3,12 +3,15 @@
 CARGO     ?= cargo
 POLICY    ?= conf/sluice.yaml
 VENV      := .venv
+# One build command for every release use (run, demo, bench): building the two binaries
+# together keeps dependency features identical, so none of them rebuilds the others' work.
+RELEASE   := $(CARGO) build --release -p sluice -p sluice-mock
 
 .PHONY: run test deps build release lint unit sdk demo bench check fmt clean
 
 ## run: build (release) and start the sidecar with $(POLICY), state in memory.
 run: deps
-	$(CARGO) build --release -p sluice
+	$(RELEASE)
 	./target/release/sluice run -c $(POLICY)
 
 ## test: install what is missing, then lint, unit/integration tests and SDK tests.
@@ -36,7 +39,7 @@ check:
 
 ## demo: the mock provider and the sidecar, a normal call, a streamed call and a reload.
 demo: deps
-	$(CARGO) build --release -p sluice -p sluice-mock
+	$(RELEASE)
 	bash scripts/demo.sh
 
 ## bench: direct vs Sluice vs nginx, side by side; writes BENCHMARKS.md. Not part of `make test`.

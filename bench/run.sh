@@ -70,7 +70,7 @@ for path in direct sluice nginx; do
   url=${urls[$path]}
   echo "== $path: warm-up, ${rate} req/s for $duration, then unthrottled for $duration" >&2
   load "$path-warmup" "$url" -z 2s -c "$connections"
-  load "$path-fixed" "$url" -z "$duration" -c "$connections" -q "$rate"
+  load "$path-fixed" "$url" -z "$duration" -c "$connections" -q "$rate" --latency-correction
   load "$path-max" "$url" -z "$duration" -c "$max_connections"
 done
 grep -E 'VmHWM|VmRSS' "/proc/$sluice_pid/status" | tr -s ' \t' ' ' >"$work/sluice-memory.txt"

@@ -33,7 +33,7 @@ step "A streamed call: chunks arrive as the provider sends them (150 ms apart)"
 curl -sS -N http://127.0.0.1:18787/openai/v1/chat/completions \
   -H 'content-type: application/json' \
   -d '{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Stream this"}]}' \
-  | while IFS= read -r line; do [ -n "$line" ] && printf '%s  %s\n' "$(date +%T.%3N)" "${line:0:110}"; done
+  | while IFS= read -r line; do if [ -n "$line" ]; then printf '%s  %s\n' "$(date +%T.%3N)" "${line:0:110}"; fi; done
 
 step "Reload: add a route /v2 by editing the policy file (the watcher picks it up)"
 curl -sS http://127.0.0.1:19787/admin/policy | python3 -c 'import json,sys; p=json.load(sys.stdin); print("before:", p["hash"][:12], p["summary"])'
