@@ -35,6 +35,18 @@ enum Command {
         /// Policy file.
         file: PathBuf,
     },
+    /// Make a new Sluice key for a tenant: prints the key once, and the line for the policy.
+    Keygen {
+        /// The tenant the key is for.
+        #[arg(long)]
+        tenant: String,
+        /// A note on who holds the key.
+        #[arg(long)]
+        label: Option<String>,
+        /// Expiry: an RFC 3339 time or a date (e.g. 2027-01-31).
+        #[arg(long)]
+        expires: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +62,27 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Keygen {
+            tenant,
+            label,
+            expires,
+        } => {
+            let key = sluice_filters::auth::keys::generate();
+            let hash = sluice_filters::auth::keys::KeyHash::of(&key).to_text();
+            let mut entry = format!("hash: \"{hash}\"");
+            if let Some(label) = label {
+                entry.push_str(&format!(", label: {}", serde_json::Value::String(label)));
+            }
+            if let Some(expires) = expires {
+                entry.push_str(&format!(", expires: \"{expires}\""));
+            }
+            println!("New key for tenant `{tenant}` (shown once; Sluice stores only its hash):\n");
+            println!("  {key}\n");
+            println!("Add it under the tenant's keys in the policy:\n");
+            println!("  tenants:\n    - name: {tenant}\n      keys:\n        - {{ {entry} }}\n");
+            println!("or to the keys file:\n\n  keys:\n    - {{ tenant: {tenant}, {entry} }}");
+            ExitCode::SUCCESS
         }
         Command::Check { file } => match policy::load(&file) {
             Ok(policy) => {

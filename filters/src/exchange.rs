@@ -20,6 +20,9 @@ pub struct Exchange {
     pub facts: BodyFacts,
     /// Set by the `request_id` filter; echoed downstream and sent upstream.
     pub request_id: Option<HeaderValue>,
+    /// Set by the `auth` filter: who is calling, and the tier that decides what they may do.
+    pub tenant: Option<Arc<str>>,
+    pub tier: Option<Arc<str>>,
     pub started: Instant,
     /// The upstream that served the response, once one did.
     pub upstream: Option<Arc<str>>,
@@ -39,6 +42,8 @@ impl Exchange {
             body,
             facts,
             request_id: None,
+            tenant: None,
+            tier: None,
             started: Instant::now(),
             upstream: None,
             status: None,

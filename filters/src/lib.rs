@@ -10,9 +10,11 @@
 //! 4. [`Filter::on_response_chunk`] — on every body chunk as it passes (synchronous, keep it short).
 //! 5. [`Filter::on_done`] — once, when the exchange is over, whatever its outcome.
 
+pub mod auth;
 mod chain;
 mod exchange;
 mod facts;
+pub mod glob;
 pub mod request_id;
 mod spec;
 

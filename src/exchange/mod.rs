@@ -162,11 +162,10 @@ impl SluiceProxy {
         ex: &mut Exchange,
     ) -> Result<(), Close> {
         let upstream = &route.upstream;
-        let mut upstream_request = match build_upstream_request(route, ex) {
+        let upstream_request = match build_upstream_request(route, ex) {
             Ok(request) => request,
             Err(rejection) => return refuse(session, upstream.provider, ex, rejection).await,
         };
-        route.chain.on_upstream_request(ex, &mut upstream_request);
 
         let (mut upstream_session, peer) = match self
             .send_request(session, upstream, upstream_request, &ex.body)
@@ -409,7 +408,8 @@ async fn write_request(
     upstream.finish_request_body().await
 }
 
-/// The request head for the upstream: path rewritten, headers cleaned, credentials set.
+/// The request head for the upstream: path rewritten, headers cleaned, filters applied,
+/// credentials set.
 fn build_upstream_request(route: &Route, ex: &Exchange) -> Result<RequestHeader, Rejection> {
     let upstream = &route.upstream;
     let incoming = &ex.request;
@@ -448,6 +448,8 @@ fn build_upstream_request(route: &Route, ex: &Exchange) -> Result<RequestHeader,
     if carries_body {
         let _ = request.insert_header(header::CONTENT_LENGTH, ex.body.len());
     }
+    // Filters first, Sluice's own credentials last: no filter can remove or replace them.
+    route.chain.on_upstream_request(ex, &mut request);
     if let Some(credential) = credential {
         let _ = request.insert_header(upstream.provider.credential_header(), credential.clone());
     }
@@ -665,6 +667,8 @@ fn log_exchange(ex: &Exchange) {
         status = ex.status.map_or(0, |s| s.as_u16()),
         upstream = ex.upstream.as_deref().unwrap_or("-"),
         model = ex.facts.model.as_deref().unwrap_or("-"),
+        tenant = ex.tenant.as_deref().unwrap_or("-"),
+        tier = ex.tier.as_deref().unwrap_or("-"),
         stream = ex.facts.stream,
         request_bytes = ex.body.len(),
         response_bytes = ex.response_bytes,

@@ -10,20 +10,33 @@ use std::time::SystemTime;
 use http::{HeaderName, HeaderValue, Uri};
 use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
-use sluice_filters::{Chain, FilterSpec};
+use sluice_filters::auth::keys::{KeyHash, KEY_PREFIX};
+use sluice_filters::auth::{Auth, AuthMode, AuthSpec, Directory};
+use sluice_filters::{Chain, Filter, FilterSpec, Stage};
 
 use super::error::PolicyError;
 use super::interpolate::interpolate;
-use super::schema::{PolicyFile, ProviderKind, RouteSpec, UpstreamSpec};
+use super::schema::{KeySpec, KeysFile, PolicyFile, ProviderKind, RouteSpec, UpstreamSpec};
 use super::{ListenAddrs, Policy, Route, ServerRuntime};
 use crate::upstream::{AzureSettings, Upstream};
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 pub fn compile_text(text: &str, source: &Path, env: Env) -> Result<Policy, Vec<PolicyError>> {
-    let hash = hex::encode(Sha256::digest(text.as_bytes()));
     let file: PolicyFile = serde_saphyr::from_str(text).map_err(|e| vec![parse_error(&e)])?;
     let mut errors = Vec::new();
+    // The hash covers everything the policy is made of: the file and its keys file.
+    let mut hasher = Sha256::new();
+    hasher.update(text.as_bytes());
+    let mut watched = vec![source.to_path_buf()];
+    let directory = Arc::new(compile_directory(
+        &file,
+        source,
+        &mut hasher,
+        &mut watched,
+        &mut errors,
+    ));
+    let hash = hex::encode(hasher.finalize());
     let listen = ListenAddrs {
         proxy: socket_addr(&file.listen.proxy, "listen.proxy", &mut errors),
         admin: socket_addr(&file.listen.admin, "listen.admin", &mut errors),
@@ -65,7 +78,14 @@ pub fn compile_text(text: &str, source: &Path, env: Env) -> Result<Policy, Vec<P
                 .at(spec.referenced),
             );
         }
-        if let Some(route) = compile_route(spec, &path, &upstreams, &file.upstreams, &mut errors) {
+        if let Some(route) = compile_route(
+            spec,
+            &path,
+            &upstreams,
+            &file.upstreams,
+            &directory,
+            &mut errors,
+        ) {
             routes.push(route);
         }
     }
@@ -89,6 +109,8 @@ pub fn compile_text(text: &str, source: &Path, env: Env) -> Result<Policy, Vec<P
         routes,
         upstreams,
         redacted,
+        directory,
+        watched,
     })
 }
 
@@ -277,6 +299,207 @@ fn compile_upstream(
     })
 }
 
+/// The route's `auth` filter: as declared, or `required` by default once tenants exist.
+fn compile_auth(
+    spec: &RouteSpec,
+    path: &str,
+    upstream: Option<&Arc<Upstream>>,
+    directory: &Arc<Directory>,
+    at: serde_saphyr::Location,
+    errors: &mut Vec<PolicyError>,
+) -> Option<Arc<dyn Filter>> {
+    let auth_path = format!("{path}.auth");
+    let declared = spec.auth.clone();
+    let auth = declared
+        .clone()
+        .or_else(|| (!directory.is_empty()).then_some(AuthSpec::Mode(AuthMode::Required)))?;
+    let upstream = upstream?;
+    if auth.mode() == AuthMode::Required {
+        if directory.is_empty() {
+            errors.push(
+                PolicyError::new(
+                    &auth_path,
+                    "`required` needs tenants with keys; the policy declares none",
+                )
+                .at(at),
+            );
+            return None;
+        }
+        if upstream.credentials.is_empty() {
+            let why = if declared.is_some() {
+                ""
+            } else {
+                " (required is the default once tenants exist)"
+            };
+            errors.push(
+                PolicyError::new(
+                    &auth_path,
+                    format!(
+                        "`required`{why} but upstream `{}` has no `keys`: callers would send Sluice keys and no provider key would reach the provider; give the upstream keys or use `auth: passthrough`",
+                        upstream.name
+                    ),
+                )
+                .at(at),
+            );
+            return None;
+        }
+    }
+    match Auth::new(
+        &auth,
+        upstream.provider.caller_credential(),
+        directory.clone(),
+    ) {
+        Ok(auth) => Some(Arc::new(auth)),
+        Err(e) => {
+            errors.push(PolicyError::new(&auth_path, e.to_string()).at(at));
+            None
+        }
+    }
+}
+
+/// Tiers, tenants and keys (the policy's and the keys file's), every problem recorded.
+fn compile_directory(
+    file: &PolicyFile,
+    source: &Path,
+    hasher: &mut Sha256,
+    watched: &mut Vec<std::path::PathBuf>,
+    errors: &mut Vec<PolicyError>,
+) -> Directory {
+    let mut directory = Directory::default();
+    for (name, tier) in &file.tiers {
+        if let Err(e) = directory.add_tier(name, &tier.value.routes, &tier.value.models) {
+            errors
+                .push(PolicyError::new(format!("tiers.{name}"), e.to_string()).at(tier.referenced));
+        }
+    }
+    for (index, tenant) in file.tenants.iter().enumerate() {
+        let path = format!("tenants[{index}]");
+        let spec = &tenant.value;
+        if let Err(e) = directory.add_tenant(&spec.name, &spec.tier.value) {
+            errors.push(PolicyError::new(&path, e.to_string()).at(spec.tier.referenced));
+            continue;
+        }
+        for (k, key) in spec.keys.iter().enumerate() {
+            let key_path = format!("{path}.keys[{k}]");
+            if key.value.tenant.is_some() {
+                errors.push(
+                    PolicyError::new(
+                        &key_path,
+                        "`tenant` belongs in a keys file; here the key is the tenant's",
+                    )
+                    .at(key.referenced),
+                );
+                continue;
+            }
+            add_key(
+                &mut directory,
+                &spec.name,
+                &key.value,
+                &key_path,
+                key.referenced,
+                errors,
+            );
+        }
+    }
+    let Some(keys_file) = &file.keys_file else {
+        return directory;
+    };
+    let keys_path = source
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(&keys_file.value);
+    watched.push(keys_path.clone());
+    let located = |message: String| PolicyError::new("keys_file", message).at(keys_file.referenced);
+    let text = match std::fs::read_to_string(&keys_path) {
+        Ok(text) => text,
+        Err(e) => {
+            errors.push(located(format!(
+                "cannot read `{}`: {e}",
+                keys_path.display()
+            )));
+            return directory;
+        }
+    };
+    hasher.update(b"\0keys_file\0");
+    hasher.update(text.as_bytes());
+    let keys: KeysFile = match serde_saphyr::from_str(&text) {
+        Ok(keys) => keys,
+        Err(e) => {
+            let problem = parse_error(&e);
+            let at = problem.line.map_or(String::new(), |line| {
+                format!(":{line}:{}", problem.column.unwrap_or(0))
+            });
+            errors.push(located(format!(
+                "{}{at}: {}",
+                keys_path.display(),
+                problem.message
+            )));
+            return directory;
+        }
+    };
+    for (k, key) in keys.keys.iter().enumerate() {
+        let key_path = format!("keys_file({}).keys[{k}]", keys_path.display());
+        match &key.value.tenant {
+            Some(tenant) => add_key(
+                &mut directory,
+                tenant,
+                &key.value,
+                &key_path,
+                key.referenced,
+                errors,
+            ),
+            None => errors.push(
+                PolicyError::new(&key_path, "a key in a keys file must name its `tenant`")
+                    .at(key.referenced),
+            ),
+        }
+    }
+    directory
+}
+
+fn add_key(
+    directory: &mut Directory,
+    tenant: &str,
+    key: &KeySpec,
+    path: &str,
+    at: serde_saphyr::Location,
+    errors: &mut Vec<PolicyError>,
+) {
+    let hash = match KeyHash::parse(&key.hash) {
+        Ok(hash) => hash,
+        Err(e) => {
+            let hint = if key.hash.starts_with(KEY_PREFIX) {
+                " (this looks like a key itself: store its hash, never the key)"
+            } else {
+                ""
+            };
+            errors.push(PolicyError::new(path, format!("{e}{hint}")).at(at));
+            return;
+        }
+    };
+    let expires = match key.expires.as_deref().map(parse_expiry).transpose() {
+        Ok(expires) => expires,
+        Err(message) => {
+            errors.push(PolicyError::new(path, message).at(at));
+            return;
+        }
+    };
+    if let Err(e) = directory.add_key(tenant, hash, key.label.as_deref(), expires, key.revoked) {
+        errors.push(PolicyError::new(path, e.to_string()).at(at));
+    }
+}
+
+/// `2027-01-31T00:00:00Z` (RFC 3339) or `2027-01-31` (midnight UTC).
+fn parse_expiry(text: &str) -> Result<std::time::SystemTime, String> {
+    let full = if text.len() == 10 {
+        format!("{text}T00:00:00Z")
+    } else {
+        text.to_owned()
+    };
+    humantime::parse_rfc3339_weak(&full)
+        .map_err(|e| format!("`expires: {text}` is not an RFC 3339 time or a date: {e}"))
+}
+
 /// The certificates of a PEM file, for an upstream's trust store.
 fn load_ca(file: &str) -> Result<Arc<pingora::protocols::tls::CaType>, String> {
     let pem = std::fs::read(file).map_err(|e| format!("cannot read `{file}`: {e}"))?;
@@ -335,6 +558,7 @@ fn compile_route(
     path: &str,
     upstreams: &BTreeMap<String, Arc<Upstream>>,
     declared: &BTreeMap<String, Spanned<UpstreamSpec>>,
+    directory: &Arc<Directory>,
     errors: &mut Vec<PolicyError>,
 ) -> Option<Route> {
     let before = errors.len();
@@ -392,6 +616,15 @@ fn compile_route(
                 errors.push(PolicyError::new(format!("{path}.filters[{i}]"), e.to_string()).at(at))
             }
         }
+    }
+    if let Some(auth) = compile_auth(spec, path, upstream.as_ref(), directory, at, errors) {
+        // The auth filter takes its stage's place: after identification, before the rest.
+        let position = specs
+            .iter()
+            .position(|filter| filter.stage() > Stage::Authenticate)
+            .unwrap_or(specs.len())
+            .min(filters.len());
+        filters.insert(position, auth);
     }
     if errors.len() > before {
         return None;

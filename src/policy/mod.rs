@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use sluice_filters::auth::Directory;
 use sluice_filters::Chain;
 
 use crate::upstream::Upstream;
@@ -37,6 +38,10 @@ pub struct Policy {
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     /// The policy as written, secrets shown as `<redacted>`, for `GET /admin/policy`.
     pub redacted: serde_json::Value,
+    /// Tiers, tenants and keys, shared by the routes' auth filters.
+    pub directory: Arc<Directory>,
+    /// The files this policy was made from (the policy, its keys file): what reload watches.
+    pub watched: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,9 +114,10 @@ impl Policy {
     /// One line for `sluice check` and the log.
     pub fn summary(&self) -> String {
         format!(
-            "{} routes, {} upstreams, proxy {}, admin {}, sha256 {}",
+            "{} routes, {} upstreams, {} keys, proxy {}, admin {}, sha256 {}",
             self.routes.len(),
             self.upstreams.len(),
+            self.directory.key_count(),
             self.listen.proxy,
             self.listen.admin,
             &self.hash[..12]

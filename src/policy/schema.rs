@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize, Serializer};
 use serde_saphyr::Spanned;
+use sluice_filters::auth::AuthSpec;
 use sluice_filters::FilterSpec;
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -19,6 +20,69 @@ pub struct PolicyFile {
     pub upstreams: BTreeMap<String, Spanned<UpstreamSpec>>,
     #[serde(default)]
     pub routes: Vec<Spanned<RouteSpec>>,
+    /// What each tier may use (and, with the limits filter, how much).
+    #[serde(default)]
+    pub tiers: BTreeMap<String, Spanned<TierSpec>>,
+    #[serde(default)]
+    pub tenants: Vec<Spanned<TenantSpec>>,
+    /// More keys, in a file of their own (e.g. a mounted Kubernetes Secret), reloaded with the
+    /// policy when it changes. Relative paths are from the policy file's folder.
+    #[serde(default)]
+    pub keys_file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSpec {
+    /// Route names (glob patterns) this tier may call. Default: all.
+    #[serde(default = "everything")]
+    pub routes: Vec<String>,
+    /// Model names (glob patterns) this tier may ask for. Default: all.
+    #[serde(default = "everything")]
+    pub models: Vec<String>,
+}
+
+fn everything() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    pub name: String,
+    pub tier: Spanned<String>,
+    #[serde(default)]
+    pub keys: Vec<Spanned<KeySpec>>,
+}
+
+/// A Sluice key, by its hash (`sluice keygen` prints both). In a keys file each entry also names
+/// its tenant.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    /// Keys file only: the tenant the key belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// `sha256:<64 hex digits>` of the key.
+    pub hash: String,
+    /// A note for people (who holds the key); shown in `/admin/policy`, never checked.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// RFC 3339 time (`2027-01-31T00:00:00Z`) or date (`2027-01-31`, midnight UTC) after which
+    /// the key is refused as expired.
+    #[serde(default)]
+    pub expires: Option<String>,
+    /// A revoked key is refused with a message saying so (a removed key is simply unknown).
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// The keys file: `keys: [{ tenant, hash, label, expires, revoked }, …]`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysFile {
+    #[serde(default)]
+    pub keys: Vec<Spanned<KeySpec>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -189,6 +253,11 @@ pub struct RouteSpec {
     /// The route's filters, in order. Default: `[request_id: {}]`.
     #[serde(default)]
     pub filters: Option<Vec<FilterSpec>>,
+    /// `required` (a Sluice key; the default when the policy has tenants) or `passthrough`
+    /// (`{ mode: passthrough, tenant_header: x-tenant }`: no Sluice key, the caller's provider key
+    /// goes through).
+    #[serde(default)]
+    pub auth: Option<AuthSpec>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -46,10 +46,6 @@ impl PolicyStore {
         self.current.load_full()
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The errors of the last rejected reload, if the last reload attempt was rejected.
     pub fn last_rejection(&self) -> Option<PolicyErrors> {
         self.last_rejection.lock().ok()?.clone()

@@ -2,6 +2,7 @@
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
+use sluice_filters::auth::CredentialHeader;
 use sluice_filters::ErrorKind;
 
 use super::{AzureSettings, InvalidKey, ProviderKind};
@@ -16,12 +17,18 @@ pub enum PathError {
 }
 
 impl ProviderKind {
-    pub fn credential_header(self) -> HeaderName {
+    /// The header this provider's SDKs carry a key in: callers send Sluice keys there, and
+    /// Sluice sends the upstream's key there.
+    pub fn caller_credential(self) -> CredentialHeader {
         match self {
-            ProviderKind::Openai | ProviderKind::OpenaiCompatible => http::header::AUTHORIZATION,
-            ProviderKind::AzureOpenai => HeaderName::from_static("api-key"),
-            ProviderKind::Anthropic => HeaderName::from_static("x-api-key"),
+            ProviderKind::Openai | ProviderKind::OpenaiCompatible => CredentialHeader::Bearer,
+            ProviderKind::AzureOpenai => CredentialHeader::ApiKey,
+            ProviderKind::Anthropic => CredentialHeader::XApiKey,
         }
+    }
+
+    pub fn credential_header(self) -> HeaderName {
+        self.caller_credential().name()
     }
 
     pub fn credential_value(self, key: &str) -> Result<HeaderValue, InvalidKey> {

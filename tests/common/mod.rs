@@ -41,7 +41,19 @@ impl Sidecar {
     }
 
     pub async fn start_with_env(body: &str, env: &[(&str, &str)]) -> Sidecar {
+        Self::launch(body, env, &[]).await
+    }
+
+    /// With more files (e.g. a keys file) beside the policy.
+    pub async fn start_with_files(body: &str, files: &[(&str, &str)]) -> Sidecar {
+        Self::launch(body, &[], files).await
+    }
+
+    async fn launch(body: &str, env: &[(&str, &str)], files: &[(&str, &str)]) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
         let policy_path = dir.path().join("sluice.yaml");
         let (proxy_port, admin_port) = (free_port(), free_port());
         std::fs::write(&policy_path, policy(proxy_port, admin_port, body)).unwrap();
@@ -96,6 +108,14 @@ impl Sidecar {
         let mut file = std::fs::File::create(&self.policy_path).unwrap();
         file.write_all(format!("{listen_and_server}{body}").as_bytes())
             .unwrap();
+        file.sync_all().unwrap();
+    }
+
+    /// Rewrites a file beside the policy in place.
+    pub fn write_file(&self, name: &str, text: &str) {
+        let path = self.policy_path.parent().unwrap().join(name);
+        let mut file = std::fs::File::create(path).unwrap();
+        file.write_all(text.as_bytes()).unwrap();
         file.sync_all().unwrap();
     }
 

@@ -1,0 +1,277 @@
+//! `auth`: who is calling. Callers present a Sluice key in the header their SDK already uses; the
+//! key names a tenant, the tenant a tier, the tier the routes and models it may use. In
+//! `passthrough` mode no Sluice key is asked for and the caller's provider key goes through.
+
+mod directory;
+pub mod keys;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use http::{HeaderName, StatusCode};
+use serde::{Deserialize, Serialize};
+
+pub use directory::{Directory, DirectoryError, KeyRecord, Tenant, Tier};
+use keys::KeyHash;
+
+use crate::chain::{Filter, Verdict};
+use crate::exchange::{ErrorKind, Exchange, Rejection};
+use crate::RequestHeader;
+
+/// How a route identifies its callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// A Sluice key is required (the default when the policy has tenants).
+    Required,
+    /// No Sluice key: the caller's provider key passes through; the tenant comes from a header.
+    Passthrough,
+}
+
+/// A route's `auth:` — a mode (`auth: required`) or a map with settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum AuthSpec {
+    Mode(AuthMode),
+    Settings(AuthSettings),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub mode: AuthMode,
+    /// Passthrough only: the request header naming the tenant (default: every caller is
+    /// `anonymous`).
+    #[serde(default)]
+    pub tenant_header: Option<String>,
+}
+
+impl AuthSpec {
+    pub fn mode(&self) -> AuthMode {
+        match self {
+            AuthSpec::Mode(mode) => *mode,
+            AuthSpec::Settings(settings) => settings.mode,
+        }
+    }
+
+    fn tenant_header(&self) -> Option<&str> {
+        match self {
+            AuthSpec::Mode(_) => None,
+            AuthSpec::Settings(settings) => settings.tenant_header.as_deref(),
+        }
+    }
+}
+
+/// The header a provider's SDKs carry their key in; Sluice keys travel in the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialHeader {
+    /// `Authorization: Bearer <key>` (OpenAI and OpenAI-compatible SDKs).
+    Bearer,
+    /// `x-api-key: <key>` (Anthropic).
+    XApiKey,
+    /// `api-key: <key>` (Azure OpenAI).
+    ApiKey,
+}
+
+impl CredentialHeader {
+    pub fn name(self) -> HeaderName {
+        match self {
+            CredentialHeader::Bearer => http::header::AUTHORIZATION,
+            CredentialHeader::XApiKey => HeaderName::from_static("x-api-key"),
+            CredentialHeader::ApiKey => HeaderName::from_static("api-key"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthBuildError {
+    #[error("`tenant_header` applies to mode passthrough only")]
+    TenantHeaderNeedsPassthrough,
+    #[error("invalid header name {0:?}")]
+    HeaderName(String),
+}
+
+/// The name a passthrough caller gets when it names no tenant.
+pub const ANONYMOUS: &str = "anonymous";
+
+#[derive(Debug)]
+enum Mode {
+    Keys,
+    Passthrough { tenant_header: Option<HeaderName> },
+}
+
+#[derive(Debug)]
+pub struct Auth {
+    mode: Mode,
+    credential: CredentialHeader,
+    directory: Arc<Directory>,
+    anonymous: Arc<str>,
+}
+
+fn unauthorized(message: impl Into<String>) -> Verdict {
+    Verdict::Reject(Rejection::new(
+        StatusCode::UNAUTHORIZED,
+        ErrorKind::Authentication,
+        message,
+    ))
+}
+
+fn forbidden(message: String) -> Verdict {
+    Verdict::Reject(Rejection::new(
+        StatusCode::FORBIDDEN,
+        ErrorKind::PermissionDenied,
+        message,
+    ))
+}
+
+impl Auth {
+    pub fn new(
+        spec: &AuthSpec,
+        credential: CredentialHeader,
+        directory: Arc<Directory>,
+    ) -> Result<Self, AuthBuildError> {
+        let mode = match spec.mode() {
+            AuthMode::Required if spec.tenant_header().is_some() => {
+                return Err(AuthBuildError::TenantHeaderNeedsPassthrough)
+            }
+            AuthMode::Required => Mode::Keys,
+            AuthMode::Passthrough => Mode::Passthrough {
+                tenant_header: spec
+                    .tenant_header()
+                    .map(|name| {
+                        HeaderName::from_bytes(name.as_bytes())
+                            .map_err(|_| AuthBuildError::HeaderName(name.to_owned()))
+                    })
+                    .transpose()?,
+            },
+        };
+        Ok(Self {
+            mode,
+            credential,
+            directory,
+            anonymous: ANONYMOUS.into(),
+        })
+    }
+
+    /// The key from the provider's credential header, refusing anything ambiguous.
+    fn presented_key<'r>(&self, request: &'r RequestHeader) -> Result<&'r str, Verdict> {
+        let name = self.credential.name();
+        let mut values = request.headers.get_all(&name).iter();
+        let Some(value) = values.next() else {
+            return Err(unauthorized(format!(
+                "missing credentials: send your Sluice key in the `{name}` header"
+            )));
+        };
+        if values.next().is_some() {
+            return Err(unauthorized(format!("more than one `{name}` header")));
+        }
+        let malformed = || match self.credential {
+            CredentialHeader::Bearer => {
+                unauthorized("malformed `authorization` header: expected `Bearer <key>`")
+            }
+            _ => unauthorized(format!("malformed `{name}` header")),
+        };
+        let text = value.to_str().map_err(|_| malformed())?.trim();
+        let key = match self.credential {
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            CredentialHeader::Bearer => match text.split_once(' ') {
+                Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => key.trim(),
+                _ => return Err(malformed()),
+            },
+            _ => text,
+        };
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            return Err(malformed());
+        }
+        Ok(key)
+    }
+
+    fn check_tier(tier: &Tier, ex: &Exchange) -> Option<Verdict> {
+        if !tier.allows_route(&ex.route) {
+            return Some(forbidden(format!(
+                "route `{}` is not allowed for tier `{}`",
+                ex.route, tier.name
+            )));
+        }
+        match ex.facts.model.as_deref() {
+            Some(model) if !tier.allows_model(model) => Some(forbidden(format!(
+                "model `{model}` is not allowed for tier `{}`",
+                tier.name
+            ))),
+            _ => None,
+        }
+    }
+
+    fn identify_by_key(&self, ex: &mut Exchange) -> Verdict {
+        let key = match self.presented_key(&ex.request) {
+            Ok(key) => key,
+            Err(verdict) => return verdict,
+        };
+        let Some(record) = self.directory.key(&KeyHash::of(key)) else {
+            return unauthorized("invalid Sluice key");
+        };
+        if record.revoked {
+            return unauthorized("this Sluice key was revoked");
+        }
+        if let Some(expires) = record.expires {
+            if expires <= SystemTime::now() {
+                let when = humantime::format_rfc3339_seconds(expires);
+                return unauthorized(format!("this Sluice key expired at {when}"));
+            }
+        }
+        let tenant = &record.tenant;
+        ex.tenant = Some(tenant.name.clone());
+        ex.tier = Some(tenant.tier.name.clone());
+        Self::check_tier(&tenant.tier, ex).unwrap_or(Verdict::Continue)
+    }
+
+    fn identify_by_header(&self, ex: &mut Exchange, header: Option<&HeaderName>) -> Verdict {
+        let named = header
+            .and_then(|name| ex.request.headers.get(name))
+            .and_then(|value| value.to_str().ok())
+            .map(str::trim)
+            .filter(|name| !name.is_empty() && name.len() <= 128);
+        match named.and_then(|name| self.directory.tenant(name)) {
+            Some(tenant) => {
+                ex.tenant = Some(tenant.name.clone());
+                ex.tier = Some(tenant.tier.name.clone());
+                Self::check_tier(&tenant.tier, ex).unwrap_or(Verdict::Continue)
+            }
+            None => {
+                ex.tenant = Some(match named {
+                    Some(name) => name.into(),
+                    None => self.anonymous.clone(),
+                });
+                Verdict::Continue
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Filter for Auth {
+    fn name(&self) -> &'static str {
+        "auth"
+    }
+
+    async fn on_request(&self, ex: &mut Exchange) -> Verdict {
+        match &self.mode {
+            Mode::Keys => self.identify_by_key(ex),
+            Mode::Passthrough { tenant_header } => {
+                self.identify_by_header(ex, tenant_header.as_ref())
+            }
+        }
+    }
+
+    fn on_upstream_request(&self, _ex: &Exchange, upstream: &mut RequestHeader) {
+        // A Sluice key is Sluice's alone. The upstream request normally carries the upstream's
+        // own key in this header (set after the filters run), so this only matters if it has none.
+        if matches!(self.mode, Mode::Keys) {
+            upstream.remove_header(&self.credential.name());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
