@@ -396,3 +396,129 @@ tenants:
         "{stderr}"
     );
 }
+
+fn token(secret: &[u8], claims: serde_json::Value) -> String {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn jwt_routes_verify_tokens_and_follow_secret_rotation() {
+    let mock = mock().await;
+    let policy = format!(
+        r#"
+upstreams:
+  openai: {{ provider: openai, base_url: "{url}", keys: ["sk-upstream-openai"] }}
+routes:
+  - name: jwt
+    match: {{ path_prefix: /jwt }}
+    upstream: openai
+    auth:
+      mode: jwt
+      jwt: {{ algorithms: [HS256], hs256_secret_file: jwt-secret, issuer: idp.example }}
+tiers:
+  free: {{ models: [gpt-4o-mini] }}
+  pro: {{}}
+"#,
+        url = mock.url()
+    );
+    let sidecar = Sidecar::start_with_files(&policy, &[("jwt-secret", "first-secret\n")]).await;
+    let path = "/jwt/v1/chat/completions";
+    let bearer = |token: String| vec![("authorization".to_owned(), format!("Bearer {token}"))];
+    let later = unix_now() + 300;
+    let claims = |tier: &str, exp: u64| serde_json::json!({"tenant": "team-a", "tier": tier, "iss": "idp.example", "exp": exp});
+
+    let (status, body) = send(
+        &sidecar,
+        path,
+        &bearer(token(b"first-secret", claims("pro", later))),
+        "gpt-4o",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let cases = [
+        (
+            token(b"first-secret", claims("free", later)),
+            403,
+            "model `gpt-4o` is not allowed for tier `free`",
+        ),
+        (
+            token(b"first-secret", claims("gold", later)),
+            403,
+            "unknown tier `gold`",
+        ),
+        (
+            token(b"first-secret", claims("pro", unix_now() - 10)),
+            401,
+            "token expired",
+        ),
+        (
+            token(b"wrong-secret", claims("pro", later)),
+            401,
+            "invalid token signature",
+        ),
+        (
+            token(
+                b"first-secret",
+                serde_json::json!({"tenant": "team-a", "tier": "pro", "iss": "evil", "exp": later}),
+            ),
+            401,
+            "rejected",
+        ),
+        ("not-a-token".to_owned(), 401, "malformed token"),
+    ];
+    for (token, status, says) in cases {
+        let (got, body) = send(&sidecar, path, &bearer(token), "gpt-4o").await;
+        assert_eq!(got, status, "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{message}");
+    }
+
+    // Rotating the secret file is a reload: old tokens stop working, new ones work.
+    let before = sidecar.policy_hash().await;
+    sidecar.write_file("jwt-secret", "second-secret\n");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while sidecar.policy_hash().await == before {
+        assert!(Instant::now() < deadline, "secret rotation not picked up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (old, _) = send(
+        &sidecar,
+        path,
+        &bearer(token(b"first-secret", claims("pro", later))),
+        "gpt-4o",
+    )
+    .await;
+    let (new, _) = send(
+        &sidecar,
+        path,
+        &bearer(token(b"second-secret", claims("pro", later))),
+        "gpt-4o",
+    )
+    .await;
+    assert_eq!((old, new), (401, 200));
+    for request in mock.requests() {
+        let auth = request
+            .headers
+            .iter()
+            .find(|(n, _)| n == "authorization")
+            .map(|(_, v)| v.clone());
+        assert_eq!(
+            auth.as_deref(),
+            Some("Bearer sk-upstream-openai"),
+            "the token never goes upstream"
+        );
+    }
+}

@@ -3,13 +3,14 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::{HeaderName, HeaderValue, Uri};
 use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
+use sluice_filters::auth::jwt::JwtMaterial;
 use sluice_filters::auth::keys::{KeyHash, KEY_PREFIX};
 use sluice_filters::auth::{Auth, AuthMode, AuthSpec, Directory};
 use sluice_filters::{Chain, Filter, FilterSpec, Stage};
@@ -25,18 +26,8 @@ type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 pub fn compile_text(text: &str, source: &Path, env: Env) -> Result<Policy, Vec<PolicyError>> {
     let file: PolicyFile = serde_saphyr::from_str(text).map_err(|e| vec![parse_error(&e)])?;
     let mut errors = Vec::new();
-    // The hash covers everything the policy is made of: the file and its keys file.
-    let mut hasher = Sha256::new();
-    hasher.update(text.as_bytes());
-    let mut watched = vec![source.to_path_buf()];
-    let directory = Arc::new(compile_directory(
-        &file,
-        source,
-        &mut hasher,
-        &mut watched,
-        &mut errors,
-    ));
-    let hash = hex::encode(hasher.finalize());
+    let mut sources = Sources::new(source, text);
+    let directory = Arc::new(compile_directory(&file, &mut sources, &mut errors));
     let listen = ListenAddrs {
         proxy: socket_addr(&file.listen.proxy, "listen.proxy", &mut errors),
         admin: socket_addr(&file.listen.admin, "listen.admin", &mut errors),
@@ -84,6 +75,7 @@ pub fn compile_text(text: &str, source: &Path, env: Env) -> Result<Policy, Vec<P
             &upstreams,
             &file.upstreams,
             &directory,
+            &mut sources,
             &mut errors,
         ) {
             routes.push(route);
@@ -99,6 +91,7 @@ pub fn compile_text(text: &str, source: &Path, env: Env) -> Result<Policy, Vec<P
     if !errors.is_empty() {
         return Err(errors);
     }
+    let (hash, watched) = sources.finish();
     let redacted = serde_json::to_value(&file).unwrap_or_default();
     Ok(Policy {
         hash,
@@ -299,12 +292,51 @@ fn compile_upstream(
     })
 }
 
+/// The files a policy is made of: the policy itself and the files it names (keys file, JWT key
+/// material). Each is read once, hashed into the policy's hash (so a change to any of them is a
+/// new policy) and watched for reload.
+pub(super) struct Sources {
+    folder: PathBuf,
+    hasher: Sha256,
+    watched: Vec<PathBuf>,
+}
+
+impl Sources {
+    fn new(policy: &Path, text: &str) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(text.as_bytes());
+        Self {
+            folder: policy.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            hasher,
+            watched: vec![policy.to_path_buf()],
+        }
+    }
+
+    /// Reads a file the policy names; relative paths are from the policy's folder.
+    fn read(&mut self, name: &str) -> Result<(PathBuf, Vec<u8>), String> {
+        let path = self.folder.join(name);
+        self.watched.push(path.clone());
+        let bytes =
+            std::fs::read(&path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+        self.hasher.update(b"\0");
+        self.hasher.update(path.as_os_str().as_encoded_bytes());
+        self.hasher.update(b"\0");
+        self.hasher.update(&bytes);
+        Ok((path, bytes))
+    }
+
+    fn finish(self) -> (String, Vec<PathBuf>) {
+        (hex::encode(self.hasher.finalize()), self.watched)
+    }
+}
+
 /// The route's `auth` filter: as declared, or `required` by default once tenants exist.
 fn compile_auth(
     spec: &RouteSpec,
     path: &str,
     upstream: Option<&Arc<Upstream>>,
     directory: &Arc<Directory>,
+    sources: &mut Sources,
     at: serde_saphyr::Location,
     errors: &mut Vec<PolicyError>,
 ) -> Option<Arc<dyn Filter>> {
@@ -314,40 +346,59 @@ fn compile_auth(
         .clone()
         .or_else(|| (!directory.is_empty()).then_some(AuthSpec::Mode(AuthMode::Required)))?;
     let upstream = upstream?;
-    if auth.mode() == AuthMode::Required {
-        if directory.is_empty() {
-            errors.push(
-                PolicyError::new(
-                    &auth_path,
-                    "`required` needs tenants with keys; the policy declares none",
-                )
-                .at(at),
-            );
-            return None;
-        }
-        if upstream.credentials.is_empty() {
-            let why = if declared.is_some() {
-                ""
-            } else {
-                " (required is the default once tenants exist)"
-            };
-            errors.push(
-                PolicyError::new(
-                    &auth_path,
-                    format!(
-                        "`required`{why} but upstream `{}` has no `keys`: callers would send Sluice keys and no provider key would reach the provider; give the upstream keys or use `auth: passthrough`",
-                        upstream.name
-                    ),
-                )
-                .at(at),
-            );
-            return None;
-        }
+    if auth.mode() == AuthMode::Required && directory.is_empty() {
+        errors.push(
+            PolicyError::new(
+                &auth_path,
+                "`required` needs tenants with keys; the policy declares none",
+            )
+            .at(at),
+        );
+        return None;
+    }
+    if auth.mode() != AuthMode::Passthrough && upstream.credentials.is_empty() {
+        let why = if declared.is_some() {
+            ""
+        } else {
+            " (required is the default once tenants exist)"
+        };
+        errors.push(
+            PolicyError::new(
+                &auth_path,
+                format!(
+                    "`{mode}`{why} but upstream `{}` has no `keys`: callers would send Sluice credentials and no provider key would reach the provider; give the upstream keys or use `auth: passthrough`",
+                    upstream.name,
+                    mode = auth.mode().as_str(),
+                ),
+            )
+            .at(at),
+        );
+        return None;
+    }
+    let mut jwt_material = None;
+    if let Some(jwt) = auth.jwt() {
+        let mut read = |file: &Option<String>, field: &str| {
+            let name = file.as_deref()?;
+            sources
+                .read(name)
+                .map(|(_, bytes)| bytes)
+                .map_err(|message| {
+                    errors
+                        .push(PolicyError::new(format!("{auth_path}.jwt.{field}"), message).at(at))
+                })
+                .ok()
+        };
+        let hs256_secret = read(&jwt.hs256_secret_file, "hs256_secret_file")
+            .map(|secret| String::from_utf8_lossy(&secret).trim().as_bytes().to_vec());
+        let jwks = read(&jwt.jwks_file, "jwks_file")
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+        jwt_material = Some(JwtMaterial { hs256_secret, jwks });
     }
     match Auth::new(
         &auth,
         upstream.provider.caller_credential(),
         directory.clone(),
+        jwt_material,
     ) {
         Ok(auth) => Some(Arc::new(auth)),
         Err(e) => {
@@ -360,9 +411,7 @@ fn compile_auth(
 /// Tiers, tenants and keys (the policy's and the keys file's), every problem recorded.
 fn compile_directory(
     file: &PolicyFile,
-    source: &Path,
-    hasher: &mut Sha256,
-    watched: &mut Vec<std::path::PathBuf>,
+    sources: &mut Sources,
     errors: &mut Vec<PolicyError>,
 ) -> Directory {
     let mut directory = Directory::default();
@@ -404,24 +453,15 @@ fn compile_directory(
     let Some(keys_file) = &file.keys_file else {
         return directory;
     };
-    let keys_path = source
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(&keys_file.value);
-    watched.push(keys_path.clone());
     let located = |message: String| PolicyError::new("keys_file", message).at(keys_file.referenced);
-    let text = match std::fs::read_to_string(&keys_path) {
-        Ok(text) => text,
-        Err(e) => {
-            errors.push(located(format!(
-                "cannot read `{}`: {e}",
-                keys_path.display()
-            )));
+    let (keys_path, text) = match sources.read(&keys_file.value) {
+        Ok(read) => read,
+        Err(message) => {
+            errors.push(located(message));
             return directory;
         }
     };
-    hasher.update(b"\0keys_file\0");
-    hasher.update(text.as_bytes());
+    let text = String::from_utf8_lossy(&text);
     let keys: KeysFile = match serde_saphyr::from_str(&text) {
         Ok(keys) => keys,
         Err(e) => {
@@ -559,6 +599,7 @@ fn compile_route(
     upstreams: &BTreeMap<String, Arc<Upstream>>,
     declared: &BTreeMap<String, Spanned<UpstreamSpec>>,
     directory: &Arc<Directory>,
+    sources: &mut Sources,
     errors: &mut Vec<PolicyError>,
 ) -> Option<Route> {
     let before = errors.len();
@@ -617,7 +658,15 @@ fn compile_route(
             }
         }
     }
-    if let Some(auth) = compile_auth(spec, path, upstream.as_ref(), directory, at, errors) {
+    if let Some(auth) = compile_auth(
+        spec,
+        path,
+        upstream.as_ref(),
+        directory,
+        sources,
+        at,
+        errors,
+    ) {
         // The auth filter takes its stage's place: after identification, before the rest.
         let position = specs
             .iter()

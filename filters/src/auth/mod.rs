@@ -3,6 +3,7 @@
 //! `passthrough` mode no Sluice key is asked for and the caller's provider key goes through.
 
 mod directory;
+pub mod jwt;
 pub mod keys;
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use http::{HeaderName, StatusCode};
 use serde::{Deserialize, Serialize};
 
 pub use directory::{Directory, DirectoryError, KeyRecord, Tenant, Tier};
+use jwt::{JwtBuildError, JwtMaterial, JwtSettings, JwtValidator};
 use keys::KeyHash;
 
 use crate::chain::{Filter, Verdict};
@@ -27,6 +29,18 @@ pub enum AuthMode {
     Required,
     /// No Sluice key: the caller's provider key passes through; the tenant comes from a header.
     Passthrough,
+    /// A JWT in the credential header names the tenant (and tier) in its claims.
+    Jwt,
+}
+
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Required => "required",
+            AuthMode::Passthrough => "passthrough",
+            AuthMode::Jwt => "jwt",
+        }
+    }
 }
 
 /// A route's `auth:` — a mode (`auth: required`) or a map with settings.
@@ -34,7 +48,7 @@ pub enum AuthMode {
 #[serde(untagged)]
 pub enum AuthSpec {
     Mode(AuthMode),
-    Settings(AuthSettings),
+    Settings(Box<AuthSettings>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -45,6 +59,9 @@ pub struct AuthSettings {
     /// `anonymous`).
     #[serde(default)]
     pub tenant_header: Option<String>,
+    /// Mode jwt only: how tokens are verified and read.
+    #[serde(default)]
+    pub jwt: Option<JwtSettings>,
 }
 
 impl AuthSpec {
@@ -59,6 +76,13 @@ impl AuthSpec {
         match self {
             AuthSpec::Mode(_) => None,
             AuthSpec::Settings(settings) => settings.tenant_header.as_deref(),
+        }
+    }
+
+    pub fn jwt(&self) -> Option<&JwtSettings> {
+        match self {
+            AuthSpec::Mode(_) => None,
+            AuthSpec::Settings(settings) => settings.jwt.as_ref(),
         }
     }
 }
@@ -90,6 +114,10 @@ pub enum AuthBuildError {
     TenantHeaderNeedsPassthrough,
     #[error("invalid header name {0:?}")]
     HeaderName(String),
+    #[error("mode jwt needs a `jwt:` block, and only mode jwt takes one")]
+    JwtSettings,
+    #[error("jwt: {0}")]
+    Jwt(#[from] JwtBuildError),
 }
 
 /// The name a passthrough caller gets when it names no tenant.
@@ -99,6 +127,7 @@ pub const ANONYMOUS: &str = "anonymous";
 enum Mode {
     Keys,
     Passthrough { tenant_header: Option<HeaderName> },
+    Jwt(Box<JwtValidator>),
 }
 
 #[derive(Debug)]
@@ -126,16 +155,26 @@ fn forbidden(message: String) -> Verdict {
 }
 
 impl Auth {
+    /// `jwt_material` holds the key material a `jwt` route's settings name (read by the caller).
     pub fn new(
         spec: &AuthSpec,
         credential: CredentialHeader,
         directory: Arc<Directory>,
+        jwt_material: Option<JwtMaterial>,
     ) -> Result<Self, AuthBuildError> {
+        if (spec.mode() == AuthMode::Jwt) != spec.jwt().is_some() {
+            return Err(AuthBuildError::JwtSettings);
+        }
         let mode = match spec.mode() {
-            AuthMode::Required if spec.tenant_header().is_some() => {
+            AuthMode::Required | AuthMode::Jwt if spec.tenant_header().is_some() => {
                 return Err(AuthBuildError::TenantHeaderNeedsPassthrough)
             }
             AuthMode::Required => Mode::Keys,
+            AuthMode::Jwt => {
+                let settings = spec.jwt().ok_or(AuthBuildError::JwtSettings)?;
+                let material = jwt_material.unwrap_or_default();
+                Mode::Jwt(Box::new(JwtValidator::new(settings, material)?))
+            }
             AuthMode::Passthrough => Mode::Passthrough {
                 tenant_header: spec
                     .tenant_header()
@@ -226,6 +265,47 @@ impl Auth {
         Self::check_tier(&tenant.tier, ex).unwrap_or(Verdict::Continue)
     }
 
+    fn identify_by_token(&self, ex: &mut Exchange, validator: &JwtValidator) -> Verdict {
+        let token = match self.presented_key(&ex.request) {
+            Ok(token) => token,
+            Err(verdict) => return verdict,
+        };
+        let claims = match validator.validate(token) {
+            Ok(claims) => claims,
+            Err(e) => return unauthorized(e.to_string()),
+        };
+        let claim = |name: &str| {
+            claims
+                .get(name)
+                .and_then(|v| v.as_str())
+                .filter(|v| !v.is_empty())
+        };
+        let Some(tenant) = claim(&validator.tenant_claim) else {
+            return unauthorized(format!(
+                "the token has no `{}` claim",
+                validator.tenant_claim
+            ));
+        };
+        let tier = match claim(&validator.tier_claim) {
+            Some(name) => match self.directory.tier(name) {
+                Some(tier) => tier.clone(),
+                None => return forbidden(format!("the token names unknown tier `{name}`")),
+            },
+            None => match self.directory.tenant(tenant) {
+                Some(declared) => declared.tier.clone(),
+                None => {
+                    return forbidden(format!(
+                        "the token has no `{}` claim and tenant `{tenant}` is not declared",
+                        validator.tier_claim
+                    ))
+                }
+            },
+        };
+        ex.tenant = Some(tenant.into());
+        ex.tier = Some(tier.name.clone());
+        Self::check_tier(&tier, ex).unwrap_or(Verdict::Continue)
+    }
+
     fn identify_by_header(&self, ex: &mut Exchange, header: Option<&HeaderName>) -> Verdict {
         let named = header
             .and_then(|name| ex.request.headers.get(name))
@@ -261,13 +341,14 @@ impl Filter for Auth {
             Mode::Passthrough { tenant_header } => {
                 self.identify_by_header(ex, tenant_header.as_ref())
             }
+            Mode::Jwt(validator) => self.identify_by_token(ex, validator),
         }
     }
 
     fn on_upstream_request(&self, _ex: &Exchange, upstream: &mut RequestHeader) {
         // A Sluice key is Sluice's alone. The upstream request normally carries the upstream's
         // own key in this header (set after the filters run), so this only matters if it has none.
-        if matches!(self.mode, Mode::Keys) {
+        if matches!(self.mode, Mode::Keys | Mode::Jwt(_)) {
             upstream.remove_header(&self.credential.name());
         }
     }

@@ -52,7 +52,13 @@ async fn verdict(auth: &Auth, ex: &mut Exchange) -> Result<(), (u16, String)> {
 }
 
 fn keys_auth(credential: CredentialHeader) -> Auth {
-    Auth::new(&AuthSpec::Mode(AuthMode::Required), credential, directory()).unwrap()
+    Auth::new(
+        &AuthSpec::Mode(AuthMode::Required),
+        credential,
+        directory(),
+        None,
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -169,11 +175,12 @@ async fn the_sluice_key_is_removed_from_the_upstream_request() {
 
 #[tokio::test]
 async fn passthrough_takes_the_tenant_from_a_header() {
-    let spec = AuthSpec::Settings(AuthSettings {
+    let spec = AuthSpec::Settings(Box::new(AuthSettings {
         mode: AuthMode::Passthrough,
         tenant_header: Some("x-tenant".into()),
-    });
-    let auth = Auth::new(&spec, CredentialHeader::Bearer, directory()).unwrap();
+        jwt: None,
+    }));
+    let auth = Auth::new(&spec, CredentialHeader::Bearer, directory(), None).unwrap();
     let mut named = exchange(
         "openai",
         &[
@@ -230,9 +237,10 @@ fn directory_refuses_inconsistencies() {
 
 #[test]
 fn tenant_header_needs_passthrough() {
-    let spec = AuthSpec::Settings(AuthSettings {
+    let spec = AuthSpec::Settings(Box::new(AuthSettings {
         mode: AuthMode::Required,
         tenant_header: Some("x-tenant".into()),
-    });
-    assert!(Auth::new(&spec, CredentialHeader::Bearer, directory()).is_err());
+        jwt: None,
+    }));
+    assert!(Auth::new(&spec, CredentialHeader::Bearer, directory(), None).is_err());
 }
