@@ -1,5 +1,6 @@
 """Starts the mock provider and the real sidecar for the SDK tests."""
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -13,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SLUICE = os.environ.get("SLUICE_BIN", str(ROOT / "target/debug/sluice"))
 MOCK = os.environ.get("SLUICE_MOCK_BIN", str(ROOT / "target/debug/sluice-mock"))
+SLUICE_KEY = "sk-sluice-sdk-test-key"
+SLUICE_KEY_HASH = "sha256:" + hashlib.sha256(SLUICE_KEY.encode()).hexdigest()
 
 
 def free_port() -> int:
@@ -58,8 +61,17 @@ upstreams:
   openai: {{ provider: openai, base_url: "{mock_url}", keys: ["sk-upstream-openai"] }}
   anthropic: {{ provider: anthropic, base_url: "{mock_url}", keys: ["sk-upstream-anthropic"] }}
 routes:
-  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai }}
-  - {{ name: anthropic, match: {{ path_prefix: /anthropic }}, upstream: anthropic }}
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough }}
+  - {{ name: anthropic, match: {{ path_prefix: /anthropic }}, upstream: anthropic, auth: passthrough }}
+  # The same upstreams behind Sluice keys (auth: required is the default with tenants).
+  - {{ name: keyed-openai, match: {{ path_prefix: /keyed/openai }}, upstream: openai }}
+  - {{ name: keyed-anthropic, match: {{ path_prefix: /keyed/anthropic }}, upstream: anthropic }}
+tiers:
+  small: {{ models: ["gpt-4o-mini", "claude-haiku-*"] }}
+tenants:
+  - name: sdk-team
+    tier: small
+    keys: [{{ hash: "{SLUICE_KEY_HASH}" }}]
 """
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "sluice.yaml"

@@ -3,6 +3,7 @@
 import anthropic
 import openai
 import pytest
+from conftest import SLUICE_KEY
 
 
 def test_openai_chat(sidecar, mock_requests):
@@ -76,3 +77,27 @@ def test_anthropic_messages_and_stream(sidecar, mock_requests):
     assert final.usage.output_tokens > 0
     for seen in mock_requests():
         assert seen["headers"]["x-api-key"] == "sk-upstream-anthropic"
+
+
+def test_sdks_with_a_sluice_key(sidecar, mock_requests):
+    client = openai.OpenAI(base_url=f"{sidecar}/keyed/openai/v1", api_key=SLUICE_KEY, max_retries=0)
+    completion = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "keyed"}]
+    )
+    assert completion.choices[0].message.content == "echo: keyed"
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert "model `gpt-4o` is not allowed" in str(denied.value)
+    wrong = openai.OpenAI(base_url=f"{sidecar}/keyed/openai/v1", api_key="sk-sluice-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+
+    claude = anthropic.Anthropic(base_url=f"{sidecar}/keyed/anthropic", api_key=SLUICE_KEY, max_retries=0)
+    message = claude.messages.create(
+        model="claude-haiku-4-5", max_tokens=16, messages=[{"role": "user", "content": "keyed claude"}]
+    )
+    assert message.content[0].text == "echo: keyed claude"
+    with pytest.raises(anthropic.PermissionDeniedError):
+        claude.messages.create(model="claude-opus-4", max_tokens=16, messages=[{"role": "user", "content": "x"}])
+    for seen in mock_requests():
+        assert SLUICE_KEY not in str(seen)
