@@ -84,7 +84,7 @@ fn main() -> ExitCode {
             println!("or to the keys file:\n\n  keys:\n    - {{ tenant: {tenant}, {entry} }}");
             ExitCode::SUCCESS
         }
-        Command::Check { file } => match policy::load(&file) {
+        Command::Check { file } => match policy::load(&file, &policy::SharedState::default()) {
             Ok(policy) => {
                 println!("{}: ok: {}", file.display(), policy.summary());
                 ExitCode::SUCCESS

@@ -17,15 +17,16 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::exchange::{Inflight, SluiceProxy};
-use crate::policy::{self, PolicyErrors, PolicyStore, PolicyWatcher};
+use crate::policy::{self, PolicyErrors, PolicyStore, PolicyWatcher, SharedState};
 
 /// Starts the sidecar and serves until a signal ends it; never returns on success.
 pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
-    let policy = policy::load(policy_path)?;
+    let shared = SharedState::default();
+    let policy = policy::load(policy_path, &shared)?;
     tracing::info!(summary = %policy.summary(), "policy loaded from {}", policy_path.display());
     let listen = policy.listen;
     let settings = policy.server;
-    let store = Arc::new(PolicyStore::new(policy_path, policy));
+    let store = Arc::new(PolicyStore::new(policy_path, policy, shared));
     let inflight = Arc::new(Inflight::default());
     let draining = Arc::new(AtomicBool::new(false));
 

@@ -31,6 +31,9 @@ pub struct Exchange {
     /// Response body bytes sent downstream so far.
     pub response_bytes: u64,
     pub outcome: Outcome,
+    /// Per-exchange state a filter keeps for its later phases, by type (e.g. a limits
+    /// admission that must be released when the exchange ends, whatever the outcome).
+    pub extensions: http::Extensions,
 }
 
 impl Exchange {
@@ -49,6 +52,7 @@ impl Exchange {
             status: None,
             response_bytes: 0,
             outcome: Outcome::InProgress,
+            extensions: http::Extensions::new(),
         }
     }
 }
@@ -88,6 +92,8 @@ pub struct Rejection {
     pub status: StatusCode,
     pub kind: ErrorKind,
     pub message: String,
+    /// Headers for the error response (e.g. `retry-after`).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Rejection {
@@ -96,7 +102,13 @@ impl Rejection {
             status,
             kind,
             message: message.into(),
+            headers: Vec::new(),
         }
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
     }
 }
 

@@ -15,6 +15,7 @@ mod chain;
 mod exchange;
 mod facts;
 pub mod glob;
+pub mod limits;
 pub mod request_id;
 mod spec;
 

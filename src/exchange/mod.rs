@@ -94,7 +94,7 @@ impl ProxyHttp for SluiceProxy {
         // a failure inside Pingora before the exchange began leaves the caller without an answer.
         if session.response_written().is_none() {
             let body = ProviderKind::Openai.error_body(ErrorKind::Internal, "internal error");
-            let _ = write_simple(session, StatusCode::INTERNAL_SERVER_ERROR, body).await;
+            let _ = write_simple(session, StatusCode::INTERNAL_SERVER_ERROR, &[], body).await;
         }
         FailToProxy {
             error_code: 0,
@@ -114,7 +114,8 @@ impl SluiceProxy {
         let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
         let host = request_host(request);
         let Some(route) = policy.route_for(host, path) else {
-            let message = format!("no route for {path}");
+            // The path only: a query string may carry something the caller would not want echoed.
+            let message = format!("no route for {}", request.uri.path());
             let rejection = Rejection::new(StatusCode::NOT_FOUND, ErrorKind::NotFound, message);
             log_early_rejection(session, "-", &rejection);
             return respond_rejection(session, ProviderKind::Openai, rejection).await;
@@ -584,7 +585,7 @@ async fn respond_rejection(
     rejection: Rejection,
 ) -> Result<(), Close> {
     let body = provider.error_body(rejection.kind, &rejection.message);
-    write_simple(session, rejection.status, body).await
+    write_simple(session, rejection.status, &rejection.headers, body).await
 }
 
 async fn respond_local(
@@ -623,8 +624,17 @@ async fn respond_local(
     }
 }
 
-async fn write_simple(session: &mut Session, status: StatusCode, body: Bytes) -> Result<(), Close> {
-    let mut response = ResponseHeader::build(status, Some(3)).map_err(Close::CallerGone)?;
+async fn write_simple(
+    session: &mut Session,
+    status: StatusCode,
+    headers: &[(http::HeaderName, http::HeaderValue)],
+    body: Bytes,
+) -> Result<(), Close> {
+    let mut response =
+        ResponseHeader::build(status, Some(3 + headers.len())).map_err(Close::CallerGone)?;
+    for (name, value) in headers {
+        let _ = response.insert_header(name.clone(), value.clone());
+    }
     let _ = response.insert_header(header::CONTENT_TYPE, "application/json");
     let _ = response.insert_header(header::CONTENT_LENGTH, body.len());
     if !session.as_downstream_mut().is_body_done() {

@@ -13,17 +13,23 @@ use sha2::{Digest, Sha256};
 use sluice_filters::auth::jwt::JwtMaterial;
 use sluice_filters::auth::keys::{KeyHash, KEY_PREFIX};
 use sluice_filters::auth::{Auth, AuthMode, AuthSpec, Directory};
+use sluice_filters::limits::{LimitTable, Limits};
 use sluice_filters::{Chain, Filter, FilterSpec, Stage};
 
 use super::error::PolicyError;
 use super::interpolate::interpolate;
 use super::schema::{KeySpec, KeysFile, PolicyFile, ProviderKind, RouteSpec, UpstreamSpec};
-use super::{ListenAddrs, Policy, Route, ServerRuntime};
+use super::{ListenAddrs, Policy, Route, ServerRuntime, SharedState};
 use crate::upstream::{AzureSettings, Upstream};
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
-pub fn compile_text(text: &str, source: &Path, env: Env) -> Result<Policy, Vec<PolicyError>> {
+pub fn compile_text(
+    text: &str,
+    source: &Path,
+    env: Env,
+    shared: &SharedState,
+) -> Result<Policy, Vec<PolicyError>> {
     let file: PolicyFile = serde_saphyr::from_str(text).map_err(|e| vec![parse_error(&e)])?;
     let mut errors = Vec::new();
     let mut sources = Sources::new(source, text);
@@ -56,6 +62,13 @@ pub fn compile_text(text: &str, source: &Path, env: Env) -> Result<Policy, Vec<P
         }
     }
 
+    let limits = compile_limits(&file, shared, &mut errors);
+    let context = RouteContext {
+        upstreams: &upstreams,
+        declared: &file.upstreams,
+        directory: &directory,
+        limits,
+    };
     let mut routes = Vec::with_capacity(file.routes.len());
     let mut names = HashSet::new();
     for (index, spec) in file.routes.iter().enumerate() {
@@ -69,15 +82,7 @@ pub fn compile_text(text: &str, source: &Path, env: Env) -> Result<Policy, Vec<P
                 .at(spec.referenced),
             );
         }
-        if let Some(route) = compile_route(
-            spec,
-            &path,
-            &upstreams,
-            &file.upstreams,
-            &directory,
-            &mut sources,
-            &mut errors,
-        ) {
+        if let Some(route) = compile_route(spec, &path, &context, &mut sources, &mut errors) {
             routes.push(route);
         }
     }
@@ -328,6 +333,39 @@ impl Sources {
     fn finish(self) -> (String, Vec<PathBuf>) {
         (hex::encode(self.hasher.finalize()), self.watched)
     }
+}
+
+/// The limits of every tier and of the system, as one filter over the shared counters, or
+/// none when the policy sets no limit (so routes pay nothing for it).
+fn compile_limits(
+    file: &PolicyFile,
+    shared: &SharedState,
+    errors: &mut Vec<PolicyError>,
+) -> Option<Arc<dyn Filter>> {
+    let mut table = LimitTable::default();
+    for (name, tier) in &file.tiers {
+        for problem in tier.value.limits.problems() {
+            errors.push(
+                PolicyError::new(format!("tiers.{name}.limits"), problem).at(tier.referenced),
+            );
+        }
+        table
+            .tiers
+            .insert(name.as_str().into(), tier.value.limits.clone());
+    }
+    if let Some(system) = &file.system_limits {
+        for problem in system.value.problems() {
+            errors.push(PolicyError::new("system_limits", problem).at(system.referenced));
+        }
+        table.system = Some(system.value.clone());
+    }
+    if table.is_empty() {
+        return None;
+    }
+    Some(Arc::new(Limits::new(
+        Arc::new(table),
+        shared.limits.clone(),
+    )))
 }
 
 /// The route's `auth` filter: as declared, or `required` by default once tenants exist.
@@ -593,12 +631,19 @@ fn parse_base_url(
     Some((tls, host, port, base_path))
 }
 
+/// What every route is compiled against.
+struct RouteContext<'a> {
+    upstreams: &'a BTreeMap<String, Arc<Upstream>>,
+    declared: &'a BTreeMap<String, Spanned<UpstreamSpec>>,
+    directory: &'a Arc<Directory>,
+    /// The limits filter, shared by all routes, when the policy sets any limit.
+    limits: Option<Arc<dyn Filter>>,
+}
+
 fn compile_route(
     spec: &Spanned<RouteSpec>,
     path: &str,
-    upstreams: &BTreeMap<String, Arc<Upstream>>,
-    declared: &BTreeMap<String, Spanned<UpstreamSpec>>,
-    directory: &Arc<Directory>,
+    context: &RouteContext,
     sources: &mut Sources,
     errors: &mut Vec<PolicyError>,
 ) -> Option<Route> {
@@ -630,9 +675,9 @@ fn compile_route(
     if spec.max_body.0 == 0 {
         errors.push(PolicyError::new(format!("{path}.max_body"), "must be more than 0").at(at));
     }
-    let upstream = upstreams.get(&spec.upstream.value).cloned();
-    if upstream.is_none() && !declared.contains_key(&spec.upstream.value) {
-        let known: Vec<&str> = declared.keys().map(String::as_str).collect();
+    let upstream = context.upstreams.get(&spec.upstream.value).cloned();
+    if upstream.is_none() && !context.declared.contains_key(&spec.upstream.value) {
+        let known: Vec<&str> = context.declared.keys().map(String::as_str).collect();
         errors.push(
             PolicyError::new(
                 format!("{path}.upstream"),
@@ -649,32 +694,33 @@ fn compile_route(
     for problem in FilterSpec::validate_order(&specs) {
         errors.push(PolicyError::new(format!("{path}.filters"), problem.to_string()).at(at));
     }
-    let mut filters = Vec::with_capacity(specs.len());
+    // Filters run by stage; the ones a route declares keep their order within it.
+    let mut staged: Vec<(Stage, Arc<dyn Filter>)> = Vec::with_capacity(specs.len() + 2);
     for (i, filter) in specs.iter().enumerate() {
         match filter.build() {
-            Ok(built) => filters.push(built),
+            Ok(built) => staged.push((filter.stage(), built)),
             Err(e) => {
                 errors.push(PolicyError::new(format!("{path}.filters[{i}]"), e.to_string()).at(at))
             }
         }
     }
-    if let Some(auth) = compile_auth(
+    let auth = compile_auth(
         spec,
         path,
         upstream.as_ref(),
-        directory,
+        context.directory,
         sources,
         at,
         errors,
-    ) {
-        // The auth filter takes its stage's place: after identification, before the rest.
-        let position = specs
-            .iter()
-            .position(|filter| filter.stage() > Stage::Authenticate)
-            .unwrap_or(specs.len())
-            .min(filters.len());
-        filters.insert(position, auth);
+    );
+    if let Some(auth) = auth {
+        staged.push((Stage::Authenticate, auth));
     }
+    if let Some(limits) = &context.limits {
+        staged.push((Stage::Limit, limits.clone()));
+    }
+    staged.sort_by_key(|(stage, _)| *stage);
+    let filters = staged.into_iter().map(|(_, filter)| filter).collect();
     if errors.len() > before {
         return None;
     }

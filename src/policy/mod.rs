@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sluice_filters::auth::Directory;
+use sluice_filters::limits::LimitStore;
 use sluice_filters::Chain;
 
 use crate::upstream::Upstream;
@@ -125,8 +126,16 @@ impl Policy {
     }
 }
 
+/// State that outlives every policy: counters are kept across reloads, so a reload that leaves
+/// a tier's limits unchanged does not reset its usage (and a changed limit applies to the
+/// usage already counted).
+#[derive(Debug, Default)]
+pub struct SharedState {
+    pub limits: Arc<LimitStore>,
+}
+
 /// Reads, parses and compiles a policy file, with `${VAR}` taken from the process environment.
-pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
+pub fn load(path: &Path, shared: &SharedState) -> Result<Policy, PolicyErrors> {
     let file = path.display().to_string();
     let fail = |message: String| PolicyErrors {
         file: file.clone(),
@@ -141,7 +150,7 @@ pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
     }
     let text =
         std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
-    compile::compile_text(&text, path, &|name| std::env::var(name).ok()).map_err(|errors| {
+    compile::compile_text(&text, path, &|name| std::env::var(name).ok(), shared).map_err(|errors| {
         PolicyErrors {
             file: file.clone(),
             errors,
@@ -157,9 +166,8 @@ mod tests {
     use super::*;
 
     fn compile(text: &str) -> Result<Policy, Vec<PolicyError>> {
-        compile_text(text, Path::new("test.yaml"), &|name| {
-            (name == "KEY").then(|| "sk-1".to_owned())
-        })
+        let env = |name: &str| (name == "KEY").then(|| "sk-1".to_owned());
+        compile_text(text, Path::new("test.yaml"), &env, &SharedState::default())
     }
 
     const POLICY: &str = r#"

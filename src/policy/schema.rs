@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_saphyr::Spanned;
 use sluice_filters::auth::AuthSpec;
+use sluice_filters::limits::RequestLimits;
 use sluice_filters::FilterSpec;
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -29,6 +30,9 @@ pub struct PolicyFile {
     /// policy when it changes. Relative paths are from the policy file's folder.
     #[serde(default)]
     pub keys_file: Option<Spanned<String>>,
+    /// Limits over all callers together (same fields as a tier's `limits`).
+    #[serde(default)]
+    pub system_limits: Option<Spanned<RequestLimits>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -40,6 +44,9 @@ pub struct TierSpec {
     /// Model names (glob patterns) this tier may ask for. Default: all.
     #[serde(default = "everything")]
     pub models: Vec<String>,
+    /// What each tenant of this tier may do, counted per tenant.
+    #[serde(default)]
+    pub limits: RequestLimits,
 }
 
 fn everything() -> Vec<String> {

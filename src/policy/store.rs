@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use super::{load, Policy, PolicyErrors};
+use super::{load, Policy, PolicyErrors, SharedState};
 
 /// Holds the active policy. A request takes an `Arc` once and keeps it to the end, so a reload
 /// never changes a request midway; the swap itself is a single atomic pointer store.
@@ -12,6 +12,8 @@ use super::{load, Policy, PolicyErrors};
 pub struct PolicyStore {
     current: ArcSwap<Policy>,
     path: PathBuf,
+    /// What every policy this store loads shares (limit counters).
+    shared: SharedState,
     /// Serialises reloads (watcher, SIGHUP and admin may ask at once).
     reloading: Mutex<()>,
     pub reloads_applied: AtomicU64,
@@ -31,8 +33,9 @@ pub enum ReloadOutcome {
 }
 
 impl PolicyStore {
-    pub fn new(path: &Path, policy: Policy) -> Self {
+    pub fn new(path: &Path, policy: Policy, shared: SharedState) -> Self {
         Self {
+            shared,
             current: ArcSwap::from_pointee(policy),
             path: path.to_path_buf(),
             reloading: Mutex::new(()),
@@ -56,7 +59,7 @@ impl PolicyStore {
     pub fn reload(&self) -> Result<ReloadOutcome, PolicyErrors> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let active = self.current();
-        let result = load(&self.path);
+        let result = load(&self.path, &self.shared);
         let mut last = self
             .last_rejection
             .lock()

@@ -1,0 +1,256 @@
+//! `limits`: per-tier and system-wide request limits, enforced exactly before a request costs
+//! anything. Rate (`rps` with `burst`, GCRA), requests per minute / hour / day (UTC windows),
+//! requests in flight, and per-request caps on prompt size and requested output tokens.
+//!
+//! A refused request gets 429 with `retry-after`, naming the limit, and is charged nothing.
+//! Admitted responses carry OpenAI's `x-ratelimit-{limit,remaining,reset}-requests` headers.
+
+mod config;
+mod state;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+
+pub use config::{OverMax, RequestLimits};
+pub use state::{LimitName, LimitStore, Refused, Standing};
+
+use crate::chain::{Filter, Verdict};
+use crate::exchange::{ErrorKind, Exchange, Rejection};
+use crate::ResponseHeader;
+
+/// The limits of each tier, and of the whole system.
+#[derive(Debug, Default)]
+pub struct LimitTable {
+    pub tiers: HashMap<Arc<str>, RequestLimits>,
+    pub system: Option<RequestLimits>,
+}
+
+impl LimitTable {
+    pub fn is_empty(&self) -> bool {
+        self.system.as_ref().is_none_or(RequestLimits::is_empty)
+            && self.tiers.values().all(RequestLimits::is_empty)
+    }
+}
+
+/// The scope name of system-wide counters; no tenant can be called this (names cannot hold NUL).
+const SYSTEM_SCOPE: &str = "\0system";
+
+/// Prompt tokens estimated from the body: about four bytes a token for English text and JSON.
+/// A model-specific tokenizer would be exact; this keeps per-request work to a division.
+pub fn estimate_input_tokens(body_len: usize) -> u64 {
+    (body_len as u64).div_ceil(4)
+}
+
+pub struct Limits {
+    table: Arc<LimitTable>,
+    store: Arc<LimitStore>,
+    system_scope: Arc<str>,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request's place in its scopes' in-flight counts, given back when the exchange ends —
+/// however it ends, since it lives in the exchange.
+struct Admission {
+    store: Arc<LimitStore>,
+    scopes: Vec<Arc<str>>,
+    standing: Option<Standing>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.store.release(&self.scopes);
+    }
+}
+
+fn invalid(message: String) -> Verdict {
+    Verdict::Reject(Rejection::new(
+        StatusCode::BAD_REQUEST,
+        ErrorKind::InvalidRequest,
+        message,
+    ))
+}
+
+/// `1s`, `6m0s`, `20ms`: the duration format of OpenAI's reset headers.
+fn reset_text(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    match secs {
+        0 => format!("{}ms", duration.subsec_millis().max(1)),
+        1..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{}s", secs / 60, secs % 60),
+        _ => format!("{}h{}m{}s", secs / 3600, secs % 3600 / 60, secs % 60),
+    }
+}
+
+impl Limits {
+    pub fn new(table: Arc<LimitTable>, store: Arc<LimitStore>) -> Self {
+        Self {
+            table,
+            store,
+            system_scope: SYSTEM_SCOPE.into(),
+        }
+    }
+
+    /// Per-request caps: prompt size and requested output.
+    fn check_request(limits: &RequestLimits, ex: &mut Exchange) -> Option<Verdict> {
+        let prompt = estimate_input_tokens(ex.facts.body_len);
+        if let Some(max) = limits.max_input_tokens.filter(|max| prompt > *max) {
+            return Some(invalid(format!(
+                "the prompt (about {prompt} tokens) exceeds this tier's max_input_tokens of {max}"
+            )));
+        }
+        let (Some(max), Some(asked)) = (limits.max_output_tokens, ex.facts.max_tokens) else {
+            return None;
+        };
+        if asked <= max {
+            return None;
+        }
+        match limits.over_max_output_tokens {
+            OverMax::Reject => Some(invalid(format!(
+                "max_tokens {asked} exceeds this tier's max_output_tokens of {max}"
+            ))),
+            OverMax::Clamp => match clamp_max_tokens(&ex.body, max) {
+                Some(body) => {
+                    ex.body = body;
+                    ex.facts.max_tokens = Some(max);
+                    None
+                }
+                None => Some(invalid(format!(
+                    "max_tokens {asked} exceeds this tier's max_output_tokens of {max}"
+                ))),
+            },
+        }
+    }
+
+    fn refusal(refused: &Refused, ex: &Exchange) -> Verdict {
+        let whose = if *refused.scope == *SYSTEM_SCOPE {
+            "the system-wide".to_owned()
+        } else {
+            format!(
+                "tenant `{}`'s (tier `{}`)",
+                refused.scope,
+                ex.tier.as_deref().unwrap_or("-")
+            )
+        };
+        let retry =
+            refused.retry_after.as_secs() + u64::from(refused.retry_after.subsec_nanos() > 0);
+        let message = format!(
+            "rate limit reached: {whose} `{}` limit of {}; retry in {}",
+            refused.limit.as_str(),
+            refused.value,
+            reset_text(refused.retry_after)
+        );
+        let rejection = Rejection::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::RateLimited,
+            message,
+        )
+        .with_header(http::header::RETRY_AFTER, HeaderValue::from(retry.max(1)));
+        Verdict::Reject(rejection)
+    }
+}
+
+#[async_trait]
+impl Filter for Limits {
+    fn name(&self) -> &'static str {
+        "limits"
+    }
+
+    async fn on_request(&self, ex: &mut Exchange) -> Verdict {
+        let tier = ex.tier.as_ref().and_then(|tier| self.table.tiers.get(tier));
+        for limits in [tier, self.table.system.as_ref()].into_iter().flatten() {
+            if let Some(verdict) = Self::check_request(limits, ex) {
+                return verdict;
+            }
+        }
+        let mut checks: Vec<(&Arc<str>, &RequestLimits)> = Vec::with_capacity(2);
+        if let (Some(tenant), Some(limits)) = (ex.tenant.as_ref(), tier) {
+            if limits.counts_requests() {
+                checks.push((tenant, limits));
+            }
+        }
+        if let Some(limits) = self.table.system.as_ref().filter(|l| l.counts_requests()) {
+            checks.push((&self.system_scope, limits));
+        }
+        if checks.is_empty() {
+            return Verdict::Continue;
+        }
+        match self.store.admit(&checks, Instant::now(), SystemTime::now()) {
+            Ok(standing) => {
+                let scopes = checks.iter().map(|(scope, _)| (*scope).clone()).collect();
+                ex.extensions.insert(Arc::new(AdmissionSlot(Admission {
+                    store: self.store.clone(),
+                    scopes,
+                    standing,
+                })));
+                Verdict::Continue
+            }
+            Err(refused) => Self::refusal(&refused, ex),
+        }
+    }
+
+    fn on_response_head(&self, ex: &mut Exchange, response: &mut ResponseHeader) {
+        let Some(standing) = ex
+            .extensions
+            .get::<Arc<AdmissionSlot>>()
+            .and_then(|slot| slot.0.standing)
+        else {
+            return;
+        };
+        let headers: [(&'static str, HeaderValue); 3] = [
+            (
+                "x-ratelimit-limit-requests",
+                HeaderValue::from(standing.limit),
+            ),
+            (
+                "x-ratelimit-remaining-requests",
+                HeaderValue::from(standing.remaining),
+            ),
+            (
+                "x-ratelimit-reset-requests",
+                HeaderValue::from_str(&reset_text(standing.reset))
+                    .expect("digits and unit letters"),
+            ),
+        ];
+        for (name, value) in headers {
+            let _ = response.insert_header(HeaderName::from_static(name), value);
+        }
+    }
+}
+
+/// `http::Extensions` wants `Clone + Send + Sync`; the admission itself must not be cloned
+/// (each clone would release once), so it sits behind an `Arc`.
+struct AdmissionSlot(Admission);
+
+/// Rewrites the request's `max_tokens` / `max_completion_tokens` down to `max`.
+fn clamp_max_tokens(body: &Bytes, max: u64) -> Option<Bytes> {
+    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let object = value.as_object_mut()?;
+    let mut changed = false;
+    for field in ["max_tokens", "max_completion_tokens"] {
+        if let Some(asked) = object.get_mut(field) {
+            if asked.as_u64().is_some_and(|asked| asked > max) {
+                *asked = serde_json::Value::from(max);
+                changed = true;
+            }
+        }
+    }
+    if !changed {
+        return None;
+    }
+    serde_json::to_vec(&value).ok().map(Bytes::from)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,311 @@
+use std::thread;
+
+use super::*;
+use crate::RequestHeader;
+
+fn limits(f: impl FnOnce(&mut RequestLimits)) -> RequestLimits {
+    let mut limits = RequestLimits::default();
+    f(&mut limits);
+    limits
+}
+
+fn scope(name: &str) -> Arc<str> {
+    name.into()
+}
+
+#[test]
+fn gcra_allows_the_burst_then_the_rate() {
+    let store = LimitStore::default();
+    let tenant = scope("t");
+    let tier = limits(|l| {
+        l.rps = Some(10.0);
+        l.burst = Some(3);
+    });
+    let checks = [(&tenant, &tier)];
+    let start = Instant::now();
+    let wall = SystemTime::now();
+    for _ in 0..3 {
+        assert!(store.admit(&checks, start, wall).is_ok());
+    }
+    let refused = store.admit(&checks, start, wall).unwrap_err();
+    assert_eq!(refused.limit, LimitName::Rate);
+    assert!(
+        refused.retry_after <= Duration::from_millis(100)
+            && refused.retry_after > Duration::from_millis(90)
+    );
+    // One interval later, exactly one more.
+    let later = start + Duration::from_millis(100);
+    assert!(store.admit(&checks, later, wall).is_ok());
+    assert!(store.admit(&checks, later, wall).is_err());
+}
+
+#[test]
+fn windows_count_exactly_and_reset_on_the_boundary() {
+    let store = LimitStore::default();
+    let tenant = scope("t");
+    let tier = limits(|l| l.requests_per_minute = Some(2));
+    let checks = [(&tenant, &tier)];
+    let minute = at_epoch_second(1_700_000_080); // 40 s into a minute
+    let now = Instant::now();
+    let first = store.admit(&checks, now, minute).unwrap().unwrap();
+    assert_eq!(
+        (first.limit, first.remaining, first.reset),
+        (2, 1, Duration::from_secs(20))
+    );
+    assert_eq!(
+        store
+            .admit(&checks, now, minute)
+            .unwrap()
+            .unwrap()
+            .remaining,
+        0
+    );
+    let refused = store.admit(&checks, now, minute).unwrap_err();
+    assert_eq!(
+        (refused.limit, refused.retry_after),
+        (LimitName::PerMinute, Duration::from_secs(20))
+    );
+    let next_minute = at_epoch_second(1_700_000_100);
+    assert_eq!(
+        store
+            .admit(&checks, now, next_minute)
+            .unwrap()
+            .unwrap()
+            .remaining,
+        1
+    );
+}
+
+fn at_epoch_second(secs: u64) -> SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+#[test]
+fn a_refused_request_is_charged_nothing() {
+    let store = LimitStore::default();
+    let (tenant, system) = (scope("t"), scope(SYSTEM_SCOPE));
+    let tier = limits(|l| l.requests_per_day = Some(10));
+    let everyone = limits(|l| l.requests_per_day = Some(1));
+    let checks = [(&tenant, &tier), (&system, &everyone)];
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    store.admit(&checks, now, wall).unwrap();
+    for _ in 0..5 {
+        assert_eq!(store.admit(&checks, now, wall).unwrap_err().scope, system);
+    }
+    // The tenant's own count is still 1: 9 left.
+    let alone = [(&tenant, &tier)];
+    assert_eq!(
+        store.admit(&alone, now, wall).unwrap().unwrap().remaining,
+        8
+    );
+}
+
+#[test]
+fn concurrency_is_released_when_the_admission_ends() {
+    let store = Arc::new(LimitStore::default());
+    let tenant = scope("t");
+    let tier = limits(|l| l.concurrent = Some(1));
+    let checks = [(&tenant, &tier)];
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    store.admit(&checks, now, wall).unwrap();
+    assert_eq!(
+        store.admit(&checks, now, wall).unwrap_err().limit,
+        LimitName::Concurrent
+    );
+    store.release(std::slice::from_ref(&tenant));
+    assert!(store.admit(&checks, now, wall).is_ok());
+}
+
+#[test]
+fn concurrent_admissions_never_overshoot() {
+    let store = Arc::new(LimitStore::default());
+    let tier = Arc::new(limits(|l| l.requests_per_hour = Some(37)));
+    let admitted: usize = (0..8)
+        .map(|_| {
+            let (store, tier) = (store.clone(), tier.clone());
+            thread::spawn(move || {
+                let tenant = scope("t");
+                let checks = [(&tenant, &*tier)];
+                (0..50)
+                    .filter(|_| {
+                        store
+                            .admit(&checks, Instant::now(), SystemTime::now())
+                            .is_ok()
+                    })
+                    .count()
+            })
+        })
+        .map(|handle| handle.join().unwrap())
+        .sum();
+    assert_eq!(admitted, 37);
+}
+
+fn exchange(tenant: &str, tier: &str, body: &str) -> Exchange {
+    let request = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+    let mut ex = Exchange::new("r".into(), request, Bytes::from(body.to_owned()));
+    ex.tenant = Some(tenant.into());
+    ex.tier = Some(tier.into());
+    ex
+}
+
+fn limits_filter(tier: RequestLimits, system: Option<RequestLimits>) -> (Limits, Arc<LimitStore>) {
+    let table = LimitTable {
+        tiers: [(Arc::<str>::from("free"), tier)].into(),
+        system,
+    };
+    let store = Arc::new(LimitStore::default());
+    (Limits::new(Arc::new(table), store.clone()), store)
+}
+
+#[tokio::test]
+async fn the_filter_refuses_with_429_retry_after_and_counts_down_in_headers() {
+    let (filter, store) = limits_filter(limits(|l| l.requests_per_day = Some(2)), None);
+    let mut first = exchange("t", "free", "{}");
+    assert!(matches!(
+        filter.on_request(&mut first).await,
+        Verdict::Continue
+    ));
+    let mut response = ResponseHeader::build(200, None).unwrap();
+    filter.on_response_head(&mut first, &mut response);
+    assert_eq!(response.headers["x-ratelimit-limit-requests"], "2");
+    assert_eq!(response.headers["x-ratelimit-remaining-requests"], "1");
+    assert!(response.headers["x-ratelimit-reset-requests"]
+        .to_str()
+        .unwrap()
+        .ends_with('s'));
+    assert_eq!(store.in_flight("t"), 1);
+    drop(first);
+    assert_eq!(
+        store.in_flight("t"),
+        0,
+        "the exchange's end releases its place"
+    );
+
+    let mut second = exchange("t", "free", "{}");
+    assert!(matches!(
+        filter.on_request(&mut second).await,
+        Verdict::Continue
+    ));
+    let mut third = exchange("t", "free", "{}");
+    let Verdict::Reject(rejection) = filter.on_request(&mut third).await else {
+        panic!("the third request of the day must be refused");
+    };
+    assert_eq!(rejection.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        rejection.message.contains("`requests_per_day` limit of 2"),
+        "{}",
+        rejection.message
+    );
+    assert!(
+        rejection.message.contains("tenant `t`"),
+        "{}",
+        rejection.message
+    );
+    let retry: u64 = rejection.headers[0].1.to_str().unwrap().parse().unwrap();
+    assert!((1..=86_400).contains(&retry));
+    // Another tenant of the same tier has its own count.
+    let mut other = exchange("u", "free", "{}");
+    assert!(matches!(
+        filter.on_request(&mut other).await,
+        Verdict::Continue
+    ));
+}
+
+#[tokio::test]
+async fn output_caps_reject_or_clamp() {
+    let reject = limits(|l| l.max_output_tokens = Some(100));
+    let (filter, _) = limits_filter(reject, None);
+    let mut ex = exchange("t", "free", r#"{"model":"m","max_tokens":500}"#);
+    let Verdict::Reject(rejection) = filter.on_request(&mut ex).await else {
+        panic!()
+    };
+    assert_eq!(rejection.status, StatusCode::BAD_REQUEST);
+    assert!(rejection.message.contains("max_tokens 500 exceeds"));
+
+    let clamp = limits(|l| {
+        l.max_output_tokens = Some(100);
+        l.over_max_output_tokens = OverMax::Clamp;
+    });
+    let (filter, _) = limits_filter(clamp, None);
+    let mut ex = exchange(
+        "t",
+        "free",
+        r#"{"model":"m","max_completion_tokens":500,"messages":[]}"#,
+    );
+    assert!(matches!(
+        filter.on_request(&mut ex).await,
+        Verdict::Continue
+    ));
+    let body: serde_json::Value = serde_json::from_slice(&ex.body).unwrap();
+    assert_eq!(body["max_completion_tokens"], 100);
+    assert_eq!(body["model"], "m");
+    assert_eq!(ex.facts.max_tokens, Some(100));
+    let mut small = exchange("t", "free", r#"{"max_tokens":50}"#);
+    assert!(matches!(
+        filter.on_request(&mut small).await,
+        Verdict::Continue
+    ));
+    assert_eq!(
+        &small.body[..],
+        br#"{"max_tokens":50}"#,
+        "within the cap the body is untouched"
+    );
+}
+
+#[tokio::test]
+async fn prompt_size_is_capped() {
+    let (filter, _) = limits_filter(limits(|l| l.max_input_tokens = Some(10)), None);
+    let mut ex = exchange(
+        "t",
+        "free",
+        &format!(r#"{{"prompt":"{}"}}"#, "x".repeat(100)),
+    );
+    let Verdict::Reject(rejection) = filter.on_request(&mut ex).await else {
+        panic!()
+    };
+    assert!(
+        rejection.message.contains("max_input_tokens of 10"),
+        "{}",
+        rejection.message
+    );
+}
+
+#[tokio::test]
+async fn system_limits_apply_to_everyone_and_name_themselves() {
+    let (filter, _) = limits_filter(
+        RequestLimits::default(),
+        Some(limits(|l| l.concurrent = Some(1))),
+    );
+    let mut a = exchange("t", "free", "{}");
+    assert!(matches!(filter.on_request(&mut a).await, Verdict::Continue));
+    let mut b = exchange("u", "free", "{}");
+    let Verdict::Reject(rejection) = filter.on_request(&mut b).await else {
+        panic!()
+    };
+    assert!(
+        rejection.message.contains("system-wide `concurrent`"),
+        "{}",
+        rejection.message
+    );
+}
+
+#[test]
+fn reset_texts_look_like_openais() {
+    assert_eq!(reset_text(Duration::from_millis(20)), "20ms");
+    assert_eq!(reset_text(Duration::from_secs(1)), "1s");
+    assert_eq!(reset_text(Duration::from_secs(360)), "6m0s");
+    assert_eq!(reset_text(Duration::from_secs(3661)), "1h1m1s");
+}
+
+#[test]
+fn load_time_problems_are_named() {
+    let bad = limits(|l| {
+        l.rps = Some(-1.0);
+        l.burst = Some(0);
+        l.requests_per_day = Some(0);
+    });
+    let problems = bad.problems().join("\n");
+    assert!(problems.contains("`rps` must be a positive number"));
+    assert!(problems.contains("`burst` must be at least 1"));
+    assert!(problems.contains("requests_per_day: 0"));
+}

@@ -1,0 +1,202 @@
+//! Per-tier limits through the real binary: exact under concurrency, nothing charged for a
+//! refusal, counters kept across reloads.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use sluice_filters::auth::keys::KeyHash;
+
+const KEY_A: &str = "sk-sluice-limits-a";
+const KEY_B: &str = "sk-sluice-limits-b";
+
+fn policy(mock_url: &str, tier_limits: &str, extra_route: bool) -> String {
+    let extra = if extra_route {
+        "  - { name: extra, match: { path_prefix: /extra }, upstream: openai }\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"
+upstreams:
+  openai: {{ provider: openai, base_url: "{mock_url}", keys: ["sk-upstream"] }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai }}
+{extra}tiers:
+  free: {{ limits: {tier_limits} }}
+tenants:
+  - {{ name: a, tier: free, keys: [{{ hash: "{a}" }}] }}
+  - {{ name: b, tier: free, keys: [{{ hash: "{b}" }}] }}
+"#,
+        a = KeyHash::of(KEY_A).to_text(),
+        b = KeyHash::of(KEY_B).to_text(),
+    )
+}
+
+async fn call(sidecar: &Sidecar, key: &str, stream: bool) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth(key)
+        .json(&chat_body("limits", stream))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn concurrent_requests_against_a_quota_admit_exactly_the_quota() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&policy(&mock.url(), "{ requests_per_day: 7 }", false)).await;
+    let calls = (0..60).map(|_| call(&sidecar, KEY_A, false));
+    let responses = futures_util::future::join_all(calls).await;
+    let mut admitted = 0;
+    for response in responses {
+        match response.status().as_u16() {
+            200 => admitted += 1,
+            429 => {
+                let retry: u64 = response.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!((1..=86_400).contains(&retry));
+                let error: serde_json::Value = response.json().await.unwrap();
+                assert_eq!(error["error"]["type"], "rate_limit_error");
+                assert!(error["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("`requests_per_day` limit of 7"));
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(admitted, 7);
+    assert_eq!(
+        mock.request_count(),
+        7,
+        "refused requests never reached the provider"
+    );
+    // Tenant b has its own quota.
+    assert_eq!(call(&sidecar, KEY_B, false).await.status(), 200);
+}
+
+#[tokio::test]
+async fn headers_count_down_and_refusals_are_free() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&policy(
+        &mock.url(),
+        "{ requests_per_minute: 3, max_output_tokens: 50 }",
+        false,
+    ))
+    .await;
+    // Refused for asking too much output: charged nothing.
+    let greedy = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth(KEY_A)
+        .json(&serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 500, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(greedy.status(), 400);
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let response = call(&sidecar, KEY_A, false).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-ratelimit-limit-requests"], "3");
+        remaining.push(
+            response.headers()["x-ratelimit-remaining-requests"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(remaining, ["2", "1", "0"]);
+    assert_eq!(call(&sidecar, KEY_A, false).await.status(), 429);
+}
+
+#[tokio::test]
+async fn counters_survive_reloads_and_new_limits_apply_to_them() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&policy(&mock.url(), "{ requests_per_day: 3 }", false)).await;
+    for _ in 0..2 {
+        assert_eq!(call(&sidecar, KEY_A, false).await.status(), 200);
+    }
+    // A reload that leaves the tier's limits as they were keeps the count: one left.
+    let before = sidecar.policy_hash().await;
+    sidecar.write_policy(&policy(&mock.url(), "{ requests_per_day: 3 }", true));
+    wait_for_reload(&sidecar, &before).await;
+    assert_eq!(call(&sidecar, KEY_A, false).await.status(), 200);
+    assert_eq!(call(&sidecar, KEY_A, false).await.status(), 429);
+    // Raising the limit applies to the usage already counted: 3 used of 5.
+    let before = sidecar.policy_hash().await;
+    sidecar.write_policy(&policy(&mock.url(), "{ requests_per_day: 5 }", true));
+    wait_for_reload(&sidecar, &before).await;
+    assert_eq!(call(&sidecar, KEY_A, false).await.status(), 200);
+    assert_eq!(call(&sidecar, KEY_A, false).await.status(), 200);
+    assert_eq!(call(&sidecar, KEY_A, false).await.status(), 429);
+}
+
+async fn wait_for_reload(sidecar: &Sidecar, old: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while sidecar.policy_hash().await == old {
+        assert!(std::time::Instant::now() < deadline, "reload not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_open_stream_holds_its_concurrency_slot_until_it_ends() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&policy(&mock.url(), "{ concurrent: 1 }", false)).await;
+    let slow = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth(KEY_A)
+        .header("x-mock-chunk-ms", "100")
+        .header("x-mock-chunks", "5")
+        .json(&chat_body("hold", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slow.status(), 200);
+    let mut stream = slow.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    let busy = call(&sidecar, KEY_A, false).await;
+    assert_eq!(busy.status(), 429);
+    let error: serde_json::Value = busy.json().await.unwrap();
+    assert!(error["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`concurrent`"));
+    while let Some(chunk) = stream.next().await {
+        chunk.unwrap();
+    }
+    // The stream's end gave the slot back.
+    let mut status = 0;
+    for _ in 0..50 {
+        status = call(&sidecar, KEY_A, false).await.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn rate_and_burst_are_enforced() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&policy(&mock.url(), "{ rps: 0.1, burst: 2 }", false)).await;
+    let statuses: Vec<u16> =
+        futures_util::future::join_all((0..6).map(|_| call(&sidecar, KEY_A, false)))
+            .await
+            .iter()
+            .map(|r| r.status().as_u16())
+            .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+}
