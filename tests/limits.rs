@@ -200,3 +200,150 @@ async fn rate_and_burst_are_enforced() {
         "{statuses:?}"
     );
 }
+
+fn token_policy(mock_url: &str) -> String {
+    format!(
+        r#"
+upstreams:
+  openai: {{ provider: openai, base_url: "{mock_url}", keys: ["sk-upstream"] }}
+  anthropic: {{ provider: anthropic, base_url: "{mock_url}", keys: ["sk-upstream"] }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai }}
+  - {{ name: anthropic, match: {{ path_prefix: /anthropic }}, upstream: anthropic }}
+tiers:
+  free: {{ limits: {{ tokens_per_day: 100000 }} }}
+tenants:
+  - {{ name: a, tier: free, keys: [{{ hash: "{a}" }}] }}
+"#,
+        a = KeyHash::of(KEY_A).to_text(),
+    )
+}
+
+/// The mock's usage for a body: prompt = max(1, bytes / 4), completion = 5 chunks.
+fn mock_usage(body: &[u8]) -> u64 {
+    (body.len() as u64 / 4).max(1) + 5
+}
+
+fn reservation(body: &[u8], max_tokens: u64) -> u64 {
+    (body.len() as u64).div_ceil(4) + max_tokens
+}
+
+async fn remaining_tokens(response: &reqwest::Response) -> u64 {
+    response.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn token_reservations_settle_to_reported_usage() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&token_policy(&mock.url())).await;
+    let client = reqwest::Client::new();
+    let body = |stream: bool| {
+        serde_json::to_vec(&serde_json::json!({
+            "model": "gpt-4o-mini", "max_tokens": 200, "stream": stream,
+            "messages": [{"role": "user", "content": "count my tokens"}],
+        }))
+        .unwrap()
+    };
+    let send = |path: &'static str, body: Vec<u8>| {
+        client
+            .post(format!("{}{path}", sidecar.proxy))
+            .bearer_auth(KEY_A)
+            .header("x-api-key", KEY_A)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+
+    // 1. Non-streaming: the reservation is shown, then replaced by the reported usage.
+    let first = send("/openai/v1/chat/completions", body(false))
+        .await
+        .unwrap();
+    assert_eq!(
+        remaining_tokens(&first).await,
+        100_000 - reservation(&body(false), 200)
+    );
+    first.bytes().await.unwrap();
+    let mut used = mock_usage(&body(false));
+
+    // 2. An OpenAI stream whose caller did not ask for usage: Sluice asks, reads, and hides it.
+    let streamed = send("/openai/v1/chat/completions", body(true))
+        .await
+        .unwrap();
+    assert_eq!(
+        remaining_tokens(&streamed).await,
+        100_000 - used - reservation(&body(true), 200)
+    );
+    let text = streamed.text().await.unwrap();
+    assert!(
+        !text.contains("\"usage\""),
+        "the caller sees exactly what it asked for: {text}"
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let sent_upstream: serde_json::Value =
+        serde_json::from_slice(&mock.requests().last().unwrap().body).unwrap();
+    assert_eq!(sent_upstream["stream_options"]["include_usage"], true);
+    used += mock_usage(&mock.requests().last().unwrap().body);
+
+    // 3. An Anthropic stream: usage from message_start and message_delta.
+    let anthropic = send("/anthropic/v1/messages", body(true)).await.unwrap();
+    assert_eq!(
+        remaining_tokens(&anthropic).await,
+        100_000 - used - reservation(&body(true), 200)
+    );
+    anthropic.text().await.unwrap();
+    used += mock_usage(&body(true));
+
+    // The next admission shows exactly the settled usage of all three.
+    let last = send("/openai/v1/chat/completions", body(false))
+        .await
+        .unwrap();
+    assert_eq!(
+        remaining_tokens(&last).await,
+        100_000 - used - reservation(&body(false), 200)
+    );
+}
+
+#[tokio::test]
+async fn a_caller_that_asked_for_usage_still_gets_it() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&token_policy(&mock.url())).await;
+    let mut body = chat_body("with usage", true);
+    body["stream_options"] = serde_json::json!({"include_usage": true});
+    let text = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth(KEY_A)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("\"usage\""), "{text}");
+}
+
+#[tokio::test]
+async fn a_token_quota_refuses_what_does_not_fit() {
+    let mock = mock().await;
+    let policy = token_policy(&mock.url()).replace("tokens_per_day: 100000", "tokens_per_day: 300");
+    let sidecar = Sidecar::start(&policy).await;
+    let big = serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 400, "messages": []});
+    let response = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth(KEY_A)
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let error: serde_json::Value = response.json().await.unwrap();
+    assert!(error["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`tokens_per_day` limit of 300"));
+    assert_eq!(mock.request_count(), 0);
+}

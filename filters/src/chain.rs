@@ -41,12 +41,19 @@ pub trait Filter: Send + Sync {
 
     /// The exchange is over (completed, failed or cancelled); see [`Exchange::outcome`].
     fn on_done(&self, _ex: &Exchange) {}
+
+    /// Whether this filter reads [`Exchange::usage`]: the process then meters the response
+    /// (and asks OpenAI streams for their usage chunk, hidden from a caller who did not).
+    fn needs_usage(&self) -> bool {
+        false
+    }
 }
 
 /// A route's filters in their validated order.
 #[derive(Clone, Default)]
 pub struct Chain {
     filters: Vec<Arc<dyn Filter>>,
+    needs_usage: bool,
 }
 
 impl std::fmt::Debug for Chain {
@@ -59,7 +66,15 @@ impl std::fmt::Debug for Chain {
 
 impl Chain {
     pub fn new(filters: Vec<Arc<dyn Filter>>) -> Self {
-        Self { filters }
+        let needs_usage = filters.iter().any(|filter| filter.needs_usage());
+        Self {
+            filters,
+            needs_usage,
+        }
+    }
+
+    pub fn needs_usage(&self) -> bool {
+        self.needs_usage
     }
 
     pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {

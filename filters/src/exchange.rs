@@ -5,6 +5,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
 use crate::facts::BodyFacts;
+use crate::usage::{Dialect, Usage};
 use crate::RequestHeader;
 
 /// One request/response pair as the filters see it. The process fills it in as the exchange
@@ -18,6 +19,11 @@ pub struct Exchange {
     /// The complete request body; replayed as-is on every upstream attempt.
     pub body: Bytes,
     pub facts: BodyFacts,
+    /// The API family of the route's provider, for reading bodies.
+    pub dialect: Dialect,
+    /// Token usage read from the response, once the response is complete (when the route's
+    /// filters asked for it and the provider reported it).
+    pub usage: Option<Usage>,
     /// Set by the `request_id` filter; echoed downstream and sent upstream.
     pub request_id: Option<HeaderValue>,
     /// Set by the `auth` filter: who is calling, and the tier that decides what they may do.
@@ -44,6 +50,8 @@ impl Exchange {
             request,
             body,
             facts,
+            dialect: Dialect::default(),
+            usage: None,
             request_id: None,
             tenant: None,
             tier: None,

@@ -18,6 +18,7 @@ pub mod glob;
 pub mod limits;
 pub mod request_id;
 mod spec;
+pub mod usage;
 
 pub use chain::{Chain, Filter, Verdict};
 pub use exchange::{ErrorKind, Exchange, LocalResponse, Outcome, Rejection};

@@ -23,6 +23,8 @@ use sluice_filters::{
     ErrorKind, Exchange, LocalResponse, Outcome, Rejection, RequestHeader, ResponseHeader, Verdict,
 };
 
+use sluice_filters::usage::{inject_include_usage, Dialect, UsageMeter};
+
 use crate::policy::{Policy, PolicyStore, Route};
 use crate::upstream::{ProviderKind, Resolver, Upstream};
 pub use inflight::Inflight;
@@ -141,8 +143,12 @@ impl SluiceProxy {
         };
 
         let mut ex = Exchange::new(route.name.clone(), session.req_header().clone(), body);
+        ex.dialect = provider.dialect();
         let result = match route.chain.on_request(&mut ex).await {
-            Verdict::Continue => self.forward(session, route, &mut ex).await,
+            Verdict::Continue => {
+                let injected = ask_for_stream_usage(route, &mut ex);
+                self.forward(session, route, &mut ex, injected).await
+            }
             Verdict::Reject(rejection) => {
                 ex.status = Some(rejection.status);
                 ex.outcome = Outcome::Refused;
@@ -155,12 +161,14 @@ impl SluiceProxy {
         result
     }
 
-    /// Sends the request upstream and streams the answer back.
+    /// Sends the request upstream and streams the answer back. `usage_injected`: Sluice added
+    /// `stream_options.include_usage`, so the usage chunk is the caller's to not see.
     async fn forward(
         &self,
         session: &mut Session,
         route: &Route,
         ex: &mut Exchange,
+        usage_injected: bool,
     ) -> Result<(), Close> {
         let upstream = &route.upstream;
         let upstream_request = match build_upstream_request(route, ex) {
@@ -215,8 +223,21 @@ impl SluiceProxy {
             return Ok(());
         }
         upstream_session.set_read_timeout(Some(upstream.idle_timeout));
-        self.stream_body(session, route, ex, &mut upstream_session)
+        let mut meter = route.chain.needs_usage().then(|| {
+            let head = upstream_session.response_header();
+            let header = |name| head.and_then(|h| h.headers.get(name));
+            let stream = header(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            // Cutting an event out of a body of declared length would break its framing.
+            let strip = usage_injected && header(header::CONTENT_LENGTH).is_none();
+            UsageMeter::new(ex.dialect, stream, strip)
+        });
+        self.stream_body(session, route, ex, &mut upstream_session, meter.as_mut())
             .await?;
+        if let Some(meter) = meter.as_mut() {
+            meter.finish();
+            ex.usage = meter.usage();
+        }
         if let Err(e) = session.write_response_body(None, true).await {
             ex.outcome = Outcome::CallerGone;
             return Err(Close::CallerGone(e));
@@ -237,6 +258,7 @@ impl SluiceProxy {
         route: &Route,
         ex: &mut Exchange,
         upstream_session: &mut HttpSession,
+        mut meter: Option<&mut UsageMeter>,
     ) -> Result<(), Close> {
         loop {
             let chunk = tokio::select! {
@@ -248,7 +270,13 @@ impl SluiceProxy {
                 }
             };
             match chunk {
-                Ok(Some(chunk)) => {
+                Ok(Some(mut chunk)) => {
+                    if let Some(meter) = meter.as_deref_mut() {
+                        chunk = meter.feed(chunk);
+                        if chunk.is_empty() {
+                            continue;
+                        }
+                    }
                     route.chain.on_response_chunk(ex, &chunk);
                     ex.response_bytes += chunk.len() as u64;
                     if let Err(e) = session.write_response_body(Some(chunk), false).await {
@@ -407,6 +435,21 @@ async fn write_request(
         upstream.write_request_body(body.clone(), true).await?;
     }
     upstream.finish_request_body().await
+}
+
+/// Makes an OpenAI stream report its usage when a filter needs it and the caller did not ask;
+/// returns whether the body was changed.
+fn ask_for_stream_usage(route: &Route, ex: &mut Exchange) -> bool {
+    if !(route.chain.needs_usage() && ex.facts.stream && ex.dialect == Dialect::OpenAi) {
+        return false;
+    }
+    match inject_include_usage(&ex.body) {
+        Some(body) => {
+            ex.body = body;
+            true
+        }
+        None => false,
+    }
 }
 
 /// The request head for the upstream: path rewritten, headers cleaned, filters applied,

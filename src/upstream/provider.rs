@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use sluice_filters::auth::CredentialHeader;
+use sluice_filters::usage::Dialect;
 use sluice_filters::ErrorKind;
 
 use super::{AzureSettings, InvalidKey, ProviderKind};
@@ -24,6 +25,14 @@ impl ProviderKind {
             ProviderKind::Openai | ProviderKind::OpenaiCompatible => CredentialHeader::Bearer,
             ProviderKind::AzureOpenai => CredentialHeader::ApiKey,
             ProviderKind::Anthropic => CredentialHeader::XApiKey,
+        }
+    }
+
+    /// How this provider's bodies are read (usage, events).
+    pub fn dialect(self) -> Dialect {
+        match self {
+            ProviderKind::Anthropic => Dialect::Anthropic,
+            _ => Dialect::OpenAi,
         }
     }
 

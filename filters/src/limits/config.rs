@@ -23,6 +23,18 @@ pub struct RequestLimits {
     /// Requests in flight at once (open streams included).
     #[serde(default)]
     pub concurrent: Option<u32>,
+    /// Tokens (prompt + completion) per UTC minute / day / calendar month. Admission reserves
+    /// the prompt estimate plus the requested `max_tokens` (or `reserve_output_tokens`); the
+    /// response's reported usage then replaces the reservation.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_day: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_month: Option<u64>,
+    /// Output tokens reserved for a request that names no `max_tokens`. Default 1024.
+    #[serde(default)]
+    pub reserve_output_tokens: Option<u64>,
     /// Largest prompt, estimated as a quarter of the request body's bytes.
     #[serde(default)]
     pub max_input_tokens: Option<u64>,
@@ -54,8 +66,21 @@ impl RequestLimits {
             LimitName::PerMinute => self.requests_per_minute,
             LimitName::PerHour => self.requests_per_hour,
             LimitName::PerDay => self.requests_per_day,
+            LimitName::TokensPerMinute => self.tokens_per_minute,
+            LimitName::TokensPerDay => self.tokens_per_day,
+            LimitName::TokensPerMonth => self.tokens_per_month,
             LimitName::Rate | LimitName::Concurrent => None,
         }
+    }
+
+    pub fn counts_tokens(&self) -> bool {
+        self.tokens_per_minute.is_some()
+            || self.tokens_per_day.is_some()
+            || self.tokens_per_month.is_some()
+    }
+
+    pub fn reserve_output_tokens(&self) -> u64 {
+        self.reserve_output_tokens.unwrap_or(1024)
     }
 
     /// Whether any limit on the number of requests is set (those need counters).
@@ -65,6 +90,7 @@ impl RequestLimits {
             || self.requests_per_hour.is_some()
             || self.requests_per_day.is_some()
             || self.concurrent.is_some()
+            || self.counts_tokens()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -91,6 +117,9 @@ impl RequestLimits {
             ("requests_per_day", self.requests_per_day),
             ("max_input_tokens", self.max_input_tokens),
             ("max_output_tokens", self.max_output_tokens),
+            ("tokens_per_minute", self.tokens_per_minute),
+            ("tokens_per_day", self.tokens_per_day),
+            ("tokens_per_month", self.tokens_per_month),
         ] {
             if value == Some(0) {
                 problems.push(format!(

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
 pub use config::{OverMax, RequestLimits};
-pub use state::{LimitName, LimitStore, Refused, Standing};
+pub use state::{Charge, LimitName, LimitStore, Refused, Standing, Standings};
 
 use crate::chain::{Filter, Verdict};
 use crate::exchange::{ErrorKind, Exchange, Rejection};
@@ -64,13 +64,27 @@ impl std::fmt::Debug for Limits {
 /// however it ends, since it lives in the exchange.
 struct Admission {
     store: Arc<LimitStore>,
-    scopes: Vec<Arc<str>>,
-    standing: Option<Standing>,
+    charge: Charge,
+    standings: Standings,
+    /// Tokens actually used, once known; the reservation stands otherwise.
+    used_tokens: std::sync::Mutex<Option<u64>>,
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.store.release(&self.scopes);
+        let reserved = self.charge_reserved();
+        let used = self
+            .used_tokens
+            .lock()
+            .map_or(None, |used| *used)
+            .unwrap_or(reserved);
+        self.store.settle(&self.charge, used);
+    }
+}
+
+impl Admission {
+    fn charge_reserved(&self) -> u64 {
+        self.charge.reserved_tokens()
     }
 }
 
@@ -174,6 +188,20 @@ impl Filter for Limits {
                 return verdict;
             }
         }
+        let counts_tokens = [tier, self.table.system.as_ref()]
+            .into_iter()
+            .flatten()
+            .any(RequestLimits::counts_tokens);
+        let reserve = if counts_tokens {
+            let output = ex
+                .facts
+                .max_tokens
+                .or_else(|| tier.map(RequestLimits::reserve_output_tokens))
+                .unwrap_or(1024);
+            estimate_input_tokens(ex.body.len()) + output
+        } else {
+            0
+        };
         let mut checks: Vec<(&Arc<str>, &RequestLimits)> = Vec::with_capacity(2);
         if let (Some(tenant), Some(limits)) = (ex.tenant.as_ref(), tier) {
             if limits.counts_requests() {
@@ -186,13 +214,16 @@ impl Filter for Limits {
         if checks.is_empty() {
             return Verdict::Continue;
         }
-        match self.store.admit(&checks, Instant::now(), SystemTime::now()) {
-            Ok(standing) => {
-                let scopes = checks.iter().map(|(scope, _)| (*scope).clone()).collect();
+        match self
+            .store
+            .admit(&checks, reserve, Instant::now(), SystemTime::now())
+        {
+            Ok((standings, charge)) => {
                 ex.extensions.insert(Arc::new(AdmissionSlot(Admission {
                     store: self.store.clone(),
-                    scopes,
-                    standing,
+                    charge,
+                    standings,
+                    used_tokens: std::sync::Mutex::new(None),
                 })));
                 Verdict::Continue
             }
@@ -201,31 +232,65 @@ impl Filter for Limits {
     }
 
     fn on_response_head(&self, ex: &mut Exchange, response: &mut ResponseHeader) {
-        let Some(standing) = ex
-            .extensions
-            .get::<Arc<AdmissionSlot>>()
-            .and_then(|slot| slot.0.standing)
-        else {
+        let Some(slot) = ex.extensions.get::<Arc<AdmissionSlot>>() else {
             return;
         };
-        let headers: [(&'static str, HeaderValue); 3] = [
+        let standings = slot.0.standings;
+        let kinds = [
             (
-                "x-ratelimit-limit-requests",
-                HeaderValue::from(standing.limit),
+                standings.requests,
+                [
+                    "x-ratelimit-limit-requests",
+                    "x-ratelimit-remaining-requests",
+                    "x-ratelimit-reset-requests",
+                ],
             ),
             (
-                "x-ratelimit-remaining-requests",
-                HeaderValue::from(standing.remaining),
-            ),
-            (
-                "x-ratelimit-reset-requests",
-                HeaderValue::from_str(&reset_text(standing.reset))
-                    .expect("digits and unit letters"),
+                standings.tokens,
+                [
+                    "x-ratelimit-limit-tokens",
+                    "x-ratelimit-remaining-tokens",
+                    "x-ratelimit-reset-tokens",
+                ],
             ),
         ];
-        for (name, value) in headers {
-            let _ = response.insert_header(HeaderName::from_static(name), value);
+        for (standing, [limit, remaining, reset]) in kinds {
+            let Some(standing) = standing else { continue };
+            let reset_value = HeaderValue::from_str(&reset_text(standing.reset))
+                .expect("digits and unit letters");
+            for (name, value) in [
+                (limit, HeaderValue::from(standing.limit)),
+                (remaining, HeaderValue::from(standing.remaining)),
+                (reset, reset_value),
+            ] {
+                let _ = response.insert_header(HeaderName::from_static(name), value);
+            }
         }
+    }
+
+    fn on_done(&self, ex: &Exchange) {
+        let Some(slot) = ex.extensions.get::<Arc<AdmissionSlot>>() else {
+            return;
+        };
+        // What was used: the provider's figures; nothing if no successful response came (the
+        // provider charges nothing either); the reservation if one came without figures.
+        let succeeded = ex.status.is_some_and(|status| status.is_success());
+        let used = match &ex.usage {
+            Some(usage) => Some(usage.total()),
+            None if !succeeded => Some(0),
+            None => None,
+        };
+        if let Ok(mut slot_used) = slot.0.used_tokens.lock() {
+            *slot_used = used;
+        }
+    }
+
+    fn needs_usage(&self) -> bool {
+        self.table
+            .tiers
+            .values()
+            .chain(self.table.system.as_ref())
+            .any(RequestLimits::counts_tokens)
     }
 }
 

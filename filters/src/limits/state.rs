@@ -1,5 +1,5 @@
-//! Exact request counters, kept in process memory outside the policy: a reload never resets
-//! them, and a changed limit applies to the counts already made.
+//! Exact counters, kept in process memory outside the policy: a reload never resets them, and
+//! a changed limit applies to the counts already made.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,9 @@ pub enum LimitName {
     PerHour,
     PerDay,
     Concurrent,
+    TokensPerMinute,
+    TokensPerDay,
+    TokensPerMonth,
 }
 
 impl LimitName {
@@ -25,6 +28,9 @@ impl LimitName {
             LimitName::PerHour => "requests_per_hour",
             LimitName::PerDay => "requests_per_day",
             LimitName::Concurrent => "concurrent",
+            LimitName::TokensPerMinute => "tokens_per_minute",
+            LimitName::TokensPerDay => "tokens_per_day",
+            LimitName::TokensPerMonth => "tokens_per_month",
         }
     }
 }
@@ -38,7 +44,7 @@ pub struct Refused {
     pub retry_after: Duration,
 }
 
-/// What the response's `x-ratelimit-*-requests` headers report: the tightest request limit.
+/// What a response's `x-ratelimit-*` headers report: the tightest limit of a kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Standing {
     pub limit: u64,
@@ -46,8 +52,15 @@ pub struct Standing {
     pub reset: Duration,
 }
 
+/// The standings of an admitted request, for requests and for tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Standings {
+    pub requests: Option<Standing>,
+    pub tokens: Option<Standing>,
+}
+
 /// One windowed count: the window's start (seconds since the epoch, aligned) and the count.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Window {
     start: u64,
     count: u64,
@@ -57,47 +70,139 @@ struct Window {
 struct Counters {
     /// GCRA's theoretical arrival time for the `rps`/`burst` bucket.
     tat: Option<Instant>,
-    /// Minute, hour, day windows (UTC-aligned).
-    windows: [Window; 3],
+    /// Requests per minute, hour, day (UTC-aligned).
+    requests: [Window; 3],
+    /// Tokens per minute, day, month (UTC-aligned).
+    tokens: [Window; 3],
     in_flight: u32,
     last_seen: u64,
 }
 
-const WINDOWS: [(LimitName, u64); 3] = [
-    (LimitName::PerMinute, 60),
-    (LimitName::PerHour, 3600),
-    (LimitName::PerDay, 86_400),
+#[derive(Debug, Clone, Copy)]
+enum Span {
+    Seconds(u64),
+    Month,
+}
+
+const REQUEST_WINDOWS: [(LimitName, Span); 3] = [
+    (LimitName::PerMinute, Span::Seconds(60)),
+    (LimitName::PerHour, Span::Seconds(3600)),
+    (LimitName::PerDay, Span::Seconds(86_400)),
+];
+
+const TOKEN_WINDOWS: [(LimitName, Span); 3] = [
+    (LimitName::TokensPerMinute, Span::Seconds(60)),
+    (LimitName::TokensPerDay, Span::Seconds(86_400)),
+    (LimitName::TokensPerMonth, Span::Month),
 ];
 
 /// Entries idle longer than this (and with nothing in flight) may be swept.
-const IDLE_SWEEP_SECS: u64 = 2 * 86_400;
+const IDLE_SWEEP_SECS: u64 = 32 * 86_400;
 /// Sweep when the table grows past this many scopes (e.g. many passthrough tenant names).
 const SWEEP_ABOVE: usize = 100_000;
 
 /// The counters of every scope (a tenant, or the whole system). One short lock per admission
-/// and per release: all of a request's limits are checked and charged together, so a refused
+/// and per settlement: all of a request's limits are checked and charged together, so a refused
 /// request is charged nothing and concurrent requests can never overshoot a limit.
 #[derive(Debug, Default)]
 pub struct LimitStore {
     scopes: Mutex<HashMap<Arc<str>, Counters>>,
 }
 
-/// A request's checks: the scopes it counts against, each with its limits.
-pub type Checks<'a> = &'a [(&'a Arc<str>, &'a RequestLimits)];
+/// One scope a request counts against, with that scope's limits.
+pub type Check<'a> = (&'a Arc<str>, &'a RequestLimits);
+
+/// What an admission charged, so the exchange's end can settle it.
+#[derive(Debug, Clone, Default)]
+pub struct Charge {
+    scopes: Vec<Arc<str>>,
+    /// Tokens reserved, and the token windows they went into (per scope).
+    reserved_tokens: u64,
+    token_windows: Vec<[u64; 3]>,
+}
+
+impl Charge {
+    pub fn scopes(&self) -> &[Arc<str>] {
+        &self.scopes
+    }
+
+    pub fn reserved_tokens(&self) -> u64 {
+        self.reserved_tokens
+    }
+}
 
 fn epoch_secs(now: SystemTime) -> u64 {
     now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// Days since 1970-01-01 → (year, month 1–12) — the civil calendar (Howard Hinnant's algorithm).
+fn year_month(days: i64) -> (i64, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month)
+}
+
+/// (year, month) → days since 1970-01-01 of its first day.
+fn days_from_civil(year: i64, month: u32) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The window holding `secs`: its start and its end.
+fn window_bounds(span: Span, secs: u64) -> (u64, u64) {
+    match span {
+        Span::Seconds(length) => {
+            let start = secs - secs % length;
+            (start, start + length)
+        }
+        Span::Month => {
+            let (year, month) = year_month((secs / 86_400) as i64);
+            let start = days_from_civil(year, month) as u64 * 86_400;
+            let (next_year, next_month) = if month == 12 {
+                (year + 1, 1)
+            } else {
+                (year, month + 1)
+            };
+            (
+                start,
+                days_from_civil(next_year, next_month) as u64 * 86_400,
+            )
+        }
+    }
+}
+
+fn count_in(window: Window, start: u64) -> u64 {
+    if window.start == start {
+        window.count
+    } else {
+        0
+    }
+}
+
 impl LimitStore {
-    /// Admits a request against every scope's limits, or refuses it having charged nothing.
+    /// Admits a request of `tokens` reserved tokens against every scope's limits, or refuses it
+    /// having charged nothing.
     pub fn admit(
         &self,
-        checks: Checks,
+        checks: &[Check],
+        tokens: u64,
         now: Instant,
         wall: SystemTime,
-    ) -> Result<Option<Standing>, Refused> {
+    ) -> Result<(Standings, Charge), Refused> {
         let secs = epoch_secs(wall);
+        let request_bounds = REQUEST_WINDOWS.map(|(_, span)| window_bounds(span, secs));
+        let token_bounds = TOKEN_WINDOWS.map(|(_, span)| window_bounds(span, secs));
         let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
         if scopes.len() > SWEEP_ABOVE {
             scopes.retain(|_, c| {
@@ -106,9 +211,15 @@ impl LimitStore {
         }
         // First pass: would every limit allow it?
         let mut new_tats = Vec::with_capacity(checks.len());
-        let mut standing: Option<Standing> = None;
+        let mut standings = Standings::default();
         for (scope, limits) in checks {
             let counters = scopes.get(*scope);
+            let refuse = |limit: LimitName, value: f64, retry_after: Duration| Refused {
+                scope: (*scope).clone(),
+                limit,
+                value,
+                retry_after,
+            };
             let mut new_tat = None;
             if let Some(rps) = limits.rps.filter(|r| *r > 0.0) {
                 let interval = Duration::from_secs_f64(1.0 / rps);
@@ -118,17 +229,12 @@ impl LimitStore {
                 let next = tat + interval;
                 let ahead = next - now;
                 if ahead > tolerance {
-                    return Err(Refused {
-                        scope: (*scope).clone(),
-                        limit: LimitName::Rate,
-                        value: rps,
-                        retry_after: ahead - tolerance,
-                    });
+                    return Err(refuse(LimitName::Rate, rps, ahead - tolerance));
                 }
                 new_tat = Some(next);
                 let remaining = ((tolerance - ahead).as_secs_f64() / interval.as_secs_f64()) as u64;
-                standing = tighter(
-                    standing,
+                standings.requests = tighter(
+                    standings.requests,
                     Standing {
                         limit: burst as u64,
                         remaining,
@@ -137,26 +243,18 @@ impl LimitStore {
                 );
             }
             new_tats.push(new_tat);
-            for (i, (name, length)) in WINDOWS.iter().enumerate() {
+            for (i, (name, _)) in REQUEST_WINDOWS.iter().enumerate() {
                 let Some(limit) = limits.window_limit(*name) else {
                     continue;
                 };
-                let start = secs - secs % length;
-                let count = counters
-                    .map(|c| c.windows[i])
-                    .filter(|w| w.start == start)
-                    .map_or(0, |w| w.count);
-                let reset = Duration::from_secs(start + length - secs);
+                let (start, end) = request_bounds[i];
+                let count = counters.map_or(0, |c| count_in(c.requests[i], start));
+                let reset = Duration::from_secs(end - secs);
                 if count + 1 > limit {
-                    return Err(Refused {
-                        scope: (*scope).clone(),
-                        limit: *name,
-                        value: limit as f64,
-                        retry_after: reset,
-                    });
+                    return Err(refuse(*name, limit as f64, reset));
                 }
-                standing = tighter(
-                    standing,
+                standings.requests = tighter(
+                    standings.requests,
                     Standing {
                         limit,
                         remaining: limit - count - 1,
@@ -164,45 +262,83 @@ impl LimitStore {
                     },
                 );
             }
+            for (i, (name, _)) in TOKEN_WINDOWS.iter().enumerate() {
+                let Some(limit) = limits.window_limit(*name) else {
+                    continue;
+                };
+                let (start, end) = token_bounds[i];
+                let count = counters.map_or(0, |c| count_in(c.tokens[i], start));
+                let reset = Duration::from_secs(end - secs);
+                if count + tokens > limit {
+                    return Err(refuse(*name, limit as f64, reset));
+                }
+                standings.tokens = tighter(
+                    standings.tokens,
+                    Standing {
+                        limit,
+                        remaining: limit - count - tokens,
+                        reset,
+                    },
+                );
+            }
             if let Some(max) = limits.concurrent {
                 if counters.map_or(0, |c| c.in_flight) + 1 > max {
-                    return Err(Refused {
-                        scope: (*scope).clone(),
-                        limit: LimitName::Concurrent,
-                        value: f64::from(max),
-                        retry_after: Duration::from_secs(1),
-                    });
+                    return Err(refuse(
+                        LimitName::Concurrent,
+                        f64::from(max),
+                        Duration::from_secs(1),
+                    ));
                 }
             }
         }
         // Second pass: charge them all.
+        let mut charge = Charge {
+            scopes: Vec::with_capacity(checks.len()),
+            reserved_tokens: tokens,
+            token_windows: Vec::with_capacity(checks.len()),
+        };
         for ((scope, limits), new_tat) in checks.iter().zip(new_tats) {
             let counters = scopes.entry((*scope).clone()).or_default();
             counters.last_seen = secs;
             if new_tat.is_some() {
                 counters.tat = new_tat;
             }
-            for (i, (name, length)) in WINDOWS.iter().enumerate() {
+            for (i, (name, _)) in REQUEST_WINDOWS.iter().enumerate() {
                 if limits.window_limit(*name).is_some() {
-                    let start = secs - secs % length;
-                    let window = &mut counters.windows[i];
-                    if window.start != start {
-                        *window = Window { start, count: 0 };
-                    }
-                    window.count += 1;
+                    bump(&mut counters.requests[i], request_bounds[i].0, 1);
+                }
+            }
+            for (i, (name, _)) in TOKEN_WINDOWS.iter().enumerate() {
+                if limits.window_limit(*name).is_some() {
+                    bump(&mut counters.tokens[i], token_bounds[i].0, tokens);
                 }
             }
             counters.in_flight += 1;
+            charge.scopes.push((*scope).clone());
+            charge
+                .token_windows
+                .push(token_bounds.map(|(start, _)| start));
         }
-        Ok(standing)
+        Ok((standings, charge))
     }
 
-    /// Ends a request's in-flight count in each of its scopes.
-    pub fn release(&self, scopes: &[Arc<str>]) {
+    /// Ends a request: gives back its in-flight place and replaces its token reservation by
+    /// what it really used (in the windows it was charged to, if they are still current).
+    pub fn settle(&self, charge: &Charge, used_tokens: u64) {
         let mut table = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        for scope in scopes {
-            if let Some(counters) = table.get_mut(scope) {
-                counters.in_flight = counters.in_flight.saturating_sub(1);
+        for (scope, starts) in charge.scopes.iter().zip(&charge.token_windows) {
+            let Some(counters) = table.get_mut(scope) else {
+                continue;
+            };
+            counters.in_flight = counters.in_flight.saturating_sub(1);
+            if used_tokens == charge.reserved_tokens {
+                continue;
+            }
+            for (window, start) in counters.tokens.iter_mut().zip(starts) {
+                if window.start == *start {
+                    window.count =
+                        (window.count + used_tokens).saturating_sub(charge.reserved_tokens);
+                }
             }
         }
     }
@@ -212,12 +348,43 @@ impl LimitStore {
         let table = self.scopes.lock().unwrap();
         table.get(scope).map_or(0, |c| c.in_flight)
     }
+
+    #[cfg(test)]
+    pub fn tokens_today(&self, scope: &str, wall: SystemTime) -> u64 {
+        let table = self.scopes.lock().unwrap();
+        let start = window_bounds(Span::Seconds(86_400), epoch_secs(wall)).0;
+        table.get(scope).map_or(0, |c| count_in(c.tokens[1], start))
+    }
 }
 
-/// The standing with the fewest requests left.
+fn bump(window: &mut Window, start: u64, by: u64) {
+    if window.start != start {
+        *window = Window { start, count: 0 };
+    }
+    window.count += by;
+}
+
+/// The standing with the fewest left.
 fn tighter(current: Option<Standing>, candidate: Standing) -> Option<Standing> {
     match current {
         Some(current) if current.remaining <= candidate.remaining => Some(current),
         _ => Some(candidate),
+    }
+}
+
+#[cfg(test)]
+mod calendar_tests {
+    use super::*;
+
+    #[test]
+    fn months_are_calendar_months() {
+        // 2024-02-15T12:00:00Z: February of a leap year.
+        let feb_15 = 1_708_000_000;
+        let (start, end) = window_bounds(Span::Month, feb_15);
+        assert_eq!(start, 1_706_745_600, "2024-02-01T00:00:00Z");
+        assert_eq!(end, 1_709_251_200, "2024-03-01T00:00:00Z");
+        // December rolls into the next year.
+        let (start, end) = window_bounds(Span::Month, 1_703_462_400); // 2023-12-25
+        assert_eq!((start, end), (1_701_388_800, 1_704_067_200));
     }
 }

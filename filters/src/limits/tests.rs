@@ -25,9 +25,9 @@ fn gcra_allows_the_burst_then_the_rate() {
     let start = Instant::now();
     let wall = SystemTime::now();
     for _ in 0..3 {
-        assert!(store.admit(&checks, start, wall).is_ok());
+        assert!(store.admit(&checks, 0, start, wall).is_ok());
     }
-    let refused = store.admit(&checks, start, wall).unwrap_err();
+    let refused = store.admit(&checks, 0, start, wall).unwrap_err();
     assert_eq!(refused.limit, LimitName::Rate);
     assert!(
         refused.retry_after <= Duration::from_millis(100)
@@ -35,8 +35,8 @@ fn gcra_allows_the_burst_then_the_rate() {
     );
     // One interval later, exactly one more.
     let later = start + Duration::from_millis(100);
-    assert!(store.admit(&checks, later, wall).is_ok());
-    assert!(store.admit(&checks, later, wall).is_err());
+    assert!(store.admit(&checks, 0, later, wall).is_ok());
+    assert!(store.admit(&checks, 0, later, wall).is_err());
 }
 
 #[test]
@@ -47,20 +47,27 @@ fn windows_count_exactly_and_reset_on_the_boundary() {
     let checks = [(&tenant, &tier)];
     let minute = at_epoch_second(1_700_000_080); // 40 s into a minute
     let now = Instant::now();
-    let first = store.admit(&checks, now, minute).unwrap().unwrap();
+    let first = store
+        .admit(&checks, 0, now, minute)
+        .unwrap()
+        .0
+        .requests
+        .unwrap();
     assert_eq!(
         (first.limit, first.remaining, first.reset),
         (2, 1, Duration::from_secs(20))
     );
     assert_eq!(
         store
-            .admit(&checks, now, minute)
+            .admit(&checks, 0, now, minute)
             .unwrap()
+            .0
+            .requests
             .unwrap()
             .remaining,
         0
     );
-    let refused = store.admit(&checks, now, minute).unwrap_err();
+    let refused = store.admit(&checks, 0, now, minute).unwrap_err();
     assert_eq!(
         (refused.limit, refused.retry_after),
         (LimitName::PerMinute, Duration::from_secs(20))
@@ -68,8 +75,10 @@ fn windows_count_exactly_and_reset_on_the_boundary() {
     let next_minute = at_epoch_second(1_700_000_100);
     assert_eq!(
         store
-            .admit(&checks, now, next_minute)
+            .admit(&checks, 0, now, next_minute)
             .unwrap()
+            .0
+            .requests
             .unwrap()
             .remaining,
         1
@@ -88,14 +97,23 @@ fn a_refused_request_is_charged_nothing() {
     let everyone = limits(|l| l.requests_per_day = Some(1));
     let checks = [(&tenant, &tier), (&system, &everyone)];
     let (now, wall) = (Instant::now(), SystemTime::now());
-    store.admit(&checks, now, wall).unwrap();
+    store.admit(&checks, 0, now, wall).unwrap();
     for _ in 0..5 {
-        assert_eq!(store.admit(&checks, now, wall).unwrap_err().scope, system);
+        assert_eq!(
+            store.admit(&checks, 0, now, wall).unwrap_err().scope,
+            system
+        );
     }
     // The tenant's own count is still 1: 9 left.
     let alone = [(&tenant, &tier)];
     assert_eq!(
-        store.admit(&alone, now, wall).unwrap().unwrap().remaining,
+        store
+            .admit(&alone, 0, now, wall)
+            .unwrap()
+            .0
+            .requests
+            .unwrap()
+            .remaining,
         8
     );
 }
@@ -107,13 +125,13 @@ fn concurrency_is_released_when_the_admission_ends() {
     let tier = limits(|l| l.concurrent = Some(1));
     let checks = [(&tenant, &tier)];
     let (now, wall) = (Instant::now(), SystemTime::now());
-    store.admit(&checks, now, wall).unwrap();
+    let (_, charge) = store.admit(&checks, 0, now, wall).unwrap();
     assert_eq!(
-        store.admit(&checks, now, wall).unwrap_err().limit,
+        store.admit(&checks, 0, now, wall).unwrap_err().limit,
         LimitName::Concurrent
     );
-    store.release(std::slice::from_ref(&tenant));
-    assert!(store.admit(&checks, now, wall).is_ok());
+    store.settle(&charge, 0);
+    assert!(store.admit(&checks, 0, now, wall).is_ok());
 }
 
 #[test]
@@ -129,7 +147,7 @@ fn concurrent_admissions_never_overshoot() {
                 (0..50)
                     .filter(|_| {
                         store
-                            .admit(&checks, Instant::now(), SystemTime::now())
+                            .admit(&checks, 0, Instant::now(), SystemTime::now())
                             .is_ok()
                     })
                     .count()
@@ -308,4 +326,62 @@ fn load_time_problems_are_named() {
     assert!(problems.contains("`rps` must be a positive number"));
     assert!(problems.contains("`burst` must be at least 1"));
     assert!(problems.contains("requests_per_day: 0"));
+}
+
+#[test]
+fn tokens_are_reserved_then_settled_to_the_real_usage() {
+    let store = LimitStore::default();
+    let tenant = scope("t");
+    let tier = limits(|l| l.tokens_per_day = Some(1000));
+    let checks = [(&tenant, &tier)];
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let (standings, charge) = store.admit(&checks, 600, now, wall).unwrap();
+    assert_eq!(standings.tokens.unwrap().remaining, 400);
+    // While 600 are reserved, a second 600 does not fit.
+    let refused = store.admit(&checks, 600, now, wall).unwrap_err();
+    assert_eq!(refused.limit, LimitName::TokensPerDay);
+    // The response used 150: the rest of the reservation comes back.
+    store.settle(&charge, 150);
+    assert_eq!(store.tokens_today("t", wall), 150);
+    assert!(store.admit(&checks, 600, now, wall).is_ok());
+    assert_eq!(store.tokens_today("t", wall), 750);
+}
+
+#[tokio::test]
+async fn the_filter_settles_with_the_exchange_usage() {
+    let (filter, store) = limits_filter(limits(|l| l.tokens_per_day = Some(10_000)), None);
+    assert!(filter.needs_usage());
+    let mut ex = exchange("t", "free", r#"{"model":"m","max_tokens":100}"#);
+    assert!(matches!(
+        filter.on_request(&mut ex).await,
+        Verdict::Continue
+    ));
+    let reserved = estimate_input_tokens(ex.body.len()) + 100;
+    assert_eq!(store.tokens_today("t", SystemTime::now()), reserved);
+    let mut response = ResponseHeader::build(200, None).unwrap();
+    filter.on_response_head(&mut ex, &mut response);
+    assert_eq!(response.headers["x-ratelimit-limit-tokens"], "10000");
+    assert_eq!(
+        response.headers["x-ratelimit-remaining-tokens"],
+        (10_000 - reserved).to_string().as_str()
+    );
+    ex.status = Some(StatusCode::OK);
+    ex.usage = Some(crate::usage::Usage {
+        input_tokens: 30,
+        output_tokens: 12,
+    });
+    filter.on_done(&ex);
+    drop(ex);
+    assert_eq!(store.tokens_today("t", SystemTime::now()), 42);
+
+    // A request the upstream refused costs nothing.
+    let mut failed = exchange("t", "free", r#"{"max_tokens":100}"#);
+    assert!(matches!(
+        filter.on_request(&mut failed).await,
+        Verdict::Continue
+    ));
+    failed.status = Some(StatusCode::BAD_GATEWAY);
+    filter.on_done(&failed);
+    drop(failed);
+    assert_eq!(store.tokens_today("t", SystemTime::now()), 42);
 }
