@@ -1,148 +1,259 @@
-"""Turns the oha results of bench/run.sh into a table on stdout and BENCHMARKS.md."""
+"""Reads the load generator's results of bench/run.sh; prints the figures and writes BENCHMARKS.md.
+
+    report.py check RESULT.json    exit 0 if every request of that run succeeded, 3 if not
+    report.py write WORK [options] print the tables, write the markdown file (--output)
+
+Results are oha's JSON (`--output-format json`) or, with the wrk fallback, the JSON written by
+bench/wrk.lua. Standard library only.
+"""
 
 import argparse
 import datetime
 import json
-import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 PATHS = ("direct", "sluice", "nginx")
+LABELS = {"direct": "direct to the mock", "sluice": "through Sluice", "nginx": "through nginx"}
 
 
-def load(work: Path, name: str) -> dict:
-    data = json.loads((work / f"{name}.json").read_text())
-    summary = data["summary"]
-    percentiles = data.get("latencyPercentiles") or data.get("latency_percentiles") or {}
-    codes = data.get("statusCodeDistribution", {})
-    # Requests still in flight when the run's time is up are not failures.
-    errors = {k: v for k, v in data.get("errorDistribution", {}).items() if "deadline" not in k}
-    total = sum(codes.values()) + sum(errors.values())
-    ok = codes.get("200", 0)
+def load(path: Path) -> dict:
+    """One run's figures: requests, successes (HTTP 200), duration, latency percentiles in µs."""
+    data = json.loads(path.read_text())
+    if data.get("tool") == "wrk":
+        total = data["requests"] + data["socket_errors"]
+        ok = data["requests"] - data["non_2xx"]
+        seconds = data["seconds"]
+        p50, p99 = data["p50_us"], data["p99_us"]
+        errors = {"non-2xx": data["non_2xx"], "socket errors": data["socket_errors"]}
+    else:  # oha
+        codes = data.get("statusCodeDistribution") or {}
+        # Requests cut off by the end of the run are not failures (run.sh waits for them with
+        # -w anyway, so there should be none).
+        errors = {k: v for k, v in (data.get("errorDistribution") or {}).items() if "deadline" not in k}
+        ok = codes.get("200", 0)
+        total = sum(codes.values()) + sum(errors.values())
+        errors.update({f"HTTP {code}": n for code, n in codes.items() if code != "200"})
+        seconds = data["summary"]["total"]
+        percentiles = data.get("latencyPercentiles") or {}
+        p50 = (percentiles.get("p50") or 0.0) * 1e6
+        p99 = (percentiles.get("p99") or 0.0) * 1e6
     return {
-        "p50_us": percentiles["p50"] * 1e6,
-        "p99_us": percentiles["p99"] * 1e6,
-        "rps": summary["requestsPerSec"],
+        "total": total,
+        "ok": ok,
         "success": 100.0 * ok / total if total else 0.0,
-        "requests": total,
+        "all_ok": total > 0 and ok == total,
+        "rate": total / seconds if seconds else 0.0,  # requests sent per second
+        "ok_rate": ok / seconds if seconds else 0.0,  # successful requests per second
+        "p50": p50,
+        "p99": p99,
+        "errors": {k: v for k, v in errors.items() if v},
     }
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
+    def first(path: str, key: str) -> str:
+        try:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return "unknown"
+
+    def run(*cmd: str) -> str:
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (done.stdout + done.stderr).strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    cpus = run("nproc") or "?"
+    mem = first("/proc/meminfo", "MemTotal")
+    mem_gib = f"{int(mem.split()[0]) / 1024 / 1024:.0f} GiB" if mem[:1].isdigit() else "unknown"
+    commit = run("git", "rev-parse", "--short", "HEAD")
+    if not commit or " " in commit:
         commit = "unknown"
+    elif run("git", "status", "--porcelain", "--untracked-files=no"):
+        commit += " (with uncommitted changes)"
     return {
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "kernel": platform.release(),
+        "cpus": cpus,
+        "cpu": first("/proc/cpuinfo", "model name"),
+        "memory": mem_gib,
+        "kernel": f"{platform.system()} {platform.release()}",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit or "unknown",
+        "commit": commit,
+        "rustc": run("rustc", "--version") or "unknown",
+        "nginx": run("nginx", "-v").replace("nginx version: ", "") or "unknown",
     }
 
 
 def ratio(value: float, reference: float) -> str:
-    return f"{value / reference:.2f}×" if reference > 0 else "n/a"
+    return f"{value / reference:.2f}×" if reference > 0 and value >= 0 else "n/a"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("work", type=Path)
-    parser.add_argument("--rate", required=True)
-    parser.add_argument("--duration", required=True)
-    parser.add_argument("--connections", required=True)
-    parser.add_argument("--max-connections", required=True)
-    parser.add_argument("--body", required=True)
-    parser.add_argument("--output", type=Path, required=True)
-    args = parser.parse_args()
+def pct(run: dict) -> str:
+    text = f"{run['success']:.2f} %"
+    if not run["all_ok"] and text == "100.00 %":
+        text = "99.99+ %"  # never round a failure away
+    return text
 
-    fixed = {p: load(args.work, f"{p}-fixed") for p in PATHS}
-    peak = {p: load(args.work, f"{p}-max") for p in PATHS}
-    memory = (args.work / "sluice-memory.txt").read_text().strip().replace("\n", ", ")
+
+def table(header: list, rows: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write(args: argparse.Namespace) -> None:
+    work = args.work
+    fixed = {p: load(work / f"{p}-fixed.json") for p in PATHS}
+    peak = {p: load(work / f"{p}-max.json") for p in PATHS}
+    step = {p: load(work / f"{p}-step.json") for p in PATHS if (work / f"{p}-step.json").exists()}
+    memory = json.loads((work / "sluice-memory.json").read_text())
     host = machine()
 
-    added = {
-        p: (fixed[p]["p50_us"] - fixed["direct"]["p50_us"], fixed[p]["p99_us"] - fixed["direct"]["p99_us"])
-        for p in ("sluice", "nginx")
-    }
-    rows = []
+    direct = fixed["direct"]
+    added = {p: (fixed[p]["p50"] - direct["p50"], fixed[p]["p99"] - direct["p99"]) for p in ("sluice", "nginx")}
+
+    latency_rows = []
     for p in PATHS:
-        a50, a99 = added.get(p, (0.0, 0.0))
-        rows.append(
-            f"| {p} | {fixed[p]['p50_us']:.0f} | {fixed[p]['p99_us']:.0f} | "
-            + (f"{a50:+.0f} | {a99:+.0f} | " if p != "direct" else "— | — | ")
-            + f"{fixed[p]['success']:.2f} % | {peak[p]['rps']:.0f} | {peak[p]['success']:.2f} % |"
-        )
+        f = fixed[p]
+        a50, a99 = (f"{added[p][0]:+.0f}", f"{added[p][1]:+.0f}") if p in added else ("—", "—")
+        latency_rows.append([LABELS[p], f"{f['rate']:.0f}", f"{f['p50']:.0f}", f"{f['p99']:.0f}", a50, a99, pct(f)])
+    latency = table(
+        ["path", "sent req/s", "p50 µs", "p99 µs", "added p50 µs", "added p99 µs", "success"], latency_rows
+    )
+
+    throughput_rows = []
+    for p in PATHS:
+        m = peak[p]
+        s = step.get(p)
+        stepped = (f"{s['ok_rate']:.0f} req/s, {pct(s)}") if s else "— (not needed)"
+        throughput_rows.append([LABELS[p], f"{m['ok_rate']:.0f}", pct(m), stepped])
+    throughput = table(
+        ["path", f"req/s at {args.max_connections} conn.", "success", f"stepped down to {args.step_connections} conn."],
+        throughput_rows,
+    )
+
     s50, s99 = added["sluice"]
     n50, n99 = added["nginx"]
-    table = "\n".join(
-        [
-            f"| path | p50 µs at {args.rate}/s | p99 µs at {args.rate}/s | added p50 µs | added p99 µs | success | max req/s | success at max |",
-            "|---|---|---|---|---|---|---|---|",
-            *rows,
-        ]
-    )
-    summary = "\n".join(
-        [
-            f"- Sluice adds {s50:.0f} µs at p50 and {s99:.0f} µs at p99 over the direct path; "
-            f"nginx adds {n50:.0f} µs and {n99:.0f} µs (Sluice/nginx: {ratio(s50, n50)} at p50, {ratio(s99, n99)} at p99).",
-            f"- Highest rate unthrottled with {args.max_connections} connections: Sluice {peak['sluice']['rps']:.0f} req/s, "
-            f"nginx {peak['nginx']['rps']:.0f} req/s, direct {peak['direct']['rps']:.0f} req/s "
-            f"(Sluice/nginx: {ratio(peak['sluice']['rps'], peak['nginx']['rps'])}).",
-            f"- Sluice memory after the run: {memory}.",
-        ]
-    )
-    print(table)
-    print()
-    print(summary)
+    s_rps, n_rps, d_rps = peak["sluice"]["ok_rate"], peak["nginx"]["ok_rate"], peak["direct"]["ok_rate"]
+    findings = [
+        f"- **Added latency** at {args.rate} req/s: Sluice +{s50:.0f} µs p50 / +{s99:.0f} µs p99; "
+        f"nginx +{n50:.0f} µs p50 / +{n99:.0f} µs p99. "
+        f"Sluice ÷ nginx: {ratio(s50, n50)} at p50, {ratio(s99, n99)} at p99.",
+        f"- **Throughput** unthrottled with {args.max_connections} connections: Sluice {s_rps:.0f} req/s, "
+        f"nginx {n_rps:.0f} req/s, direct {d_rps:.0f} req/s. Sluice ÷ nginx: {ratio(s_rps, n_rps)}.",
+        f"- **Sluice memory**: peak RSS (VmHWM) {memory['hwm_kb'] / 1024:.1f} MiB after the run "
+        f"(RSS {memory['idle_kb'] / 1024:.1f} MiB when idle before it).",
+    ]
+    failures = [
+        f"  - {LABELS[p]} ({phase}): " + ", ".join(f"{k}: {v}" for k, v in r["errors"].items())
+        for phase, runs in (("fixed rate", fixed), ("unthrottled", peak), ("stepped down", step))
+        for p, r in runs.items()
+        if r["errors"]
+    ]
+    if failures:
+        findings += ["- Failed requests:", *failures]
+
+    figures = f"""Latency at a fixed rate of {args.rate} req/s ({args.connections} connections, {args.duration} s):
+
+{latency}
+
+Highest rate, unthrottled ({args.duration} s):
+
+{throughput}
+
+{chr(10).join(findings)}"""
+    print(figures)
+
+    if args.tool == "oha":
+        load_text = (
+            f"[oha](https://crates.io/crates/oha) {args.tool_version.removeprefix('oha ')}, HTTP/1.1 keep-alive; "
+            "the fixed-rate run uses `-q` with `--latency-correction`, so latency is measured from when each "
+            "request was due (no coordinated omission); in-flight requests are awaited at the end (`-w`)"
+        )
+    else:
+        load_text = (
+            f"wrk ({args.tool_version}, the fallback: oha was not available), 2 threads, HTTP/1.1 keep-alive; "
+            "wrk has no rate limit, so the fixed rate is approximated by pacing each connection "
+            "(`bench/wrk.lua`) and its latency does not correct for coordinated omission"
+        )
 
     args.output.write_text(
         f"""# Benchmarks
 
-Produced by `make bench` (`bench/run.sh`); rerun it to refresh this file. Figures from one run.
+Produced by `make bench` (`bash bench/run.sh`), which overwrites this file: figures from one run.
+Compare the paths within a run; absolute numbers move from run to run and machine to machine.
 
 ## Method
 
-- **Upstream**: `sluice-mock` (release build, zero delay, recording off) answering
-  `POST /v1/chat/completions` with a small non-streaming completion.
-- **Three paths, one run**: direct to the mock; through Sluice (release build, 2 worker threads,
-  policy `bench/policy.yaml.tmpl`: one route, default filters); through nginx (2 workers, upstream
-  keepalive, no access log, `bench/nginx.conf.tmpl`) as the reference proxy.
-- **Load**: [oha](https://crates.io/crates/oha), HTTP/1.1 keep-alive, body
+- **Upstream**: `sluice-mock` (release build, zero delay, `--no-record`) answering
+  `POST /v1/chat/completions` with a small non-streaming JSON completion.
+- **Three paths**, measured one after the other in the same run, against the same mock process:
+  1. direct to the mock;
+  2. through Sluice (release build, `server.threads: 2`, one route and no filters beyond the
+     defaults: `bench/policy.yaml.tmpl`, log level `warn`);
+  3. through nginx {host['nginx'].removeprefix('nginx/')} as the reference reverse proxy
+     (`bench/nginx.conf.tmpl`: 2 workers, upstream keepalive 64, HTTP/1.1 to the upstream,
+     no access log, no response buffering).
+- **Load**: {load_text}. Every request is
+  `POST` with `content-type: application/json` and the body
   `{args.body}`.
-  1. warm-up: 2 s, {args.connections} connections;
-  2. latency at a fixed rate: {args.rate} req/s for {args.duration}, {args.connections} connections — p50/p99,
-     with oha's latency correction (no coordinated omission);
-  3. highest rate: unthrottled for {args.duration}, {args.max_connections} connections — requests/s and success.
-- **Added latency** is the path's percentile minus the direct path's, measured in the same run.
-- Sluice reads each request body whole and drives the upstream exchange itself (see DESIGN.md),
-  which nginx does not; nginx is the floor a proxy can reach, not a like-for-like gateway.
-- The load generator, the mock and the proxy share the machine's {host['cpus']} cores, so absolute
-  figures are noisy and throughput is bounded by the shared CPU; compare paths within one run.
+- **Each path**: {args.warmup} s warm-up ({args.connections} connections, unthrottled); then
+  {args.rate} req/s for {args.duration} s over {args.connections} connections (p50, p99, success);
+  then unthrottled for {args.duration} s over {args.max_connections} connections (successful
+  requests per second, success). If that run is not 100 % successful, it is repeated once with
+  {args.step_connections} connections and both are reported.
+- **Success** is an HTTP 200; anything else (other statuses, connection errors, timeouts) is a failure.
+- **Added latency** is a proxied path's percentile minus the direct path's in the same run; the
+  ratios divide Sluice's figure by nginx's.
+- **Peak memory** is Sluice's `VmHWM` from `/proc/PID/status` after all three paths ran.
+- **Not like for like**: Sluice reads each request body whole and drives the upstream exchange
+  itself (it parses the request to apply its policy), while nginx streams bytes through;
+  nginx shows the least a proxy costs on this machine, not a gateway with the same work to do.
+- **Shared machine**: the load generator, the mock and the proxy all run on the same
+  {host['cpus']}-core machine over loopback, so they compete for CPU: absolute numbers are noisy
+  and the unthrottled rates are bounded by that shared CPU rather than by any one server.
 
 ## Machine
 
-- {host['cpus']} CPUs: {host['cpu']}
-- Linux {host['kernel']}
-- {host['date']}, commit `{host['commit']}`
+- CPU: {host['cpus']} × {host['cpu']}; memory {host['memory']}
+- Kernel: {host['kernel']}
+- Toolchain: {host['rustc']}
+- Run: {host['date']}, commit `{host['commit']}`
 
 ## Figures
 
-{table}
-
-{summary}
+{figures}
 """
     )
+    print(f"\nwrote {args.output}", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check")
+    check.add_argument("result", type=Path)
+    report = commands.add_parser("write")
+    report.add_argument("work", type=Path)
+    for option in ("rate", "warmup", "duration", "connections", "max-connections", "step-connections"):
+        report.add_argument(f"--{option}", type=int, required=True)
+    report.add_argument("--body", required=True)
+    report.add_argument("--tool", choices=("oha", "wrk"), required=True)
+    report.add_argument("--tool-version", default="")
+    report.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args()
+
+    if args.command == "check":
+        result = load(args.result)
+        print(f"{result['ok_rate']:.0f} req/s, {pct(result)} success", file=sys.stderr)
+        sys.exit(0 if result["all_ok"] else 3)
+    write(args)
 
 
 if __name__ == "__main__":

@@ -347,3 +347,84 @@ async fn a_token_quota_refuses_what_does_not_fit() {
         .contains("`tokens_per_day` limit of 300"));
     assert_eq!(mock.request_count(), 0);
 }
+
+#[tokio::test]
+async fn budgets_alert_once_downgrade_then_stop() {
+    let mock = mock().await;
+    // One dollar a token makes every request cost tens of dollars against a $100 budget.
+    let policy = format!(
+        r#"
+upstreams:
+  openai: {{ provider: openai, base_url: "{url}", keys: ["sk-upstream"] }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai }}
+prices:
+  gpt-4o: {{ input: 1000000, output: 1000000 }}
+  "gpt-4.*": {{ input: 1000000, output: 1000000 }}
+  gpt-4o-mini: {{ input: 0.15, output: 0.6 }}
+tiers:
+  pro:
+    limits:
+      budget_usd_per_month: 100
+      downgrade: {{ above_percent: 50, models: {{ gpt-4o: gpt-4o-mini }} }}
+tenants:
+  - {{ name: a, tier: pro, keys: [{{ hash: "{a}" }}] }}
+"#,
+        url = mock.url(),
+        a = KeyHash::of(KEY_A).to_text(),
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    let ask = |model: &'static str| {
+        reqwest::Client::new()
+            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+            .bearer_auth(KEY_A)
+            .json(&serde_json::json!({"model": model, "messages": [{"role": "user", "content": "spend some money please, it is only a test"}]}))
+            .send()
+    };
+    // Until half the budget is spent, gpt-4o is sent as asked.
+    let mut statuses = Vec::new();
+    loop {
+        let response = ask("gpt-4o").await.unwrap();
+        assert_eq!(response.status(), 200);
+        let downgraded = response.headers().get("x-sluice-model-downgraded").cloned();
+        response.bytes().await.unwrap();
+        if let Some(header) = downgraded {
+            assert_eq!(header, "gpt-4o -> gpt-4o-mini");
+            break;
+        }
+        statuses.push(200);
+        assert!(statuses.len() < 10, "never downgraded");
+    }
+    let sent: serde_json::Value =
+        serde_json::from_slice(&mock.requests().last().unwrap().body).unwrap();
+    assert_eq!(
+        sent["model"], "gpt-4o-mini",
+        "the provider receives the cheaper model"
+    );
+    // Models without a downgrade keep spending until the hard stop.
+    let mut refused = None;
+    for _ in 0..10 {
+        let response = ask("gpt-4.1").await.unwrap();
+        if response.status() == 429 {
+            refused = Some(response.json::<serde_json::Value>().await.unwrap());
+            break;
+        }
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    let refused = refused.expect("the budget never stopped requests");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`budget_usd_per_month` limit of 100"),
+        "{refused}"
+    );
+    let logs = sidecar.logs();
+    for percent in [50, 75, 90, 95] {
+        let fired = logs
+            .matches(&format!("threshold_percent={percent} "))
+            .count();
+        assert_eq!(fired, 1, "alert {percent}% fired {fired} times:\n{logs}");
+    }
+}

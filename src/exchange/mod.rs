@@ -724,6 +724,8 @@ fn log_exchange(ex: &Exchange) {
         tier = ex.tier.as_deref().unwrap_or("-"),
         stream = ex.facts.stream,
         request_bytes = ex.body.len(),
+        input_tokens = ex.usage.map(|u| u.input_tokens),
+        output_tokens = ex.usage.map(|u| u.output_tokens),
         response_bytes = ex.response_bytes,
         outcome = ?ex.outcome,
         duration_ms = ex.started.elapsed().as_secs_f64() * 1000.0,

@@ -359,6 +359,27 @@ fn compile_limits(
         }
         table.system = Some(system.value.clone());
     }
+    for (model, price) in &file.prices {
+        let valid = |usd: f64| usd.is_finite() && usd >= 0.0;
+        if !(valid(price.input) && valid(price.output)) {
+            errors.push(PolicyError::new(
+                format!("prices.{model}"),
+                "prices are non-negative USD per million tokens",
+            ));
+        }
+        table.prices.add(model, *price);
+    }
+    let budgets = file
+        .tiers
+        .values()
+        .filter(|t| t.value.limits.budget_usd_per_month.is_some())
+        .count();
+    if budgets > 0 && file.prices.is_empty() {
+        errors.push(PolicyError::new(
+            "prices",
+            "tiers have `budget_usd_per_month` but no model has a price: spend would never move",
+        ));
+    }
     if table.is_empty() {
         return None;
     }

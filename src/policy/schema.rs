@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_saphyr::Spanned;
 use sluice_filters::auth::AuthSpec;
-use sluice_filters::limits::RequestLimits;
+use sluice_filters::limits::{Price, RequestLimits};
 use sluice_filters::FilterSpec;
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -33,6 +33,10 @@ pub struct PolicyFile {
     /// Limits over all callers together (same fields as a tier's `limits`).
     #[serde(default)]
     pub system_limits: Option<Spanned<RequestLimits>>,
+    /// USD per million tokens by model, for budgets: `gpt-4o: { input: 2.5, output: 10 }`.
+    /// Exact names win; patterns (`claude-*`) are tried in alphabetical order.
+    #[serde(default)]
+    pub prices: BTreeMap<String, Price>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -66,7 +66,7 @@ impl Sidecar {
                 std::env::var("SLUICE_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(std::fs::File::create(dir.path().join("sluice.log")).unwrap());
         for (name, value) in env {
             command.env(name, value);
         }
@@ -95,6 +95,12 @@ impl Sidecar {
             assert!(Instant::now() < deadline, "sluice did not become ready");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// What the sidecar has logged so far (stderr, at `SLUICE_LOG`, `warn` by default).
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.policy_path.parent().unwrap().join("sluice.log"))
+            .unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {
@@ -154,6 +160,10 @@ impl Drop for Sidecar {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what the sidecar said.
+        if std::thread::panicking() {
+            eprintln!("--- sluice log ---\n{}", self.logs());
+        }
     }
 }
 

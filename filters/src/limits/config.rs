@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::state::LimitName;
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestLimits {
     /// Sustained requests per second (GCRA, exact), with `burst` requests allowed at once.
@@ -35,6 +35,18 @@ pub struct RequestLimits {
     /// Output tokens reserved for a request that names no `max_tokens`. Default 1024.
     #[serde(default)]
     pub reserve_output_tokens: Option<u64>,
+    /// Spend per tenant per calendar month (UTC), priced from the policy's `prices`.
+    #[serde(default)]
+    pub budget_usd_per_month: Option<f64>,
+    /// Percentages of the budget at which an alert is logged, once each per month.
+    #[serde(default = "default_alerts")]
+    pub budget_alerts: Vec<u8>,
+    /// Percentage of the budget at which requests are refused (429) until the month ends.
+    #[serde(default = "default_hard_stop")]
+    pub budget_hard_stop_percent: f64,
+    /// Above a percentage of the budget, rewrite expensive models to cheaper ones.
+    #[serde(default)]
+    pub downgrade: Option<Downgrade>,
     /// Largest prompt, estimated as a quarter of the request body's bytes.
     #[serde(default)]
     pub max_input_tokens: Option<u64>,
@@ -44,6 +56,55 @@ pub struct RequestLimits {
     /// What to do with a request asking for more: `reject` (400) or `clamp` (rewrite it down).
     #[serde(default)]
     pub over_max_output_tokens: OverMax,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            rps: None,
+            burst: None,
+            requests_per_minute: None,
+            requests_per_hour: None,
+            requests_per_day: None,
+            concurrent: None,
+            tokens_per_minute: None,
+            tokens_per_day: None,
+            tokens_per_month: None,
+            reserve_output_tokens: None,
+            max_input_tokens: None,
+            max_output_tokens: None,
+            over_max_output_tokens: OverMax::default(),
+            budget_usd_per_month: None,
+            budget_alerts: default_alerts(),
+            budget_hard_stop_percent: default_hard_stop(),
+            downgrade: None,
+        }
+    }
+}
+
+fn default_alerts() -> Vec<u8> {
+    vec![50, 75, 90, 95]
+}
+
+fn default_hard_stop() -> f64 {
+    100.0
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Downgrade {
+    /// From this share of the month's budget spent, in percent.
+    pub above_percent: f64,
+    /// Requested model → the model sent instead.
+    pub models: std::collections::BTreeMap<String, String>,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -69,7 +130,7 @@ impl RequestLimits {
             LimitName::TokensPerMinute => self.tokens_per_minute,
             LimitName::TokensPerDay => self.tokens_per_day,
             LimitName::TokensPerMonth => self.tokens_per_month,
-            LimitName::Rate | LimitName::Concurrent => None,
+            LimitName::Rate | LimitName::Concurrent | LimitName::Budget => None,
         }
     }
 
@@ -91,6 +152,13 @@ impl RequestLimits {
             || self.requests_per_day.is_some()
             || self.concurrent.is_some()
             || self.counts_tokens()
+            || self.budget_usd_per_month.is_some()
+    }
+
+    /// The budget in micro-dollars, the unit spend is counted in.
+    pub fn budget_micros(&self) -> Option<u64> {
+        self.budget_usd_per_month
+            .map(|usd| (usd * 1e6).round() as u64)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -126,6 +194,21 @@ impl RequestLimits {
                     "`{name}: 0` would refuse everything; remove the route from the tier instead"
                 ));
             }
+        }
+        if self
+            .budget_usd_per_month
+            .is_some_and(|b| !(b > 0.0 && b.is_finite()))
+        {
+            problems.push("`budget_usd_per_month` must be a positive number".to_owned());
+        }
+        if self.budget_alerts.iter().any(|p| *p == 0 || *p > 100) {
+            problems.push("`budget_alerts` are percentages from 1 to 100".to_owned());
+        }
+        if self.budget_hard_stop_percent.is_nan() || self.budget_hard_stop_percent <= 0.0 {
+            problems.push("`budget_hard_stop_percent` must be above 0".to_owned());
+        }
+        if self.budget_usd_per_month.is_none() && self.downgrade.is_some() {
+            problems.push("`downgrade` needs `budget_usd_per_month`".to_owned());
         }
         if self.concurrent == Some(0) {
             problems.push("`concurrent: 0` would refuse everything".to_owned());

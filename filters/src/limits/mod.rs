@@ -16,8 +16,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
-pub use config::{OverMax, RequestLimits};
-pub use state::{Charge, LimitName, LimitStore, Refused, Standing, Standings};
+pub use config::{Downgrade, OverMax, Price, RequestLimits};
+pub use state::{BudgetAlert, Charge, LimitName, LimitStore, Refused, Standing, Standings};
+
+use crate::glob::Glob;
 
 use crate::chain::{Filter, Verdict};
 use crate::exchange::{ErrorKind, Exchange, Rejection};
@@ -28,6 +30,41 @@ use crate::ResponseHeader;
 pub struct LimitTable {
     pub tiers: HashMap<Arc<str>, RequestLimits>,
     pub system: Option<RequestLimits>,
+    /// Model prices: exact names first, then patterns in the order given.
+    pub prices: Prices,
+}
+
+#[derive(Debug, Default)]
+pub struct Prices {
+    exact: HashMap<String, Price>,
+    patterns: Vec<(Glob, Price)>,
+}
+
+impl Prices {
+    pub fn add(&mut self, model: &str, price: Price) {
+        if model.contains(['*', '?']) {
+            self.patterns.push((Glob::new(model), price));
+        } else {
+            self.exact.insert(model.to_owned(), price);
+        }
+    }
+
+    pub fn get(&self, model: &str) -> Option<Price> {
+        self.exact.get(model).copied().or_else(|| {
+            self.patterns
+                .iter()
+                .find(|(glob, _)| glob.matches(model))
+                .map(|(_, p)| *p)
+        })
+    }
+
+    /// The cost of a usage, in micro-dollars (prices are per million tokens).
+    pub fn cost_micros(&self, model: &str, usage: &crate::usage::Usage) -> Option<u64> {
+        let price = self.get(model)?;
+        let micros =
+            usage.input_tokens as f64 * price.input + usage.output_tokens as f64 * price.output;
+        Some(micros.round() as u64)
+    }
 }
 
 impl LimitTable {
@@ -66,25 +103,27 @@ struct Admission {
     store: Arc<LimitStore>,
     charge: Charge,
     standings: Standings,
-    /// Tokens actually used, once known; the reservation stands otherwise.
-    used_tokens: std::sync::Mutex<Option<u64>>,
+    /// Tokens used and their cost in micro-dollars, once known; the token reservation stands
+    /// otherwise.
+    settled: std::sync::Mutex<Option<(u64, u64)>>,
+    /// `(asked, sent)` when a budget downgrade rewrote the model.
+    downgraded: Option<(String, String)>,
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        let reserved = self.charge_reserved();
-        let used = self
-            .used_tokens
-            .lock()
-            .map_or(None, |used| *used)
-            .unwrap_or(reserved);
-        self.store.settle(&self.charge, used);
-    }
-}
-
-impl Admission {
-    fn charge_reserved(&self) -> u64 {
-        self.charge.reserved_tokens()
+        let settled = self.settled.lock().map_or(None, |settled| *settled);
+        let (used, cost) = settled.unwrap_or((self.charge.reserved_tokens(), 0));
+        for alert in self.store.settle(&self.charge, used, cost) {
+            tracing::warn!(
+                target: "sluice::budget",
+                tenant = %alert.scope,
+                threshold_percent = alert.percent,
+                spent_usd = alert.spent_micros as f64 / 1e6,
+                budget_usd = alert.budget_micros as f64 / 1e6,
+                "budget threshold reached"
+            );
+        }
     }
 }
 
@@ -145,6 +184,32 @@ impl Limits {
                 ))),
             },
         }
+    }
+
+    /// Past the tier's downgrade threshold, rewrites the requested model to its cheaper one.
+    fn downgrade(
+        &self,
+        tenant: &str,
+        limits: &RequestLimits,
+        ex: &mut Exchange,
+    ) -> Option<(String, String)> {
+        let rule = limits.downgrade.as_ref()?;
+        let budget = limits.budget_micros()?;
+        let asked = ex.facts.model.clone()?;
+        let cheaper = rule.models.get(&asked)?;
+        let spent = self.store.spent_micros(tenant, SystemTime::now());
+        if (spent as f64) < budget as f64 * rule.above_percent / 100.0 {
+            return None;
+        }
+        let mut body: serde_json::Value = serde_json::from_slice(&ex.body).ok()?;
+        body.as_object_mut()?.insert(
+            "model".to_owned(),
+            serde_json::Value::String(cheaper.clone()),
+        );
+        ex.body = Bytes::from(serde_json::to_vec(&body).ok()?);
+        ex.facts.model = Some(cheaper.clone());
+        tracing::info!(target: "sluice::budget", tenant, asked = %asked, sent = %cheaper, "model downgraded: budget above {}%", rule.above_percent);
+        Some((asked, cheaper.clone()))
     }
 
     fn refusal(refused: &Refused, ex: &Exchange) -> Verdict {
@@ -214,16 +279,22 @@ impl Filter for Limits {
         if checks.is_empty() {
             return Verdict::Continue;
         }
-        match self
+        let admitted = self
             .store
-            .admit(&checks, reserve, Instant::now(), SystemTime::now())
-        {
+            .admit(&checks, reserve, Instant::now(), SystemTime::now());
+        drop(checks);
+        match admitted {
             Ok((standings, charge)) => {
+                let downgraded = match (ex.tenant.clone(), tier) {
+                    (Some(tenant), Some(limits)) => self.downgrade(&tenant, limits, ex),
+                    _ => None,
+                };
                 ex.extensions.insert(Arc::new(AdmissionSlot(Admission {
                     store: self.store.clone(),
                     charge,
                     standings,
-                    used_tokens: std::sync::Mutex::new(None),
+                    settled: std::sync::Mutex::new(None),
+                    downgraded,
                 })));
                 Verdict::Continue
             }
@@ -236,6 +307,12 @@ impl Filter for Limits {
             return;
         };
         let standings = slot.0.standings;
+        if let Some((asked, sent)) = &slot.0.downgraded {
+            if let Ok(value) = HeaderValue::from_str(&format!("{asked} -> {sent}")) {
+                let _ = response
+                    .insert_header(HeaderName::from_static("x-sluice-model-downgraded"), value);
+            }
+        }
         let kinds = [
             (
                 standings.requests,
@@ -280,8 +357,12 @@ impl Filter for Limits {
             None if !succeeded => Some(0),
             None => None,
         };
-        if let Ok(mut slot_used) = slot.0.used_tokens.lock() {
-            *slot_used = used;
+        let cost = match (&ex.usage, ex.facts.model.as_deref()) {
+            (Some(usage), Some(model)) => self.table.prices.cost_micros(model, usage).unwrap_or(0),
+            _ => 0,
+        };
+        if let Ok(mut settled) = slot.0.settled.lock() {
+            *settled = used.map(|used| (used, cost));
         }
     }
 
@@ -290,7 +371,7 @@ impl Filter for Limits {
             .tiers
             .values()
             .chain(self.table.system.as_ref())
-            .any(RequestLimits::counts_tokens)
+            .any(|limits| limits.counts_tokens() || limits.budget_usd_per_month.is_some())
     }
 }
 

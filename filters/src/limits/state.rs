@@ -18,6 +18,7 @@ pub enum LimitName {
     TokensPerMinute,
     TokensPerDay,
     TokensPerMonth,
+    Budget,
 }
 
 impl LimitName {
@@ -31,6 +32,7 @@ impl LimitName {
             LimitName::TokensPerMinute => "tokens_per_minute",
             LimitName::TokensPerDay => "tokens_per_day",
             LimitName::TokensPerMonth => "tokens_per_month",
+            LimitName::Budget => "budget_usd_per_month",
         }
     }
 }
@@ -76,6 +78,26 @@ struct Counters {
     tokens: [Window; 3],
     in_flight: u32,
     last_seen: u64,
+    /// Spend this calendar month, in micro-dollars.
+    spend: Window,
+    /// Budget alerts fired this month: `count` is a bit mask over the tier's alert list.
+    alerts_fired: Window,
+}
+
+/// A budget threshold crossed by a request's cost: to be logged once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetAlert {
+    pub scope: Arc<str>,
+    pub percent: u8,
+    pub spent_micros: u64,
+    pub budget_micros: u64,
+}
+
+/// A scope's budget as charged at admission: the budget and its alert thresholds.
+#[derive(Debug, Clone, Default)]
+struct BudgetTerms {
+    budget_micros: u64,
+    alerts: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -115,17 +137,21 @@ pub type Check<'a> = (&'a Arc<str>, &'a RequestLimits);
 /// What an admission charged, so the exchange's end can settle it.
 #[derive(Debug, Clone, Default)]
 pub struct Charge {
-    scopes: Vec<Arc<str>>,
-    /// Tokens reserved, and the token windows they went into (per scope).
+    scopes: Vec<ScopeCharge>,
     reserved_tokens: u64,
-    token_windows: Vec<[u64; 3]>,
+    /// The month the request was admitted in (its cost goes to that month's spend).
+    month_start: u64,
+}
+
+#[derive(Debug, Clone)]
+struct ScopeCharge {
+    scope: Arc<str>,
+    /// The token windows the reservation went into.
+    token_windows: [u64; 3],
+    budget: Option<BudgetTerms>,
 }
 
 impl Charge {
-    pub fn scopes(&self) -> &[Arc<str>] {
-        &self.scopes
-    }
-
     pub fn reserved_tokens(&self) -> u64 {
         self.reserved_tokens
     }
@@ -290,12 +316,22 @@ impl LimitStore {
                     ));
                 }
             }
+            if let Some(budget) = limits.budget_micros() {
+                let (month_start, month_end) = token_bounds[2];
+                let spent = counters.map_or(0, |c| count_in(c.spend, month_start));
+                let stop = budget as f64 * limits.budget_hard_stop_percent / 100.0;
+                if spent as f64 >= stop {
+                    let usd = limits.budget_usd_per_month.unwrap_or_default();
+                    let until_next_month = Duration::from_secs(month_end - secs);
+                    return Err(refuse(LimitName::Budget, usd, until_next_month));
+                }
+            }
         }
         // Second pass: charge them all.
         let mut charge = Charge {
             scopes: Vec::with_capacity(checks.len()),
             reserved_tokens: tokens,
-            token_windows: Vec::with_capacity(checks.len()),
+            month_start: token_bounds[2].0,
         };
         for ((scope, limits), new_tat) in checks.iter().zip(new_tats) {
             let counters = scopes.entry((*scope).clone()).or_default();
@@ -314,33 +350,76 @@ impl LimitStore {
                 }
             }
             counters.in_flight += 1;
-            charge.scopes.push((*scope).clone());
-            charge
-                .token_windows
-                .push(token_bounds.map(|(start, _)| start));
+            charge.scopes.push(ScopeCharge {
+                scope: (*scope).clone(),
+                token_windows: token_bounds.map(|(start, _)| start),
+                budget: limits.budget_micros().map(|budget_micros| BudgetTerms {
+                    budget_micros,
+                    alerts: limits.budget_alerts.clone(),
+                }),
+            });
         }
         Ok((standings, charge))
     }
 
-    /// Ends a request: gives back its in-flight place and replaces its token reservation by
-    /// what it really used (in the windows it was charged to, if they are still current).
-    pub fn settle(&self, charge: &Charge, used_tokens: u64) {
+    /// Ends a request: gives back its in-flight place, replaces its token reservation by what
+    /// it really used (in the windows it was charged to, if they are still current) and adds
+    /// its cost to each budget, returning the budget thresholds this crossed.
+    pub fn settle(&self, charge: &Charge, used_tokens: u64, cost_micros: u64) -> Vec<BudgetAlert> {
+        let mut alerts = Vec::new();
         let mut table = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        for (scope, starts) in charge.scopes.iter().zip(&charge.token_windows) {
+        for ScopeCharge {
+            scope,
+            token_windows,
+            budget,
+        } in &charge.scopes
+        {
             let Some(counters) = table.get_mut(scope) else {
                 continue;
             };
             counters.in_flight = counters.in_flight.saturating_sub(1);
-            if used_tokens == charge.reserved_tokens {
+            if used_tokens != charge.reserved_tokens {
+                for (window, start) in counters.tokens.iter_mut().zip(token_windows) {
+                    if window.start == *start {
+                        window.count =
+                            (window.count + used_tokens).saturating_sub(charge.reserved_tokens);
+                    }
+                }
+            }
+            let Some(terms) = budget else { continue };
+            if cost_micros == 0 {
                 continue;
             }
-            for (window, start) in counters.tokens.iter_mut().zip(starts) {
-                if window.start == *start {
-                    window.count =
-                        (window.count + used_tokens).saturating_sub(charge.reserved_tokens);
+            bump(&mut counters.spend, charge.month_start, cost_micros);
+            let spent = counters.spend.count;
+            if counters.alerts_fired.start != charge.month_start {
+                counters.alerts_fired = Window {
+                    start: charge.month_start,
+                    count: 0,
+                };
+            }
+            for (bit, percent) in terms.alerts.iter().enumerate().take(64) {
+                let threshold = terms.budget_micros as f64 * f64::from(*percent) / 100.0;
+                let mask = 1u64 << bit;
+                if spent as f64 >= threshold && counters.alerts_fired.count & mask == 0 {
+                    counters.alerts_fired.count |= mask;
+                    alerts.push(BudgetAlert {
+                        scope: scope.clone(),
+                        percent: *percent,
+                        spent_micros: spent,
+                        budget_micros: terms.budget_micros,
+                    });
                 }
             }
         }
+        alerts
+    }
+
+    /// A scope's spend this month, in micro-dollars.
+    pub fn spent_micros(&self, scope: &str, wall: SystemTime) -> u64 {
+        let start = window_bounds(Span::Month, epoch_secs(wall)).0;
+        let table = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        table.get(scope).map_or(0, |c| count_in(c.spend, start))
     }
 
     #[cfg(test)]

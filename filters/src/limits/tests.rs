@@ -130,7 +130,7 @@ fn concurrency_is_released_when_the_admission_ends() {
         store.admit(&checks, 0, now, wall).unwrap_err().limit,
         LimitName::Concurrent
     );
-    store.settle(&charge, 0);
+    store.settle(&charge, 0, 0);
     assert!(store.admit(&checks, 0, now, wall).is_ok());
 }
 
@@ -170,6 +170,7 @@ fn limits_filter(tier: RequestLimits, system: Option<RequestLimits>) -> (Limits,
     let table = LimitTable {
         tiers: [(Arc::<str>::from("free"), tier)].into(),
         system,
+        prices: Prices::default(),
     };
     let store = Arc::new(LimitStore::default());
     (Limits::new(Arc::new(table), store.clone()), store)
@@ -341,7 +342,7 @@ fn tokens_are_reserved_then_settled_to_the_real_usage() {
     let refused = store.admit(&checks, 600, now, wall).unwrap_err();
     assert_eq!(refused.limit, LimitName::TokensPerDay);
     // The response used 150: the rest of the reservation comes back.
-    store.settle(&charge, 150);
+    store.settle(&charge, 150, 0);
     assert_eq!(store.tokens_today("t", wall), 150);
     assert!(store.admit(&checks, 600, now, wall).is_ok());
     assert_eq!(store.tokens_today("t", wall), 750);
@@ -384,4 +385,98 @@ async fn the_filter_settles_with_the_exchange_usage() {
     filter.on_done(&failed);
     drop(failed);
     assert_eq!(store.tokens_today("t", SystemTime::now()), 42);
+}
+
+#[tokio::test]
+async fn budgets_count_spend_alert_once_and_downgrade() {
+    let tier = limits(|l| {
+        l.budget_usd_per_month = Some(100.0);
+        l.downgrade = Some(Downgrade {
+            above_percent: 50.0,
+            models: [("big".to_owned(), "small".to_owned())].into(),
+        });
+    });
+    let mut table = LimitTable {
+        tiers: [(Arc::<str>::from("free"), tier)].into(),
+        system: None,
+        prices: Prices::default(),
+    };
+    // A dollar a token.
+    table.prices.add(
+        "big",
+        Price {
+            input: 1e6,
+            output: 1e6,
+        },
+    );
+    table.prices.add(
+        "sm*",
+        Price {
+            input: 0.0,
+            output: 0.0,
+        },
+    );
+    let store = Arc::new(LimitStore::default());
+    let filter = Limits::new(Arc::new(table), store.clone());
+    assert!(filter.needs_usage(), "budgets are settled from usage");
+    let spend = |usage: u64| {
+        let filter = &filter;
+        async move {
+            let mut ex = exchange("t", "free", r#"{"model":"big"}"#);
+            let verdict = filter.on_request(&mut ex).await;
+            if let Verdict::Reject(rejection) = verdict {
+                return Err(rejection.message);
+            }
+            ex.status = Some(StatusCode::OK);
+            ex.usage = Some(crate::usage::Usage {
+                input_tokens: usage,
+                output_tokens: 0,
+            });
+            let model = ex.facts.model.clone();
+            filter.on_done(&ex);
+            Ok(model)
+        }
+    };
+    assert_eq!(spend(30).await, Ok(Some("big".to_owned())));
+    assert_eq!(store.spent_micros("t", SystemTime::now()), 30_000_000);
+    assert_eq!(spend(30).await, Ok(Some("big".to_owned())));
+    // Above 50 %: downgraded, and the cheaper model costs nothing here.
+    assert_eq!(spend(30).await, Ok(Some("small".to_owned())));
+    assert_eq!(store.spent_micros("t", SystemTime::now()), 60_000_000);
+    // Another model keeps spending up to the hard stop.
+    let mut ex = exchange("t", "free", r#"{"model":"big-other"}"#);
+    assert!(matches!(
+        filter.on_request(&mut ex).await,
+        Verdict::Continue
+    ));
+    drop(ex);
+    let charge_everything = |ex: &mut Exchange| {
+        ex.status = Some(StatusCode::OK);
+        ex.usage = Some(crate::usage::Usage {
+            input_tokens: 50,
+            output_tokens: 0,
+        });
+        ex.facts.model = Some("big".to_owned());
+    };
+    let mut ex = exchange("t", "free", r#"{"model":"other"}"#);
+    assert!(matches!(
+        filter.on_request(&mut ex).await,
+        Verdict::Continue
+    ));
+    charge_everything(&mut ex);
+    filter.on_done(&ex);
+    drop(ex);
+    assert_eq!(store.spent_micros("t", SystemTime::now()), 110_000_000);
+    let mut refused = exchange("t", "free", r#"{"model":"other"}"#);
+    let Verdict::Reject(rejection) = filter.on_request(&mut refused).await else {
+        panic!("over budget")
+    };
+    assert_eq!(rejection.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        rejection
+            .message
+            .contains("`budget_usd_per_month` limit of 100"),
+        "{}",
+        rejection.message
+    );
 }
