@@ -10,6 +10,8 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
+use sluice_filters::limits::OnError;
+
 use crate::policy::{PolicyStore, ReloadOutcome};
 
 pub struct AdminApp {
@@ -49,6 +51,33 @@ impl AdminApp {
         }
     }
 
+    /// Ready unless draining, or unless the shared limits store is down and the policy says
+    /// to refuse requests then (`fail_closed`): such a replica cannot serve.
+    fn readiness(&self) -> (StatusCode, serde_json::Value) {
+        if self.draining.load(Ordering::Acquire) {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status": "draining"}),
+            );
+        }
+        let policy = self.store.current();
+        let limits_store = match &policy.redis {
+            None => "memory",
+            Some(redis) if redis.is_healthy() => "redis",
+            Some(redis) if redis.on_error == OnError::FailClosed => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"status": "limits store unreachable", "on_error": "fail_closed", "policy_hash": policy.hash}),
+                );
+            }
+            Some(_) => "redis unreachable: limits not enforced (fail_open)",
+        };
+        (
+            StatusCode::OK,
+            json!({"status": "ready", "policy_hash": policy.hash, "limits_store": limits_store}),
+        )
+    }
+
     fn policy(&self) -> serde_json::Value {
         let policy = self.store.current();
         let loaded_at = humantime::format_rfc3339_seconds(policy.loaded_at).to_string();
@@ -76,20 +105,7 @@ impl ServeHttp for AdminApp {
         let path = session.req_header().uri.path().to_owned();
         let (status, body) = match (method, path.as_str()) {
             (Method::GET, "/healthz") => (StatusCode::OK, json!({"status": "ok"})),
-            (Method::GET, "/readyz") => {
-                if self.draining.load(Ordering::Acquire) {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        json!({"status": "draining"}),
-                    )
-                } else {
-                    let hash = self.store.current().hash.clone();
-                    (
-                        StatusCode::OK,
-                        json!({"status": "ready", "policy_hash": hash}),
-                    )
-                }
-            }
+            (Method::GET, "/readyz") => self.readiness(),
             (Method::POST, "/admin/reload") => self.reload().await,
             (Method::GET, "/admin/policy") => (StatusCode::OK, self.policy()),
             (_, "/healthz" | "/readyz" | "/admin/reload" | "/admin/policy") => (

@@ -13,13 +13,15 @@ use sha2::{Digest, Sha256};
 use sluice_filters::auth::jwt::JwtMaterial;
 use sluice_filters::auth::keys::{KeyHash, KEY_PREFIX};
 use sluice_filters::auth::{Auth, AuthMode, AuthSpec, Directory};
-use sluice_filters::limits::{LimitTable, Limits};
+use sluice_filters::limits::{Backend, LimitTable, Limits, RedisCounters};
 use sluice_filters::{Chain, Filter, FilterSpec, Stage};
 
 use super::error::PolicyError;
 use super::interpolate::interpolate;
-use super::schema::{KeySpec, KeysFile, PolicyFile, ProviderKind, RouteSpec, UpstreamSpec};
-use super::{ListenAddrs, Policy, Route, ServerRuntime, SharedState};
+use super::schema::{
+    KeySpec, KeysFile, PolicyFile, ProviderKind, RouteSpec, StateBackend, UpstreamSpec,
+};
+use super::{ListenAddrs, Policy, RedisSettings, Route, ServerRuntime, SharedState};
 use crate::upstream::{AzureSettings, Upstream};
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -62,7 +64,8 @@ pub fn compile_text(
         }
     }
 
-    let limits = compile_limits(&file, shared, &mut errors);
+    let redis = compile_state(&file, env, shared, &mut errors);
+    let limits = compile_limits(&file, shared, redis.clone(), &mut errors);
     let context = RouteContext {
         upstreams: &upstreams,
         declared: &file.upstreams,
@@ -109,6 +112,7 @@ pub fn compile_text(
         redacted,
         directory,
         watched,
+        redis,
     })
 }
 
@@ -340,6 +344,7 @@ impl Sources {
 fn compile_limits(
     file: &PolicyFile,
     shared: &SharedState,
+    redis: Option<Arc<RedisCounters>>,
     errors: &mut Vec<PolicyError>,
 ) -> Option<Arc<dyn Filter>> {
     let mut table = LimitTable::default();
@@ -383,10 +388,49 @@ fn compile_limits(
     if table.is_empty() {
         return None;
     }
-    Some(Arc::new(Limits::new(
-        Arc::new(table),
-        shared.limits.clone(),
-    )))
+    let backend = match redis {
+        Some(redis) => Backend::Redis(redis),
+        None => Backend::Memory(shared.limits.clone()),
+    };
+    Some(Arc::new(Limits::new(Arc::new(table), backend)))
+}
+
+/// The shared Redis counters when `state.backend` is `redis`.
+fn compile_state(
+    file: &PolicyFile,
+    env: Env,
+    shared: &SharedState,
+    errors: &mut Vec<PolicyError>,
+) -> Option<Arc<RedisCounters>> {
+    let state = &file.state;
+    match (state.backend, &state.url) {
+        (StateBackend::Memory, None) => None,
+        (StateBackend::Memory, Some(url)) => {
+            errors.push(
+                PolicyError::new("state.url", "applies to backend redis only").at(url.0.referenced),
+            );
+            None
+        }
+        (StateBackend::Redis, None) => {
+            errors.push(PolicyError::new("state", "backend redis needs `url`"));
+            None
+        }
+        (StateBackend::Redis, Some(url)) => {
+            let resolved = resolve(&url.0, "state.url", env, errors)?;
+            let settings = RedisSettings {
+                url: resolved,
+                prefix: state.prefix.clone(),
+                timeout: state.timeout.0,
+                on_error: state.on_error,
+            };
+            shared
+                .redis(&settings)
+                .map_err(|message| {
+                    errors.push(PolicyError::new("state.url", message).at(url.0.referenced))
+                })
+                .ok()
+        }
+    }
 }
 
 /// The route's `auth` filter: as declared, or `required` by default once tenants exist.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sluice_filters::auth::Directory;
-use sluice_filters::limits::LimitStore;
+use sluice_filters::limits::{LimitStore, OnError, RedisCounters};
 use sluice_filters::Chain;
 
 use crate::upstream::Upstream;
@@ -43,6 +43,8 @@ pub struct Policy {
     pub directory: Arc<Directory>,
     /// The files this policy was made from (the policy, its keys file): what reload watches.
     pub watched: Vec<PathBuf>,
+    /// The shared counters, when `state.backend` is `redis`.
+    pub redis: Option<Arc<RedisCounters>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +134,39 @@ impl Policy {
 #[derive(Debug, Default)]
 pub struct SharedState {
     pub limits: Arc<LimitStore>,
+    /// The Redis counters in use, by the settings that made them (a reload that keeps the
+    /// settings keeps the connection).
+    redis: std::sync::Mutex<Option<(RedisSettings, Arc<RedisCounters>)>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    pub url: String,
+    pub prefix: String,
+    pub timeout: Duration,
+    pub on_error: OnError,
+}
+
+impl SharedState {
+    /// The counters for these settings: the existing ones if unchanged.
+    pub fn redis(&self, settings: &RedisSettings) -> Result<Arc<RedisCounters>, String> {
+        let mut slot = self.redis.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((current, counters)) = slot.as_ref() {
+            if current == settings {
+                return Ok(counters.clone());
+            }
+        }
+        let counters = RedisCounters::new(
+            &settings.url,
+            &settings.prefix,
+            settings.timeout,
+            settings.on_error,
+        )
+        .map_err(|e| format!("invalid Redis URL ({:?})", e.kind()))?;
+        let counters = Arc::new(counters);
+        *slot = Some((settings.clone(), counters.clone()));
+        Ok(counters)
+    }
 }
 
 /// Reads, parses and compiles a policy file, with `${VAR}` taken from the process environment.

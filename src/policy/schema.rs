@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_saphyr::Spanned;
 use sluice_filters::auth::AuthSpec;
-use sluice_filters::limits::{Price, RequestLimits};
+use sluice_filters::limits::{OnError, Price, RequestLimits};
 use sluice_filters::FilterSpec;
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -15,6 +15,9 @@ use sluice_filters::FilterSpec;
 pub struct PolicyFile {
     #[serde(default)]
     pub listen: Listen,
+    /// Where limit counters live.
+    #[serde(default)]
+    pub state: StateSpec,
     #[serde(default)]
     pub server: ServerSettings,
     #[serde(default)]
@@ -125,6 +128,56 @@ fn default_proxy_addr() -> Spanned<String> {
 
 fn default_admin_addr() -> Spanned<String> {
     unspanned("127.0.0.1:9787".to_owned())
+}
+
+/// `state: { backend: memory }` (default: this process only) or
+/// `state: { backend: redis, url: redis://…, on_error: fail_open }` (shared by all replicas).
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSpec {
+    #[serde(default)]
+    pub backend: StateBackend,
+    /// Redis only: `redis://[:password@]host:port[/db]`; `${VAR}` allowed; never shown.
+    #[serde(default)]
+    pub url: Option<SecretTemplate>,
+    /// Redis only: when Redis cannot be reached, admit uncounted (`fail_open`) or refuse with
+    /// 503 (`fail_closed`).
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Redis only: longest wait for an answer before `on_error` applies.
+    #[serde(default = "default_state_timeout")]
+    pub timeout: Duration,
+    /// Redis only: key prefix, so several deployments can share one Redis.
+    #[serde(default = "default_state_prefix")]
+    pub prefix: String,
+}
+
+impl Default for StateSpec {
+    fn default() -> Self {
+        Self {
+            backend: StateBackend::Memory,
+            url: None,
+            on_error: OnError::default(),
+            timeout: default_state_timeout(),
+            prefix: default_state_prefix(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateBackend {
+    #[default]
+    Memory,
+    Redis,
+}
+
+fn default_state_timeout() -> Duration {
+    Duration(std::time::Duration::from_millis(250))
+}
+
+fn default_state_prefix() -> String {
+    "sluice".to_owned()
 }
 
 #[derive(Debug, Deserialize, Serialize)]

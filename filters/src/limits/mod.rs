@@ -6,6 +6,7 @@
 //! Admitted responses carry OpenAI's `x-ratelimit-{limit,remaining,reset}-requests` headers.
 
 mod config;
+mod redis_store;
 mod state;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
 pub use config::{Downgrade, OverMax, Price, RequestLimits};
+pub use redis_store::{Backend, OnError, RedisCounters};
 pub use state::{BudgetAlert, Charge, LimitName, LimitStore, Refused, Standing, Standings};
 
 use crate::glob::Glob;
@@ -85,7 +87,7 @@ pub fn estimate_input_tokens(body_len: usize) -> u64 {
 
 pub struct Limits {
     table: Arc<LimitTable>,
-    store: Arc<LimitStore>,
+    backend: Backend,
     system_scope: Arc<str>,
 }
 
@@ -100,7 +102,7 @@ impl std::fmt::Debug for Limits {
 /// A request's place in its scopes' in-flight counts, given back when the exchange ends —
 /// however it ends, since it lives in the exchange.
 struct Admission {
-    store: Arc<LimitStore>,
+    backend: Backend,
     charge: Charge,
     standings: Standings,
     /// Tokens used and their cost in micro-dollars, once known; the token reservation stands
@@ -114,16 +116,34 @@ impl Drop for Admission {
     fn drop(&mut self) {
         let settled = self.settled.lock().map_or(None, |settled| *settled);
         let (used, cost) = settled.unwrap_or((self.charge.reserved_tokens(), 0));
-        for alert in self.store.settle(&self.charge, used, cost) {
-            tracing::warn!(
-                target: "sluice::budget",
-                tenant = %alert.scope,
-                threshold_percent = alert.percent,
-                spent_usd = alert.spent_micros as f64 / 1e6,
-                budget_usd = alert.budget_micros as f64 / 1e6,
-                "budget threshold reached"
-            );
+        let charge = std::mem::take(&mut self.charge);
+        match &self.backend {
+            Backend::Memory(store) => log_alerts(store.settle(&charge, used, cost)),
+            Backend::Redis(redis) => {
+                // The caller has its answer already; the settlement must not hold it.
+                let redis = redis.clone();
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        if let Ok(alerts) = redis.settle(&charge, used, cost).await {
+                            log_alerts(alerts);
+                        }
+                    });
+                }
+            }
         }
+    }
+}
+
+fn log_alerts(alerts: Vec<BudgetAlert>) {
+    for alert in alerts {
+        tracing::warn!(
+            target: "sluice::budget",
+            tenant = %alert.scope,
+            threshold_percent = alert.percent,
+            spent_usd = alert.spent_micros as f64 / 1e6,
+            budget_usd = alert.budget_micros as f64 / 1e6,
+            "budget threshold reached"
+        );
     }
 }
 
@@ -147,10 +167,10 @@ fn reset_text(duration: Duration) -> String {
 }
 
 impl Limits {
-    pub fn new(table: Arc<LimitTable>, store: Arc<LimitStore>) -> Self {
+    pub fn new(table: Arc<LimitTable>, backend: Backend) -> Self {
         Self {
             table,
-            store,
+            backend,
             system_scope: SYSTEM_SCOPE.into(),
         }
     }
@@ -187,7 +207,7 @@ impl Limits {
     }
 
     /// Past the tier's downgrade threshold, rewrites the requested model to its cheaper one.
-    fn downgrade(
+    async fn downgrade(
         &self,
         tenant: &str,
         limits: &RequestLimits,
@@ -197,7 +217,10 @@ impl Limits {
         let budget = limits.budget_micros()?;
         let asked = ex.facts.model.clone()?;
         let cheaper = rule.models.get(&asked)?;
-        let spent = self.store.spent_micros(tenant, SystemTime::now());
+        let spent = match &self.backend {
+            Backend::Memory(store) => store.spent_micros(tenant, SystemTime::now()),
+            Backend::Redis(redis) => redis.spent_micros(tenant, SystemTime::now()).await.ok()?,
+        };
         if (spent as f64) < budget as f64 * rule.above_percent / 100.0 {
             return None;
         }
@@ -210,6 +233,21 @@ impl Limits {
         ex.facts.model = Some(cheaper.clone());
         tracing::info!(target: "sluice::budget", tenant, asked = %asked, sent = %cheaper, "model downgraded: budget above {}%", rule.above_percent);
         Some((asked, cheaper.clone()))
+    }
+
+    /// Redis could not be asked: admit uncounted or refuse, as the policy says.
+    fn unavailable(&self, why: &redis_store::Unavailable) -> Verdict {
+        match &self.backend {
+            Backend::Redis(redis) if redis.on_error == OnError::FailClosed => Verdict::Reject(
+                Rejection::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorKind::Internal,
+                    format!("{why}; try again shortly"),
+                )
+                .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1")),
+            ),
+            _ => Verdict::Continue,
+        }
     }
 
     fn refusal(refused: &Refused, ex: &Exchange) -> Verdict {
@@ -279,18 +317,25 @@ impl Filter for Limits {
         if checks.is_empty() {
             return Verdict::Continue;
         }
-        let admitted = self
-            .store
-            .admit(&checks, reserve, Instant::now(), SystemTime::now());
+        let admitted = match &self.backend {
+            Backend::Memory(store) => {
+                Ok(store.admit(&checks, reserve, Instant::now(), SystemTime::now()))
+            }
+            Backend::Redis(redis) => redis.admit(&checks, reserve, SystemTime::now()).await,
+        };
         drop(checks);
+        let admitted = match admitted {
+            Ok(admitted) => admitted,
+            Err(unavailable) => return self.unavailable(&unavailable),
+        };
         match admitted {
             Ok((standings, charge)) => {
                 let downgraded = match (ex.tenant.clone(), tier) {
-                    (Some(tenant), Some(limits)) => self.downgrade(&tenant, limits, ex),
+                    (Some(tenant), Some(limits)) => self.downgrade(&tenant, limits, ex).await,
                     _ => None,
                 };
                 ex.extensions.insert(Arc::new(AdmissionSlot(Admission {
-                    store: self.store.clone(),
+                    backend: self.backend.clone(),
                     charge,
                     standings,
                     settled: std::sync::Mutex::new(None),

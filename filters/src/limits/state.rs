@@ -95,9 +95,9 @@ pub struct BudgetAlert {
 
 /// A scope's budget as charged at admission: the budget and its alert thresholds.
 #[derive(Debug, Clone, Default)]
-struct BudgetTerms {
-    budget_micros: u64,
-    alerts: Vec<u8>,
+pub(super) struct BudgetTerms {
+    pub(super) budget_micros: u64,
+    pub(super) alerts: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -137,18 +137,18 @@ pub type Check<'a> = (&'a Arc<str>, &'a RequestLimits);
 /// What an admission charged, so the exchange's end can settle it.
 #[derive(Debug, Clone, Default)]
 pub struct Charge {
-    scopes: Vec<ScopeCharge>,
-    reserved_tokens: u64,
+    pub(super) scopes: Vec<ScopeCharge>,
+    pub(super) reserved_tokens: u64,
     /// The month the request was admitted in (its cost goes to that month's spend).
-    month_start: u64,
+    pub(super) month_start: u64,
 }
 
 #[derive(Debug, Clone)]
-struct ScopeCharge {
-    scope: Arc<str>,
+pub(super) struct ScopeCharge {
+    pub(super) scope: Arc<str>,
     /// The token windows the reservation went into.
-    token_windows: [u64; 3],
-    budget: Option<BudgetTerms>,
+    pub(super) token_windows: [u64; 3],
+    pub(super) budget: Option<BudgetTerms>,
 }
 
 impl Charge {
@@ -157,7 +157,7 @@ impl Charge {
     }
 }
 
-fn epoch_secs(now: SystemTime) -> u64 {
+pub(super) fn epoch_secs(now: SystemTime) -> u64 {
     now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -183,6 +183,11 @@ fn days_from_civil(year: i64, month: u32) -> i64 {
     let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
+}
+
+/// The calendar month (UTC) holding `secs`: its start and its end.
+pub(super) fn month_bounds(secs: u64) -> (u64, u64) {
+    window_bounds(Span::Month, secs)
 }
 
 /// The window holding `secs`: its start and its end.

@@ -173,7 +173,10 @@ fn limits_filter(tier: RequestLimits, system: Option<RequestLimits>) -> (Limits,
         prices: Prices::default(),
     };
     let store = Arc::new(LimitStore::default());
-    (Limits::new(Arc::new(table), store.clone()), store)
+    (
+        Limits::new(Arc::new(table), Backend::Memory(store.clone())),
+        store,
+    )
 }
 
 #[tokio::test]
@@ -417,7 +420,7 @@ async fn budgets_count_spend_alert_once_and_downgrade() {
         },
     );
     let store = Arc::new(LimitStore::default());
-    let filter = Limits::new(Arc::new(table), store.clone());
+    let filter = Limits::new(Arc::new(table), Backend::Memory(store.clone()));
     assert!(filter.needs_usage(), "budgets are settled from usage");
     let spend = |usage: u64| {
         let filter = &filter;

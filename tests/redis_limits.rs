@@ -1,0 +1,228 @@
+//! Limits shared through a real `redis-server`: exact across replicas, and the Redis-down
+//! behaviour the policy chooses.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sluice_filters::auth::keys::KeyHash;
+
+const KEY: &str = "sk-sluice-redis-test";
+
+fn policy(mock_url: &str, redis_url: &str, on_error: &str, limits: &str) -> String {
+    format!(
+        r#"
+state: {{ backend: redis, url: "{redis_url}", on_error: {on_error}, timeout: 200ms }}
+upstreams:
+  openai: {{ provider: openai, base_url: "{mock_url}", keys: ["sk-upstream"] }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai }}
+tiers:
+  free: {{ limits: {limits} }}
+tenants:
+  - {{ name: a, tier: free, keys: [{{ hash: "{hash}" }}] }}
+"#,
+        hash = KeyHash::of(KEY).to_text(),
+    )
+}
+
+async fn call(client: &reqwest::Client, sidecar: &Sidecar) -> u16 {
+    client
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth(KEY)
+        .json(&chat_body("shared", false))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn three_replicas_admit_exactly_the_quota_together() {
+    let redis = RedisServer::start();
+    let mock = mock().await;
+    let text = policy(
+        &mock.url(),
+        &redis.url(),
+        "fail_closed",
+        "{ requests_per_day: 7 }",
+    );
+    let replicas = [
+        Sidecar::start(&text).await,
+        Sidecar::start(&text).await,
+        Sidecar::start(&text).await,
+    ];
+    let client = reqwest::Client::new();
+    let calls = (0..60).map(|i| call(&client, &replicas[i % 3]));
+    let statuses = futures_util::future::join_all(calls).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        7,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        53,
+        "{statuses:?}"
+    );
+    assert_eq!(mock.request_count(), 7);
+    let ready: serde_json::Value = reqwest::get(format!("{}/readyz", replicas[0].admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["limits_store"], "redis");
+}
+
+/// Reads an integer key straight from Redis.
+fn redis_get(port: u16, key: &str) -> Option<u64> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(stream, "*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).ok()?;
+    let mut reader = BufReader::new(stream);
+    let mut header = String::new();
+    reader.read_line(&mut header).ok()?;
+    if header.starts_with("$-1") {
+        return None;
+    }
+    let mut value = String::new();
+    reader.read_line(&mut value).ok()?;
+    value.trim().parse().ok()
+}
+
+#[tokio::test]
+async fn tokens_settle_across_replicas() {
+    let redis = RedisServer::start();
+    let mock = mock().await;
+    let text = policy(
+        &mock.url(),
+        &redis.url(),
+        "fail_closed",
+        "{ tokens_per_day: 100000 }",
+    );
+    let (a, b) = (Sidecar::start(&text).await, Sidecar::start(&text).await);
+    let body = serde_json::json!({"model": "m", "max_tokens": 100, "messages": []});
+    let send = |sidecar: &Sidecar| {
+        reqwest::Client::new()
+            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+    };
+    let first = send(&a).await.unwrap();
+    let remaining_after_reservation: u64 = first.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let reserved = 100_000 - remaining_after_reservation;
+    first.bytes().await.unwrap();
+    let used = (serde_json::to_vec(&body).unwrap().len() as u64 / 4).max(1) + 5;
+    assert_ne!(used, reserved);
+    // The settlement runs after the response: wait for it in Redis itself.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let key = format!("sluice:{{a}}:t2:{}", now - now % 86_400);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while redis_get(redis.port, &key) != Some(used) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not settled: {:?} != {used}",
+            redis_get(redis.port, &key)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The other replica counts from the settled figure.
+    let second = send(&b).await.unwrap();
+    let remaining: u64 = second.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(remaining, 100_000 - used - reserved);
+}
+
+#[tokio::test]
+async fn redis_down_follows_on_error_and_recovers() {
+    let mut redis = RedisServer::start();
+    let mock = mock().await;
+    let closed = Sidecar::start(&policy(
+        &mock.url(),
+        &redis.url(),
+        "fail_closed",
+        "{ requests_per_day: 1000 }",
+    ))
+    .await;
+    let open = Sidecar::start(&policy(
+        &mock.url(),
+        &redis.url(),
+        "fail_open",
+        "{ requests_per_day: 1000 }",
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    assert_eq!(call(&client, &closed).await, 200);
+    assert_eq!(call(&client, &open).await, 200);
+
+    redis.stop();
+    assert_eq!(call(&client, &closed).await, 503, "fail_closed refuses");
+    assert_eq!(
+        call(&client, &open).await,
+        200,
+        "fail_open admits uncounted"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while reqwest::get(format!("{}/readyz", closed.admin))
+        .await
+        .unwrap()
+        .status()
+        != 503
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a fail_closed replica without Redis is not ready"
+        );
+        assert_eq!(call(&client, &closed).await, 503);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Health is the result of the latest call: a settlement that was already on its way may
+    // still land; the next failing call marks it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let ready: serde_json::Value = reqwest::get(format!("{}/readyz", open.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if ready["limits_store"]
+            .as_str()
+            .unwrap()
+            .contains("fail_open")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{ready}");
+        assert_eq!(call(&client, &open).await, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    redis.restart();
+    // Recovers by itself: failed connections are retried after a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call(&client, &closed).await != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not recover after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready = reqwest::get(format!("{}/readyz", closed.admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+}
