@@ -32,7 +32,8 @@ pub fn compile_text(
     env: Env,
     shared: &SharedState,
 ) -> Result<Policy, Vec<PolicyError>> {
-    let file: PolicyFile = serde_saphyr::from_str(text).map_err(|e| vec![parse_error(&e)])?;
+    let file: PolicyFile =
+        serde_saphyr::from_str(text).map_err(|e| vec![located_parse_error(&e, text)])?;
     let mut errors = Vec::new();
     let mut sources = Sources::new(source, text);
     let directory = Arc::new(compile_directory(&file, &mut sources, &mut errors));
@@ -114,6 +115,64 @@ pub fn compile_text(
         watched,
         redis,
     })
+}
+
+/// A parse error with the YAML path of its line, when the document's layout shows it.
+fn located_parse_error(error: &serde_saphyr::Error, text: &str) -> PolicyError {
+    let mut located = parse_error(error);
+    if let Some(line) = located.line {
+        located.path = yaml_path_at(text, line as usize);
+    }
+    located
+}
+
+/// The path (`routes[1].match.hosts`) of the key on `line` (1-based) of a block-style YAML
+/// document, read from indentation. Flow collections (`{ … }`) are not entered: a key inside one
+/// gets the path of the collection.
+fn yaml_path_at(text: &str, line: usize) -> String {
+    // (indent, segment) from the root down; list items are segments like `[2]`.
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    let mut item_counts: std::collections::HashMap<(String, usize), usize> =
+        std::collections::HashMap::new();
+    let path_of = |stack: &[(usize, String)]| {
+        stack.iter().fold(String::new(), |mut path, (_, segment)| {
+            if !path.is_empty() && !segment.starts_with('[') {
+                path.push('.');
+            }
+            path.push_str(segment);
+            path
+        })
+    };
+    for raw in text.lines().take(line) {
+        let mut indent = raw.len() - raw.trim_start_matches(' ').len();
+        let mut rest = raw.trim_start_matches(' ');
+        if rest.is_empty() || rest.starts_with('#') || rest.starts_with("---") {
+            continue;
+        }
+        while let Some(after) = rest
+            .strip_prefix("- ")
+            .or_else(|| (rest == "-").then_some(""))
+        {
+            stack.retain(|(depth, _)| *depth < indent);
+            let parent = path_of(&stack);
+            let count = item_counts.entry((parent, indent)).or_insert(0);
+            stack.push((indent, format!("[{count}]")));
+            *count += 1;
+            let spaces = after.len() - after.trim_start_matches(' ').len();
+            indent += 2 + spaces;
+            rest = after.trim_start_matches(' ');
+        }
+        if rest.starts_with(['{', '[', '"', '\'']) {
+            continue;
+        }
+        if let Some((key, _)) = rest.split_once(':') {
+            if !key.is_empty() && !key.contains([' ', '{', '[', ',']) {
+                stack.retain(|(depth, _)| *depth < indent);
+                stack.push((indent, key.to_owned()));
+            }
+        }
+    }
+    path_of(&stack)
 }
 
 /// serde-saphyr stops at the first structural error (unknown field, wrong type, bad syntax);
@@ -568,7 +627,7 @@ fn compile_directory(
     let keys: KeysFile = match serde_saphyr::from_str(&text) {
         Ok(keys) => keys,
         Err(e) => {
-            let problem = parse_error(&e);
+            let problem = located_parse_error(&e, &text);
             let at = problem.line.map_or(String::new(), |line| {
                 format!(":{line}:{}", problem.column.unwrap_or(0))
             });

@@ -304,6 +304,22 @@ routes:
     }
 
     #[test]
+    fn structural_errors_carry_the_yaml_path_of_their_line() {
+        let text = "upstreams:\n  a:\n    provider: openai\n    base_url: http://x\nroutes:\n  - name: first\n    match: { path_prefix: /a }\n    upstream: a\n  - name: second\n    match:\n      path_prefix: /b\n      colour: blue\n    upstream: a\n";
+        let errors = compile(text).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].line, Some(12));
+        assert_eq!(errors[0].path, "routes[1].match.colour", "{:?}", errors[0]);
+        let bad_duration = "upstreams:\n  a:\n    provider: openai\n    base_url: http://x\n    timeouts:\n      connect: soon\n";
+        let errors = compile(bad_duration).unwrap_err();
+        assert_eq!(
+            errors[0].path, "upstreams.a.timeouts.connect",
+            "{:?}",
+            errors[0]
+        );
+    }
+
+    #[test]
     fn an_empty_policy_is_an_error() {
         let errors = compile("{}").unwrap_err();
         assert!(errors[0].message.contains("no routes"));
