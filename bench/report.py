@@ -1,6 +1,7 @@
 """Reads the load generator's results of bench/run.sh; prints the figures and writes BENCHMARKS.md.
 
     report.py check RESULT.json    exit 0 if every request of that run succeeded, 3 if not
+    report.py cpu PID              CPU seconds used so far by the machine and by PID's tree (JSON)
     report.py write WORK [options] print the tables, write the markdown file (--output)
 
 Results are oha's JSON (`--output-format json`) or, with the wrk fallback, the JSON written by
@@ -10,6 +11,7 @@ bench/wrk.lua. Standard library only.
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -90,8 +92,50 @@ def machine() -> dict:
     }
 
 
+def cpu_snapshot(root: int) -> dict:
+    """CPU seconds used so far by the whole machine and by ROOT (the bench script), its children
+    that ended and all its live descendants (servers, nginx workers, the load generator)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+    stats, children = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        rest = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "
+        pid, ppid = int(entry.name), int(rest[1])
+        stats[pid] = [int(x) for x in rest[11:15]]  # utime stime cutime cstime
+        children.setdefault(ppid, []).append(pid)
+    ours, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            ours += sum(stats[pid])  # own time and that of its children already reaped
+            todo += children.get(pid, [])
+    with open("/proc/uptime") as uptime:
+        wall = float(uptime.read().split()[0])
+    return {"wall": wall, "busy": (user + nice + system + irq + softirq) / tick, "ours": ours / tick}
+
+
+def other_cpu(work: Path) -> tuple:
+    """Average CPU cores used by processes outside the bench between the two snapshots, and how
+    that reads in the report."""
+    try:
+        start = json.loads((work / "cpu-start.json").read_text())
+        end = json.loads((work / "cpu-end.json").read_text())
+        wall = end["wall"] - start["wall"]
+        cores = max((end["busy"] - start["busy"]) - (end["ours"] - start["ours"]), 0.0) / wall
+    except (OSError, ValueError, KeyError, ZeroDivisionError):
+        return None, "an unknown share of the CPU"
+    return cores, f"{cores:.2f} CPU cores on average"
+
+
 def ratio(value: float, reference: float) -> str:
-    return f"{value / reference:.2f}×" if reference > 0 and value >= 0 else "n/a"
+    return f"{value / reference:.2f}×" if reference > 0 else "n/a"
 
 
 def pct(run: dict) -> str:
@@ -114,6 +158,10 @@ def write(args: argparse.Namespace) -> None:
     step = {p: load(work / f"{p}-step.json") for p in PATHS if (work / f"{p}-step.json").exists()}
     memory = json.loads((work / "sluice-memory.json").read_text())
     host = machine()
+    other_cores, other = other_cpu(work)
+    busy_note = ""
+    if other_cores is not None and other_cores > 0.25:
+        busy_note = " — **the machine was not quiet: these figures are skewed; rerun on a quiet machine**"
 
     direct = fixed["direct"]
     added = {p: (fixed[p]["p50"] - direct["p50"], fixed[p]["p99"] - direct["p99"]) for p in ("sluice", "nginx")}
@@ -142,9 +190,10 @@ def write(args: argparse.Namespace) -> None:
     n50, n99 = added["nginx"]
     s_rps, n_rps, d_rps = peak["sluice"]["ok_rate"], peak["nginx"]["ok_rate"], peak["direct"]["ok_rate"]
     findings = [
-        f"- **Added latency** at {args.rate} req/s: Sluice +{s50:.0f} µs p50 / +{s99:.0f} µs p99; "
-        f"nginx +{n50:.0f} µs p50 / +{n99:.0f} µs p99. "
-        f"Sluice ÷ nginx: {ratio(s50, n50)} at p50, {ratio(s99, n99)} at p99.",
+        f"- **Added latency** at {args.rate} req/s: Sluice {s50:+.0f} µs p50 / {s99:+.0f} µs p99; "
+        f"nginx {n50:+.0f} µs p50 / {n99:+.0f} µs p99. "
+        f"Sluice ÷ nginx: {ratio(s50, n50)} at p50, {ratio(s99, n99)} at p99"
+        + (" (n/a: nginx's added latency is not above zero, i.e. within the noise)." if min(n50, n99) <= 0 else "."),
         f"- **Throughput** unthrottled with {args.max_connections} connections: Sluice {s_rps:.0f} req/s, "
         f"nginx {n_rps:.0f} req/s, direct {d_rps:.0f} req/s. Sluice ÷ nginx: {ratio(s_rps, n_rps)}.",
         f"- **Sluice memory**: peak RSS (VmHWM) {memory['hwm_kb'] / 1024:.1f} MiB after the run "
@@ -169,18 +218,19 @@ Highest rate, unthrottled ({args.duration} s):
 
 {chr(10).join(findings)}"""
     print(figures)
+    print(f"\nOther processes used {other} during the measurements{busy_note}.")
 
     if args.tool == "oha":
         load_text = (
-            f"[oha](https://crates.io/crates/oha) {args.tool_version.removeprefix('oha ')}, HTTP/1.1 keep-alive; "
-            "the fixed-rate run uses `-q` with `--latency-correction`, so latency is measured from when each "
-            "request was due (no coordinated omission); in-flight requests are awaited at the end (`-w`)"
+            f"[oha](https://crates.io/crates/oha) {args.tool_version.removeprefix('oha ')}, HTTP/1.1 keep-alive;\n"
+            "  the fixed-rate run uses `-q` with `--latency-correction`, so latency is measured from when\n"
+            "  each request was due (no coordinated omission); in-flight requests are awaited at the end (`-w`)"
         )
     else:
         load_text = (
-            f"wrk ({args.tool_version}, the fallback: oha was not available), 2 threads, HTTP/1.1 keep-alive; "
-            "wrk has no rate limit, so the fixed rate is approximated by pacing each connection "
-            "(`bench/wrk.lua`) and its latency does not correct for coordinated omission"
+            f"wrk ({args.tool_version}, the fallback: oha was not available), 2 threads, HTTP/1.1\n"
+            "  keep-alive; wrk has no rate limit, so the fixed rate is approximated by pacing each\n"
+            "  connection (`bench/wrk.lua`) and its latency does not correct for coordinated omission"
         )
 
     args.output.write_text(
@@ -210,11 +260,14 @@ Compare the paths within a run; absolute numbers move from run to run and machin
   {args.step_connections} connections and both are reported.
 - **Success** is an HTTP 200; anything else (other statuses, connection errors, timeouts) is a failure.
 - **Added latency** is a proxied path's percentile minus the direct path's in the same run; the
-  ratios divide Sluice's figure by nginx's.
+  ratios divide Sluice's figure by nginx's. A p99 out of {args.rate * args.duration} requests on a
+  shared {host['cpus']}-core machine moves by a few hundred µs from run to run with scheduling: read small or
+  negative differences there as noise.
 - **Peak memory** is Sluice's `VmHWM` from `/proc/PID/status` after all three paths ran.
 - **Not like for like**: Sluice reads each request body whole and drives the upstream exchange
-  itself (it parses the request to apply its policy), while nginx streams bytes through;
-  nginx shows the least a proxy costs on this machine, not a gateway with the same work to do.
+  itself (route match, filters, upstream request, response filters chunk by chunk: see README.md,
+  "How a request goes through"), while nginx only relays the bytes; nginx shows the least a
+  proxy costs on this machine, not a gateway with the same work to do.
 - **Shared machine**: the load generator, the mock and the proxy all run on the same
   {host['cpus']}-core machine over loopback, so they compete for CPU: absolute numbers are noisy
   and the unthrottled rates are bounded by that shared CPU rather than by any one server.
@@ -225,6 +278,8 @@ Compare the paths within a run; absolute numbers move from run to run and machin
 - Kernel: {host['kernel']}
 - Toolchain: {host['rustc']}
 - Run: {host['date']}, commit `{host['commit']}`
+- Other processes on the machine used {other} during the measurements
+  (CPU time outside the bench's own processes; 0 means the machine was otherwise quiet){busy_note}
 
 ## Figures
 
@@ -237,6 +292,8 @@ Compare the paths within a run; absolute numbers move from run to run and machin
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    cpu = commands.add_parser("cpu")
+    cpu.add_argument("root", type=int)
     check = commands.add_parser("check")
     check.add_argument("result", type=Path)
     report = commands.add_parser("write")
@@ -249,6 +306,9 @@ def main() -> None:
     report.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
 
+    if args.command == "cpu":
+        print(json.dumps(cpu_snapshot(args.root)))
+        return
     if args.command == "check":
         result = load(args.result)
         print(f"{result['ok_rate']:.0f} req/s, {pct(result)} success", file=sys.stderr)
