@@ -17,11 +17,16 @@ pub enum Api {
 impl Api {
     /// OpenAI paths (`/v1/...`), Azure deployment paths, Anthropic's `/v1/messages`.
     pub fn from_request(method: &Method, path: &str) -> Option<Api> {
-        let operation = match path.strip_prefix("/openai/deployments/") {
-            Some(rest) => rest.split_once('/').map(|(_, op)| op)?,
-            None => path.strip_prefix("/v1/")?,
-        };
-        match (method, operation) {
+        if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+            // Azure serves only the OpenAI inference operations under a deployment.
+            return match (method, rest.split_once('/')?.1) {
+                (&Method::POST, "chat/completions") => Some(Api::Chat),
+                (&Method::POST, "completions") => Some(Api::Completions),
+                (&Method::POST, "embeddings") => Some(Api::Embeddings),
+                _ => None,
+            };
+        }
+        match (method, path.strip_prefix("/v1/")?) {
             (&Method::POST, "chat/completions") => Some(Api::Chat),
             (&Method::POST, "completions") => Some(Api::Completions),
             (&Method::POST, "embeddings") => Some(Api::Embeddings),
@@ -75,15 +80,23 @@ pub struct Answer {
 const CREATED: u64 = 1_767_225_600;
 const MODELS: [&str; 3] = ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"];
 
-fn text_of(content: &Value) -> String {
+/// Longest reply text, in chars; keeps answers (and benchmark allocations) small whatever was sent.
+const REPLY_LIMIT: usize = 200;
+
+/// Appends the text of `content` (a string, or an array of strings or of parts with `text`) to
+/// `out`, up to `limit` chars in all, without copying more of a huge prompt than the reply needs.
+fn push_text(out: &mut String, content: &Value, limit: usize) {
+    let mut push = |text: &str| {
+        let room = limit.saturating_sub(out.chars().count());
+        out.extend(text.chars().take(room));
+    };
     match content {
-        Value::String(text) => text.clone(),
+        Value::String(text) => push(text),
         Value::Array(parts) => parts
             .iter()
-            .filter_map(|part| part.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(""),
-        _ => String::new(),
+            .filter_map(|part| part.as_str().or_else(|| part.get("text")?.as_str()))
+            .for_each(push),
+        _ => {}
     }
 }
 
@@ -118,12 +131,12 @@ impl Answer {
                 .get("messages")
                 .and_then(Value::as_array)
                 .and_then(|messages| messages.last())
-                .map(|message| text_of(&message["content"]))
-                .unwrap_or_default(),
-            Api::Completions => text_of(&request["prompt"]),
-            Api::Embeddings | Api::Models => String::new(),
+                .map_or(&Value::Null, |message| &message["content"]),
+            Api::Completions => &request["prompt"],
+            Api::Embeddings | Api::Models => &Value::Null,
         };
-        let text: String = format!("echo: {said}").chars().take(200).collect();
+        let mut text = String::from("echo: ");
+        push_text(&mut text, said, REPLY_LIMIT);
         let embedding_inputs = match &request["input"] {
             Value::String(s) => vec![s.clone()],
             Value::Array(items) => items
@@ -318,6 +331,10 @@ mod tests {
             None
         );
         assert_eq!(Api::from_request(&Method::POST, "/other"), None);
+        assert_eq!(
+            Api::from_request(&Method::POST, "/openai/deployments/d/messages"),
+            None
+        );
     }
 
     #[test]
@@ -340,6 +357,13 @@ mod tests {
             .contains("\"usage\""));
         assert_eq!(&events[4][..], b"data: [DONE]\n\n");
         assert_eq!(answer.events(false).len(), 4);
+    }
+
+    #[test]
+    fn prompts_may_be_arrays_of_strings() {
+        let request = json!({"prompt": ["ab", "cd"]});
+        let answer = Answer::new(Api::Completions, &request, "/v1/completions", 10, 1, 0);
+        assert_eq!(answer.text, "echo: abcd");
     }
 
     #[test]

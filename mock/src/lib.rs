@@ -322,10 +322,11 @@ async fn respond(
         .unwrap_or(false)
         && api.streams();
     if !stream {
-        if plan.fault == Some(Fault::ResetMidStream) {
-            return aborted_body();
-        }
-        return json_response(StatusCode::OK, &answer.whole());
+        return match plan.fault {
+            Some(Fault::ResetMidStream) => broken_body(true),
+            Some(Fault::StallMidStream) => broken_body(false),
+            _ => json_response(StatusCode::OK, &answer.whole()),
+        };
     }
     let include_usage = request
         .pointer("/stream_options/include_usage")
@@ -373,7 +374,9 @@ fn sse_response(shared: Arc<Shared>, events: Vec<Bytes>, plan: Plan) -> Response
         if progress.sent == progress.half.max(1) {
             match progress.fault {
                 Some(Fault::ResetMidStream) => {
-                    // Ending with an error makes the server abort the connection mid-body.
+                    // Ending with an error makes the server abort the connection mid-body; being
+                    // pending once first flushes the events already sent, even with no delay.
+                    tokio::task::yield_now().await;
                     progress.finished = true;
                     return Some((Err(std::io::Error::other("injected reset")), progress));
                 }
@@ -395,8 +398,16 @@ fn sse_response(shared: Arc<Shared>, events: Vec<Bytes>, plan: Plan) -> Response
         .expect("static response parts are valid")
 }
 
-fn aborted_body() -> Response {
-    let stream = futures_util::stream::once(async {
+/// A non-streamed answer that fails after its head: the connection is aborted (`reset`) or the
+/// body never comes, so callers see a 200 whose body does not arrive.
+fn broken_body(reset: bool) -> Response {
+    let stream = futures_util::stream::once(async move {
+        if reset {
+            // Pending once, so the head is flushed before the abort.
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
         Err::<Bytes, _>(std::io::Error::other("injected reset"))
     });
     Response::builder()
