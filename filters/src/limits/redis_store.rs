@@ -163,6 +163,19 @@ impl RedisCounters {
         }
     }
 
+    /// Runs a script within the timeout, keeping the health flag current.
+    async fn run(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Vec<i64>, Unavailable> {
+        let mut connection = self.connection().await?;
+        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await {
+            Ok(Ok(reply)) => {
+                self.succeeded();
+                Ok(reply)
+            }
+            Ok(Err(e)) => Err(self.failed(e)),
+            Err(_) => Err(self.failed("no answer in time")),
+        }
+    }
+
     fn key_prefix(&self, scope: &str) -> String {
         format!("{}:{{{scope}}}:", self.prefix)
     }
@@ -199,18 +212,7 @@ impl RedisCounters {
                 .arg(opt(limits.budget_micros()))
                 .arg(opt(stop));
         }
-        let mut connection = self.connection().await?;
-        let reply: Vec<i64> = match tokio::time::timeout(
-            self.timeout,
-            invocation.invoke_async(&mut connection),
-        )
-        .await
-        {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(e)) => return Err(self.failed(e)),
-            Err(_) => return Err(self.failed("no answer in time")),
-        };
-        self.succeeded();
+        let reply: Vec<i64> = self.run(&invocation).await?;
         if reply.first() == Some(&0) && reply.len() >= 4 {
             let index = reply[1] as usize;
             let limit = limit_name(reply[2]);
@@ -288,18 +290,7 @@ impl RedisCounters {
                 .arg(budget)
                 .arg(alerts);
         }
-        let mut connection = self.connection().await?;
-        let fired: Vec<i64> = match tokio::time::timeout(
-            self.timeout,
-            invocation.invoke_async(&mut connection),
-        )
-        .await
-        {
-            Ok(Ok(fired)) => fired,
-            Ok(Err(e)) => return Err(self.failed(e)),
-            Err(_) => return Err(self.failed("no answer in time")),
-        };
-        self.succeeded();
+        let fired: Vec<i64> = self.run(&invocation).await?;
         Ok(fired
             .chunks_exact(3)
             .filter_map(|alert| {
