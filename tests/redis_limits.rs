@@ -226,3 +226,47 @@ async fn redis_down_follows_on_error_and_recovers() {
         .unwrap();
     assert_eq!(ready.status(), 200);
 }
+
+#[tokio::test]
+async fn concurrency_is_shared_across_replicas() {
+    use futures_util::StreamExt;
+    let redis = RedisServer::start();
+    let mock = mock().await;
+    let text = policy(
+        &mock.url(),
+        &redis.url(),
+        "fail_closed",
+        "{ concurrent: 1 }",
+    );
+    let (a, b) = (Sidecar::start(&text).await, Sidecar::start(&text).await);
+    let client = reqwest::Client::new();
+    let open = client
+        .post(format!("{}/openai/v1/chat/completions", a.proxy))
+        .bearer_auth(KEY)
+        .header("x-mock-chunk-ms", "100")
+        .header("x-mock-chunks", "4")
+        .json(&chat_body("holding", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 200);
+    let mut stream = open.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    assert_eq!(
+        call(&client, &b).await,
+        429,
+        "the other replica sees the open stream"
+    );
+    while let Some(chunk) = stream.next().await {
+        chunk.unwrap();
+    }
+    // The settlement gives the place back shortly after the stream ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while call(&client, &b).await != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

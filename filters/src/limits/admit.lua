@@ -1,5 +1,5 @@
 -- Sluice limits: check every limit of every scope, then charge them all, atomically.
--- ARGV: tokens, month_start, month_end, scope count, then per scope 12 values:
+-- ARGV: tokens, month_start, month_end, scope count, request id, then per scope 12 values:
 --   prefix, rps, burst, rpm, rph, rpd, tpm, tpd, tpmonth, concurrent, budget_micros, stop_micros
 -- (-1 = no such limit). Times come from the Redis server, so replicas agree.
 -- Returns {0, scope_index, limit_code, retry_ms} or
@@ -11,6 +11,10 @@ local tokens = tonumber(ARGV[1])
 local month_start = tonumber(ARGV[2])
 local month_end = tonumber(ARGV[3])
 local scopes = tonumber(ARGV[4])
+local request_id = ARGV[5]
+-- In-flight requests are members of a sorted set scored by when they lapse: a replica that dies
+-- mid-request cannot give its places back, and its members lapse one by one.
+local IN_FLIGHT_LAPSE_MS = 3600 * 1000
 local request_spans = {60, 3600, 86400}
 local token_spans = {60, 86400}
 
@@ -29,7 +33,7 @@ end
 
 local tats = {}
 for i = 0, scopes - 1 do
-  local b = 4 + i * 12
+  local b = 5 + i * 12
   local p = ARGV[b + 1]
   local rps = tonumber(ARGV[b + 2])
   if rps > 0 then
@@ -63,8 +67,11 @@ for i = 0, scopes - 1 do
     end
   end
   local concurrent = tonumber(ARGV[b + 10])
-  if concurrent >= 0 and tonumber(redis.call('GET', p .. 'inflight') or '0') + 1 > concurrent then
-    return {0, i, 8, 1000}
+  if concurrent >= 0 then
+    redis.call('ZREMRANGEBYSCORE', p .. 'inflight', '-inf', now_ms)
+    if redis.call('ZCARD', p .. 'inflight') + 1 > concurrent then
+      return {0, i, 8, 1000}
+    end
   end
   local stop = tonumber(ARGV[b + 12])
   if stop >= 0 and tonumber(redis.call('GET', p .. 'spend:' .. month_start) or '0') >= stop then
@@ -73,7 +80,7 @@ for i = 0, scopes - 1 do
 end
 
 for i = 0, scopes - 1 do
-  local b = 4 + i * 12
+  local b = 5 + i * 12
   local p = ARGV[b + 1]
   if tats[i] then
     redis.call('SET', p .. 'tat', tats[i], 'PX', math.ceil(tats[i] - now_ms) + 1000)
@@ -93,9 +100,10 @@ for i = 0, scopes - 1 do
       redis.call('EXPIREAT', key, finish + 3600)
     end
   end
-  local inflight = p .. 'inflight'
-  redis.call('INCR', inflight)
-  -- A replica that dies mid-request cannot give its places back; they lapse.
-  redis.call('EXPIRE', inflight, 3600)
+  if tonumber(ARGV[b + 10]) >= 0 then
+    local inflight = p .. 'inflight'
+    redis.call('ZADD', inflight, now_ms + IN_FLIGHT_LAPSE_MS, request_id)
+    redis.call('PEXPIRE', inflight, IN_FLIGHT_LAPSE_MS)
+  end
 end
 return {1, req[1], req[2], req[3], tok[1], tok[2], tok[3], secs}

@@ -189,11 +189,14 @@ impl RedisCounters {
     ) -> Result<Result<(Standings, Charge), Refused>, Unavailable> {
         let (month_start, month_end) = month_bounds(epoch_secs(wall));
         let mut invocation = self.admit.prepare_invoke();
+        // Names this request among the in-flight ones, for its settlement.
+        let request_id: u64 = rand::random();
         invocation
             .arg(tokens)
             .arg(month_start)
             .arg(month_end)
-            .arg(checks.len());
+            .arg(checks.len())
+            .arg(request_id);
         for (scope, limits) in checks {
             let stop = limits
                 .budget_micros()
@@ -251,6 +254,7 @@ impl RedisCounters {
                 .collect(),
             reserved_tokens: tokens,
             month_start,
+            request_id,
         };
         Ok(Ok((standings, charge)))
     }
@@ -268,7 +272,8 @@ impl RedisCounters {
             .arg(charge.reserved_tokens)
             .arg(cost_micros)
             .arg(charge.month_start)
-            .arg(charge.scopes.len());
+            .arg(charge.scopes.len())
+            .arg(charge.request_id);
         for scope in &charge.scopes {
             let (budget, alerts) = match &scope.budget {
                 Some(terms) => (

@@ -1,17 +1,17 @@
 -- Sluice limits: end a request. ARGV: used_tokens, reserved_tokens, cost_micros, month_start,
--- scope count, then per scope: prefix, tokens window starts (3), budget_micros, alert percents
+-- scope count, request id, then per scope: prefix, tokens window starts (3), budget_micros, alert percents
 -- (comma-separated, may be empty). Returns the alerts fired: {scope_index, percent, spent, ...}.
 local used = tonumber(ARGV[1])
 local reserved = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local month_start = ARGV[4]
 local scopes = tonumber(ARGV[5])
+local request_id = ARGV[6]
 local fired = {}
 for i = 0, scopes - 1 do
-  local b = 5 + i * 6
+  local b = 6 + i * 6
   local p = ARGV[b + 1]
-  local inflight = p .. 'inflight'
-  if tonumber(redis.call('GET', inflight) or '0') > 0 then redis.call('DECR', inflight) end
+  redis.call('ZREM', p .. 'inflight', request_id)
   if used ~= reserved then
     for w = 1, 3 do
       local key = p .. 't' .. w .. ':' .. ARGV[b + 1 + w]

@@ -141,6 +141,8 @@ pub struct Charge {
     pub(super) reserved_tokens: u64,
     /// The month the request was admitted in (its cost goes to that month's spend).
     pub(super) month_start: u64,
+    /// Names the request among the in-flight ones (Redis only).
+    pub(super) request_id: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -337,6 +339,7 @@ impl LimitStore {
             scopes: Vec::with_capacity(checks.len()),
             reserved_tokens: tokens,
             month_start: token_bounds[2].0,
+            request_id: 0,
         };
         for ((scope, limits), new_tat) in checks.iter().zip(new_tats) {
             let counters = scopes.entry((*scope).clone()).or_default();
