@@ -428,3 +428,42 @@ tenants:
         assert_eq!(fired, 1, "alert {percent}% fired {fired} times:\n{logs}");
     }
 }
+
+#[tokio::test]
+async fn a_stream_outgrowing_its_tokens_is_cut_with_an_error_event() {
+    let mock = mock().await;
+    let policy = token_policy(&mock.url()).replace(
+        "tokens_per_day: 100000",
+        "tokens_per_day: 60, reserve_output_tokens: 10, cut_streams_over_tokens: true",
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth(KEY_A)
+        .header("x-mock-chunks", "50")
+        .header("x-mock-chunk-ms", "2")
+        .json(&serde_json::json!({"model": "gpt-4o-mini", "stream": true, "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response
+        .text()
+        .await
+        .expect("the cut stream ends cleanly, with its error event");
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    let last = events.last().unwrap();
+    assert!(last.starts_with("data: {\"error\""), "{last}");
+    assert!(last.contains("token limit reached mid-stream"), "{last}");
+    assert!(!text.contains("[DONE]"));
+    assert!(events.len() < 50, "cut early: {} events", events.len());
+    // The upstream stream was dropped, which stops the generation.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while mock.cancelled_streams() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upstream stream not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

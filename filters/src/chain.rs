@@ -17,6 +17,14 @@ pub enum Verdict {
     Respond(Box<LocalResponse>),
 }
 
+/// What the response-chunk phase decided.
+#[derive(Debug)]
+pub enum ChunkVerdict {
+    Pass,
+    /// End the response before this chunk, with this error as the stream's last event.
+    Cut(Rejection),
+}
+
 /// One filter. Every phase has a default that does nothing, so a filter implements only the
 /// phases it cares about.
 #[async_trait]
@@ -36,8 +44,11 @@ pub trait Filter: Send + Sync {
     /// The response head about to go downstream.
     fn on_response_head(&self, _ex: &mut Exchange, _response: &mut ResponseHeader) {}
 
-    /// A response body chunk as it passes downstream. Runs per chunk: no allocation, no waiting.
-    fn on_response_chunk(&self, _ex: &mut Exchange, _chunk: &Bytes) {}
+    /// A response body chunk before it passes downstream. Runs per chunk: no allocation, no
+    /// waiting. `Cut` ends the response here with a provider-shaped error event.
+    fn on_response_chunk(&self, _ex: &mut Exchange, _chunk: &Bytes) -> ChunkVerdict {
+        ChunkVerdict::Pass
+    }
 
     /// The exchange is over (completed, failed or cancelled); see [`Exchange::outcome`].
     fn on_done(&self, _ex: &Exchange) {}
@@ -104,10 +115,14 @@ impl Chain {
         }
     }
 
-    pub fn on_response_chunk(&self, ex: &mut Exchange, chunk: &Bytes) {
+    /// The first filter that cuts the response wins.
+    pub fn on_response_chunk(&self, ex: &mut Exchange, chunk: &Bytes) -> ChunkVerdict {
         for filter in &self.filters {
-            filter.on_response_chunk(ex, chunk);
+            if let ChunkVerdict::Cut(rejection) = filter.on_response_chunk(ex, chunk) {
+                return ChunkVerdict::Cut(rejection);
+            }
         }
+        ChunkVerdict::Pass
     }
 
     /// Runs in reverse order, like unwinding: the first filter to see the request is the last to

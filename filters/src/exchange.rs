@@ -76,6 +76,8 @@ pub enum Outcome {
     Refused,
     /// The upstream failed after the response head went downstream.
     UpstreamBroke,
+    /// A filter ended the response early with an error event (e.g. tokens exhausted).
+    Cut,
     /// The caller went away before the response was complete.
     CallerGone,
 }

@@ -20,7 +20,7 @@ pub mod request_id;
 mod spec;
 pub mod usage;
 
-pub use chain::{Chain, Filter, Verdict};
+pub use chain::{Chain, ChunkVerdict, Filter, Verdict};
 pub use exchange::{ErrorKind, Exchange, LocalResponse, Outcome, Rejection};
 pub use facts::BodyFacts;
 pub use spec::{FilterSpec, SpecError, Stage};

@@ -24,6 +24,7 @@ use sluice_filters::{
 };
 
 use sluice_filters::usage::{inject_include_usage, Dialect, UsageMeter};
+use sluice_filters::ChunkVerdict;
 
 use crate::policy::{Policy, PolicyStore, Route};
 use crate::upstream::{ProviderKind, Resolver, Upstream};
@@ -232,11 +233,16 @@ impl SluiceProxy {
             let strip = usage_injected && header(header::CONTENT_LENGTH).is_none();
             UsageMeter::new(ex.dialect, stream, strip)
         });
-        self.stream_body(session, route, ex, &mut upstream_session, meter.as_mut())
+        let end = self
+            .stream_body(session, route, ex, &mut upstream_session, meter.as_mut())
             .await?;
         if let Some(meter) = meter.as_mut() {
             meter.finish();
             ex.usage = meter.usage();
+        }
+        if let StreamEnd::Cut = end {
+            // Already finished downstream; the upstream session is dropped, not pooled.
+            return Ok(());
         }
         if let Err(e) = session.write_response_body(None, true).await {
             ex.outcome = Outcome::CallerGone;
@@ -259,7 +265,7 @@ impl SluiceProxy {
         ex: &mut Exchange,
         upstream_session: &mut HttpSession,
         mut meter: Option<&mut UsageMeter>,
-    ) -> Result<(), Close> {
+    ) -> Result<StreamEnd, Close> {
         loop {
             let chunk = tokio::select! {
                 biased;
@@ -277,7 +283,19 @@ impl SluiceProxy {
                             continue;
                         }
                     }
-                    route.chain.on_response_chunk(ex, &chunk);
+                    if let ChunkVerdict::Cut(rejection) = route.chain.on_response_chunk(ex, &chunk)
+                    {
+                        // A provider-shaped error as the stream's last event; the upstream
+                        // connection is dropped, which stops the generation.
+                        let provider = route.upstream.provider;
+                        let event = provider.stream_error_event(rejection.kind, &rejection.message);
+                        ex.outcome = Outcome::Cut;
+                        tracing::info!(route = %ex.route, "stream cut: {}", rejection.message);
+                        return match session.write_response_body(Some(event), true).await {
+                            Ok(()) => Ok(StreamEnd::Cut),
+                            Err(e) => Err(Close::CallerGone(e)),
+                        };
+                    }
                     ex.response_bytes += chunk.len() as u64;
                     if let Err(e) = session.write_response_body(Some(chunk), false).await {
                         ex.outcome = Outcome::CallerGone;
@@ -295,7 +313,7 @@ impl SluiceProxy {
                 break;
             }
         }
-        Ok(())
+        Ok(StreamEnd::Complete)
     }
 
     async fn release(&self, upstream_session: HttpSession, peer: &HttpPeer) {
@@ -406,6 +424,14 @@ impl SluiceProxy {
             }
         }
     }
+}
+
+/// How a response body ended when it did not fail.
+enum StreamEnd {
+    /// The upstream finished it.
+    Complete,
+    /// A filter ended it early; the response is already finished downstream.
+    Cut,
 }
 
 enum Attempt {

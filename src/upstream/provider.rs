@@ -73,6 +73,17 @@ impl ProviderKind {
         Bytes::from(body.to_string())
     }
 
+    /// An error as the last event of a server-sent-event stream, in the shape this provider's
+    /// SDKs raise on: OpenAI's `data: {"error": …}`, Anthropic's `event: error`.
+    pub fn stream_error_event(self, kind: ErrorKind, message: &str) -> Bytes {
+        let body = self.error_body(kind, message);
+        let body = String::from_utf8_lossy(&body);
+        Bytes::from(match self {
+            ProviderKind::Anthropic => format!("event: error\ndata: {body}\n\n"),
+            _ => format!("data: {body}\n\n"),
+        })
+    }
+
     /// Rewrites an OpenAI-style path (`/v1/chat/completions`) to an Azure deployment path when
     /// the upstream is Azure OpenAI; other paths and providers pass unchanged.
     pub fn upstream_path(

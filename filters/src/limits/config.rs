@@ -35,6 +35,11 @@ pub struct RequestLimits {
     /// Output tokens reserved for a request that names no `max_tokens`. Default 1024.
     #[serde(default)]
     pub reserve_output_tokens: Option<u64>,
+    /// Cut a stream that outgrows the tokens left (its reservation plus what the token limits
+    /// still allow) with a provider-shaped error event, instead of letting it finish over the
+    /// limit. Output is counted as one token per streamed event while it flows.
+    #[serde(default)]
+    pub cut_streams_over_tokens: bool,
     /// Spend per tenant per calendar month (UTC), priced from the policy's `prices`.
     #[serde(default)]
     pub budget_usd_per_month: Option<f64>,
@@ -71,6 +76,7 @@ impl Default for RequestLimits {
             tokens_per_day: None,
             tokens_per_month: None,
             reserve_output_tokens: None,
+            cut_streams_over_tokens: false,
             max_input_tokens: None,
             max_output_tokens: None,
             over_max_output_tokens: OverMax::default(),

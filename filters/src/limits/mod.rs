@@ -110,6 +110,9 @@ struct Admission {
     settled: std::sync::Mutex<Option<(u64, u64)>>,
     /// `(asked, sent)` when a budget downgrade rewrote the model.
     downgraded: Option<(String, String)>,
+    /// Streamed events a stream may carry before it is cut, when the tier cuts streams.
+    stream_allowance: Option<u64>,
+    streamed_events: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for Admission {
@@ -334,12 +337,21 @@ impl Filter for Limits {
                     (Some(tenant), Some(limits)) => self.downgrade(&tenant, limits, ex).await,
                     _ => None,
                 };
+                let cuts =
+                    tier.is_some_and(|limits| limits.cut_streams_over_tokens) && ex.facts.stream;
+                let reserved_output = reserve.saturating_sub(estimate_input_tokens(ex.body.len()));
+                let stream_allowance = standings
+                    .tokens
+                    .filter(|_| cuts)
+                    .map(|tokens| tokens.remaining + reserved_output);
                 ex.extensions.insert(Arc::new(AdmissionSlot(Admission {
                     backend: self.backend.clone(),
                     charge,
                     standings,
                     settled: std::sync::Mutex::new(None),
                     downgraded,
+                    stream_allowance,
+                    streamed_events: std::sync::atomic::AtomicU64::new(0),
                 })));
                 Verdict::Continue
             }
@@ -388,6 +400,34 @@ impl Filter for Limits {
                 let _ = response.insert_header(HeaderName::from_static(name), value);
             }
         }
+    }
+
+    fn on_response_chunk(&self, ex: &mut Exchange, chunk: &Bytes) -> crate::ChunkVerdict {
+        let Some(slot) = ex.extensions.get::<Arc<AdmissionSlot>>() else {
+            return crate::ChunkVerdict::Pass;
+        };
+        let Some(allowance) = slot.0.stream_allowance else {
+            return crate::ChunkVerdict::Pass;
+        };
+        let events = memchr::memmem::find_iter(chunk, b"data:").count() as u64;
+        let total = slot
+            .0
+            .streamed_events
+            .fetch_add(events, std::sync::atomic::Ordering::Relaxed)
+            + events;
+        if total <= allowance {
+            return crate::ChunkVerdict::Pass;
+        }
+        let message = format!(
+            "token limit reached mid-stream: tenant `{}` (tier `{}`) has no tokens left; the response was cut",
+            ex.tenant.as_deref().unwrap_or("-"),
+            ex.tier.as_deref().unwrap_or("-"),
+        );
+        crate::ChunkVerdict::Cut(Rejection::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::RateLimited,
+            message,
+        ))
     }
 
     fn on_done(&self, ex: &Exchange) {
