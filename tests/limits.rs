@@ -467,3 +467,52 @@ async fn a_stream_outgrowing_its_tokens_is_cut_with_an_error_event() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_queued_request_waits_for_the_place_instead_of_failing() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&policy(
+        &mock.url(),
+        "{ concurrent: 1, queue: { max_wait: 5s, priority: 1 } }",
+        false,
+    ))
+    .await;
+    let slow = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth(KEY_A)
+        .header("x-mock-chunk-ms", "100")
+        .header("x-mock-chunks", "5")
+        .json(&chat_body("hold", true))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = slow.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    let started = std::time::Instant::now();
+    let queued = tokio::spawn({
+        let proxy = sidecar.proxy.clone();
+        async move {
+            reqwest::Client::new()
+                .post(format!("{proxy}/openai/v1/chat/completions"))
+                .bearer_auth(KEY_A)
+                .json(&chat_body("waiting", false))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    while let Some(chunk) = stream.next().await {
+        chunk.unwrap();
+    }
+    assert_eq!(
+        queued.await.unwrap(),
+        200,
+        "admitted once the stream gave its place back"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "it did wait: {:?}",
+        started.elapsed()
+    );
+}

@@ -40,6 +40,9 @@ pub struct RequestLimits {
     /// limit. Output is counted as one token per streamed event while it flows.
     #[serde(default)]
     pub cut_streams_over_tokens: bool,
+    /// Wait for capacity instead of refusing at once: `{ max_wait: 2s, priority: 10 }`.
+    #[serde(default)]
+    pub queue: Option<super::QueueSettings>,
     /// Spend per tenant per calendar month (UTC), priced from the policy's `prices`.
     #[serde(default)]
     pub budget_usd_per_month: Option<f64>,
@@ -77,6 +80,7 @@ impl Default for RequestLimits {
             tokens_per_month: None,
             reserve_output_tokens: None,
             cut_streams_over_tokens: false,
+            queue: None,
             max_input_tokens: None,
             max_output_tokens: None,
             over_max_output_tokens: OverMax::default(),

@@ -6,6 +6,7 @@
 //! Admitted responses carry OpenAI's `x-ratelimit-{limit,remaining,reset}-requests` headers.
 
 mod config;
+mod queue;
 mod redis_store;
 mod state;
 
@@ -18,7 +19,10 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
 pub use config::{Downgrade, OverMax, Price, RequestLimits};
+pub use queue::QueueSettings;
+use queue::WaitingRoom;
 pub use redis_store::{Backend, OnError, RedisCounters};
+use state::Check;
 pub use state::{BudgetAlert, Charge, LimitName, LimitStore, Refused, Standing, Standings};
 
 use crate::glob::Glob;
@@ -89,7 +93,13 @@ pub struct Limits {
     table: Arc<LimitTable>,
     backend: Backend,
     system_scope: Arc<str>,
+    room: Arc<WaitingRoom>,
 }
+
+/// How often a waiter behind others looks again (it is also woken when capacity returns).
+const QUEUE_POLL: Duration = Duration::from_millis(50);
+
+type Admitted = Result<Result<(Standings, Charge), Refused>, redis_store::Unavailable>;
 
 impl std::fmt::Debug for Limits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -103,6 +113,7 @@ impl std::fmt::Debug for Limits {
 /// however it ends, since it lives in the exchange.
 struct Admission {
     backend: Backend,
+    room: Arc<WaitingRoom>,
     charge: Charge,
     standings: Standings,
     /// Tokens used and their cost in micro-dollars, once known; the token reservation stands
@@ -121,15 +132,19 @@ impl Drop for Admission {
         let (used, cost) = settled.unwrap_or((self.charge.reserved_tokens(), 0));
         let charge = std::mem::take(&mut self.charge);
         match &self.backend {
-            Backend::Memory(store) => log_alerts(store.settle(&charge, used, cost)),
+            Backend::Memory(store) => {
+                log_alerts(store.settle(&charge, used, cost));
+                self.room.capacity_changed();
+            }
             Backend::Redis(redis) => {
                 // The caller has its answer already; the settlement must not hold it.
-                let redis = redis.clone();
+                let (redis, room) = (redis.clone(), self.room.clone());
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     runtime.spawn(async move {
                         if let Ok(alerts) = redis.settle(&charge, used, cost).await {
                             log_alerts(alerts);
                         }
+                        room.capacity_changed();
                     });
                 }
             }
@@ -175,6 +190,7 @@ impl Limits {
             table,
             backend,
             system_scope: SYSTEM_SCOPE.into(),
+            room: Arc::default(),
         }
     }
 
@@ -236,6 +252,60 @@ impl Limits {
         ex.facts.model = Some(cheaper.clone());
         tracing::info!(target: "sluice::budget", tenant, asked = %asked, sent = %cheaper, "model downgraded: budget above {}%", rule.above_percent);
         Some((asked, cheaper.clone()))
+    }
+
+    async fn admit_once(&self, checks: &[Check<'_>], reserve: u64) -> Admitted {
+        match &self.backend {
+            Backend::Memory(store) => {
+                Ok(store.admit(checks, reserve, Instant::now(), SystemTime::now()))
+            }
+            Backend::Redis(redis) => redis.admit(checks, reserve, SystemTime::now()).await,
+        }
+    }
+
+    /// Admits now, or — for a tier with a `queue` — waits in the room for capacity up to its
+    /// `max_wait`: only the first waiter (highest priority, then oldest) tries; a refusal whose
+    /// retry time is beyond the wait is final at once.
+    async fn admit_or_wait(
+        &self,
+        checks: &[Check<'_>],
+        reserve: u64,
+        queue: Option<&QueueSettings>,
+    ) -> Admitted {
+        let Some(queue) = queue else {
+            return self.admit_once(checks, reserve).await;
+        };
+        let deadline = Instant::now() + queue.max_wait;
+        let mut ticket = None;
+        loop {
+            let now = Instant::now();
+            let waiting_behind = ticket
+                .as_ref()
+                .is_some_and(|t: &queue::Ticket| !t.is_first());
+            if waiting_behind && now < deadline {
+                self.room.wait(QUEUE_POLL.min(deadline - now)).await;
+                continue;
+            }
+            let attempt = self.admit_once(checks, reserve).await;
+            let refused = match &attempt {
+                Ok(Err(refused)) => refused,
+                _ => return attempt,
+            };
+            let now = Instant::now();
+            // A concurrency place can come back at any moment; other limits say when.
+            let known_too_late =
+                refused.limit != LimitName::Concurrent && refused.retry_after > deadline - now;
+            if now >= deadline || known_too_late {
+                return attempt;
+            }
+            if ticket.is_none() {
+                ticket = Some(self.room.enter(queue.priority));
+                continue;
+            }
+            self.room
+                .wait(refused.retry_after.min(deadline - now))
+                .await;
+        }
     }
 
     /// Redis could not be asked: admit uncounted or refuse, as the policy says.
@@ -320,12 +390,8 @@ impl Filter for Limits {
         if checks.is_empty() {
             return Verdict::Continue;
         }
-        let admitted = match &self.backend {
-            Backend::Memory(store) => {
-                Ok(store.admit(&checks, reserve, Instant::now(), SystemTime::now()))
-            }
-            Backend::Redis(redis) => redis.admit(&checks, reserve, SystemTime::now()).await,
-        };
+        let queue = tier.and_then(|limits| limits.queue.as_ref());
+        let admitted = self.admit_or_wait(&checks, reserve, queue).await;
         drop(checks);
         let admitted = match admitted {
             Ok(admitted) => admitted,
@@ -346,6 +412,7 @@ impl Filter for Limits {
                     .map(|tokens| tokens.remaining + reserved_output);
                 ex.extensions.insert(Arc::new(AdmissionSlot(Admission {
                     backend: self.backend.clone(),
+                    room: self.room.clone(),
                     charge,
                     standings,
                     settled: std::sync::Mutex::new(None),

@@ -483,3 +483,86 @@ async fn budgets_count_spend_alert_once_and_downgrade() {
         rejection.message
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_requests_wait_for_capacity_higher_priority_first() {
+    let queue = |priority| {
+        Some(QueueSettings {
+            max_wait: Duration::from_secs(5),
+            priority,
+        })
+    };
+    let table = LimitTable {
+        tiers: [
+            (Arc::<str>::from("low"), limits(|l| l.queue = queue(1))),
+            (Arc::<str>::from("high"), limits(|l| l.queue = queue(5))),
+        ]
+        .into(),
+        system: Some(limits(|l| l.concurrent = Some(1))),
+        prices: Prices::default(),
+    };
+    let filter = Arc::new(Limits::new(
+        Arc::new(table),
+        Backend::Memory(Arc::new(LimitStore::default())),
+    ));
+    let mut holder = exchange("h", "high", "{}");
+    assert!(matches!(
+        filter.on_request(&mut holder).await,
+        Verdict::Continue
+    ));
+
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let waiter = |tenant: &'static str, tier: &'static str| {
+        let (filter, order) = (filter.clone(), order.clone());
+        tokio::spawn(async move {
+            let mut ex = exchange(tenant, tier, "{}");
+            let admitted = matches!(filter.on_request(&mut ex).await, Verdict::Continue);
+            order.lock().unwrap().push(tenant);
+            // Hold the place briefly, then give it to the next waiter.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            admitted
+        })
+    };
+    let low = waiter("low-tenant", "low");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let high = waiter("high-tenant", "high");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        order.lock().unwrap().is_empty(),
+        "both wait while the place is held"
+    );
+    drop(holder);
+    assert!(
+        high.await.unwrap() && low.await.unwrap(),
+        "both are admitted in the end"
+    );
+    assert_eq!(*order.lock().unwrap(), ["high-tenant", "low-tenant"]);
+}
+
+#[tokio::test]
+async fn a_queue_gives_up_after_max_wait() {
+    let tier = limits(|l| {
+        l.concurrent = Some(1);
+        l.queue = Some(QueueSettings {
+            max_wait: Duration::from_millis(100),
+            priority: 0,
+        });
+    });
+    let (filter, _) = limits_filter(tier, None);
+    let mut first = exchange("t", "free", "{}");
+    assert!(matches!(
+        filter.on_request(&mut first).await,
+        Verdict::Continue
+    ));
+    let started = Instant::now();
+    let mut second = exchange("t", "free", "{}");
+    assert!(matches!(
+        filter.on_request(&mut second).await,
+        Verdict::Reject(_)
+    ));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(90) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+}
