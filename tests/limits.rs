@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::StreamExt;
 use sluice_filters::auth::keys::KeyHash;
+use sluice_filters::usage::Dialect;
 
 const KEY_A: &str = "sk-sluice-limits-a";
 const KEY_B: &str = "sk-sluice-limits-b";
@@ -224,8 +225,10 @@ fn mock_usage(body: &[u8]) -> u64 {
     (body.len() as u64 / 4).max(1) + 5
 }
 
-fn reservation(body: &[u8], max_tokens: u64) -> u64 {
-    (body.len() as u64).div_ceil(4) + max_tokens
+/// What admission reserves: the prompt as Sluice measures it (tiktoken for OpenAI models,
+/// bytes / 4 otherwise) plus the requested output.
+fn reservation(body: &[u8], max_tokens: u64, dialect: Dialect) -> u64 {
+    sluice_filters::limits::estimate_input_tokens(body, Some("gpt-4o-mini"), dialect) + max_tokens
 }
 
 async fn remaining_tokens(response: &reqwest::Response) -> u64 {
@@ -264,7 +267,7 @@ async fn token_reservations_settle_to_reported_usage() {
         .unwrap();
     assert_eq!(
         remaining_tokens(&first).await,
-        100_000 - reservation(&body(false), 200)
+        100_000 - reservation(&body(false), 200, Dialect::OpenAi)
     );
     first.bytes().await.unwrap();
     let mut used = mock_usage(&body(false));
@@ -275,7 +278,7 @@ async fn token_reservations_settle_to_reported_usage() {
         .unwrap();
     assert_eq!(
         remaining_tokens(&streamed).await,
-        100_000 - used - reservation(&body(true), 200)
+        100_000 - used - reservation(&body(true), 200, Dialect::OpenAi)
     );
     let text = streamed.text().await.unwrap();
     assert!(
@@ -292,7 +295,7 @@ async fn token_reservations_settle_to_reported_usage() {
     let anthropic = send("/anthropic/v1/messages", body(true)).await.unwrap();
     assert_eq!(
         remaining_tokens(&anthropic).await,
-        100_000 - used - reservation(&body(true), 200)
+        100_000 - used - reservation(&body(true), 200, Dialect::Anthropic)
     );
     anthropic.text().await.unwrap();
     used += mock_usage(&body(true));
@@ -303,7 +306,7 @@ async fn token_reservations_settle_to_reported_usage() {
         .unwrap();
     assert_eq!(
         remaining_tokens(&last).await,
-        100_000 - used - reservation(&body(false), 200)
+        100_000 - used - reservation(&body(false), 200, Dialect::OpenAi)
     );
 }
 
@@ -420,6 +423,12 @@ tenants:
             .contains("`budget_usd_per_month` limit of 100"),
         "{refused}"
     );
+    // Log lines reach the file through a writer thread: wait for the last one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !sidecar.logs().contains("threshold_percent=95 ") && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let logs = sidecar.logs();
     for percent in [50, 75, 90, 95] {
         let fired = logs
@@ -434,7 +443,7 @@ async fn a_stream_outgrowing_its_tokens_is_cut_with_an_error_event() {
     let mock = mock().await;
     let policy = token_policy(&mock.url()).replace(
         "tokens_per_day: 100000",
-        "tokens_per_day: 60, reserve_output_tokens: 10, cut_streams_over_tokens: true",
+        "tokens_per_day: 30, reserve_output_tokens: 10, cut_streams_over_tokens: true",
     );
     let sidecar = Sidecar::start(&policy).await;
     let response = reqwest::Client::new()

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use sluice_filters::auth::jwt::JwtMaterial;
 use sluice_filters::auth::keys::{KeyHash, KEY_PREFIX};
 use sluice_filters::auth::{Auth, AuthMode, AuthSpec, Directory};
-use sluice_filters::limits::{Backend, LimitTable, Limits, RedisCounters};
+use sluice_filters::limits::{warm_up_tokenizers, Backend, LimitTable, Limits, RedisCounters};
 use sluice_filters::{Chain, Filter, FilterSpec, Stage};
 
 use super::error::PolicyError;
@@ -446,6 +446,14 @@ fn compile_limits(
     }
     if table.is_empty() {
         return None;
+    }
+    let measures_prompts = table
+        .tiers
+        .values()
+        .chain(table.system.as_ref())
+        .any(|limits| limits.counts_tokens() || limits.max_input_tokens.is_some());
+    if measures_prompts {
+        warm_up_tokenizers();
     }
     let backend = match redis {
         Some(redis) => Backend::Redis(redis),

@@ -55,7 +55,7 @@ pub struct RequestLimits {
     /// Above a percentage of the budget, rewrite expensive models to cheaper ones.
     #[serde(default)]
     pub downgrade: Option<Downgrade>,
-    /// Largest prompt, estimated as a quarter of the request body's bytes.
+    /// Largest prompt, in tokens (see `estimate_input_tokens`).
     #[serde(default)]
     pub max_input_tokens: Option<u64>,
     /// Largest `max_tokens` / `max_completion_tokens` a request may ask for.

@@ -6,6 +6,7 @@
 //! Admitted responses carry OpenAI's `x-ratelimit-{limit,remaining,reset}-requests` headers.
 
 mod config;
+mod estimate;
 mod queue;
 mod redis_store;
 mod state;
@@ -19,6 +20,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
 pub use config::{Downgrade, OverMax, Price, RequestLimits};
+pub use estimate::{estimate_from_bytes, estimate_input_tokens, warm_up_tokenizers};
 pub use queue::QueueSettings;
 use queue::WaitingRoom;
 pub use redis_store::{Backend, OnError, RedisCounters};
@@ -82,12 +84,6 @@ impl LimitTable {
 
 /// The scope name of system-wide counters; no tenant can be called this (names cannot hold NUL).
 const SYSTEM_SCOPE: &str = "\0system";
-
-/// Prompt tokens estimated from the body: about four bytes a token for English text and JSON.
-/// A model-specific tokenizer would be exact; this keeps per-request work to a division.
-pub fn estimate_input_tokens(body_len: usize) -> u64 {
-    (body_len as u64).div_ceil(4)
-}
 
 pub struct Limits {
     table: Arc<LimitTable>,
@@ -195,8 +191,7 @@ impl Limits {
     }
 
     /// Per-request caps: prompt size and requested output.
-    fn check_request(limits: &RequestLimits, ex: &mut Exchange) -> Option<Verdict> {
-        let prompt = estimate_input_tokens(ex.facts.body_len);
+    fn check_request(limits: &RequestLimits, prompt: u64, ex: &mut Exchange) -> Option<Verdict> {
         if let Some(max) = limits.max_input_tokens.filter(|max| prompt > *max) {
             return Some(invalid(format!(
                 "the prompt (about {prompt} tokens) exceeds this tier's max_input_tokens of {max}"
@@ -359,22 +354,26 @@ impl Filter for Limits {
 
     async fn on_request(&self, ex: &mut Exchange) -> Verdict {
         let tier = ex.tier.as_ref().and_then(|tier| self.table.tiers.get(tier));
-        for limits in [tier, self.table.system.as_ref()].into_iter().flatten() {
-            if let Some(verdict) = Self::check_request(limits, ex) {
+        let applicable = || [tier, self.table.system.as_ref()].into_iter().flatten();
+        let counts_tokens = applicable().any(RequestLimits::counts_tokens);
+        // The prompt is measured once, and only when a limit needs it.
+        let prompt = if counts_tokens || applicable().any(|l| l.max_input_tokens.is_some()) {
+            estimate_input_tokens(&ex.body, ex.facts.model.as_deref(), ex.dialect)
+        } else {
+            0
+        };
+        for limits in applicable() {
+            if let Some(verdict) = Self::check_request(limits, prompt, ex) {
                 return verdict;
             }
         }
-        let counts_tokens = [tier, self.table.system.as_ref()]
-            .into_iter()
-            .flatten()
-            .any(RequestLimits::counts_tokens);
         let reserve = if counts_tokens {
             let output = ex
                 .facts
                 .max_tokens
                 .or_else(|| tier.map(RequestLimits::reserve_output_tokens))
                 .unwrap_or(1024);
-            estimate_input_tokens(ex.body.len()) + output
+            prompt + output
         } else {
             0
         };
@@ -405,7 +404,7 @@ impl Filter for Limits {
                 };
                 let cuts =
                     tier.is_some_and(|limits| limits.cut_streams_over_tokens) && ex.facts.stream;
-                let reserved_output = reserve.saturating_sub(estimate_input_tokens(ex.body.len()));
+                let reserved_output = reserve.saturating_sub(prompt);
                 let stream_allowance = standings
                     .tokens
                     .filter(|_| cuts)

@@ -360,7 +360,7 @@ async fn the_filter_settles_with_the_exchange_usage() {
         filter.on_request(&mut ex).await,
         Verdict::Continue
     ));
-    let reserved = estimate_input_tokens(ex.body.len()) + 100;
+    let reserved = estimate_input_tokens(&ex.body, ex.facts.model.as_deref(), ex.dialect) + 100;
     assert_eq!(store.tokens_today("t", SystemTime::now()), reserved);
     let mut response = ResponseHeader::build(200, None).unwrap();
     filter.on_response_head(&mut ex, &mut response);

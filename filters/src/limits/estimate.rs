@@ -1,0 +1,120 @@
+//! Prompt size before the provider reports it: OpenAI models by their own tokenizer
+//! (tiktoken), everything else — and bodies too large to tokenize on the request path — as
+//! a quarter of the body's bytes.
+
+use crate::usage::Dialect;
+
+/// Bodies above this are estimated, not tokenized: tokenizing costs about a millisecond per
+/// 100 KiB, which a request should not wait for.
+const MAX_TOKENIZED_BODY: usize = 256 * 1024;
+/// OpenAI's framing around each chat message, and the priming of the reply (their cookbook).
+const TOKENS_PER_MESSAGE: u64 = 3;
+const REPLY_PRIMING: u64 = 3;
+
+/// Loads the tokenizers' tables (seconds in a debug build) off the request path, so the first
+/// request that needs them does not wait.
+pub fn warm_up_tokenizers() {
+    std::thread::spawn(|| {
+        tiktoken_rs::o200k_base_singleton();
+        tiktoken_rs::cl100k_base_singleton();
+    });
+}
+
+/// About four bytes a token for English text and JSON.
+pub fn estimate_from_bytes(body_len: usize) -> u64 {
+    (body_len as u64).div_ceil(4)
+}
+
+/// The prompt's tokens as the provider will count them, as near as can be known up front.
+pub fn estimate_input_tokens(body: &[u8], model: Option<&str>, dialect: Dialect) -> u64 {
+    let bytes_estimate = estimate_from_bytes(body.len());
+    if dialect != Dialect::OpenAi || body.len() > MAX_TOKENIZED_BODY {
+        return bytes_estimate;
+    }
+    let Some(tokenizer) = model.and_then(tiktoken_rs::tokenizer::get_tokenizer) else {
+        return bytes_estimate;
+    };
+    let Ok(bpe) = tiktoken_rs::bpe_for_tokenizer(tokenizer) else {
+        return bytes_estimate;
+    };
+    let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return bytes_estimate;
+    };
+    let count = |text: &str| bpe.encode_ordinary(text).len() as u64;
+    let text_of = |value: &serde_json::Value| -> u64 {
+        match value {
+            serde_json::Value::String(text) => count(text),
+            serde_json::Value::Array(parts) => parts
+                .iter()
+                .map(|part| match part {
+                    serde_json::Value::String(text) => count(text),
+                    other => other.get("text").and_then(|t| t.as_str()).map_or(0, count),
+                })
+                .sum(),
+            _ => 0,
+        }
+    };
+    if let Some(messages) = request.get("messages").and_then(|m| m.as_array()) {
+        let content: u64 = messages
+            .iter()
+            .map(|message| {
+                TOKENS_PER_MESSAGE + text_of(&message["content"]) + text_of(&message["name"])
+            })
+            .sum();
+        return content + REPLY_PRIMING;
+    }
+    match request.get("prompt").or_else(|| request.get("input")) {
+        Some(text) => text_of(text),
+        None => bytes_estimate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_chat_is_tokenized() {
+        let body =
+            br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello, world!"}]}"#;
+        // "Hello, world!" is 4 tokens in o200k_base; 3 framing + 3 priming.
+        assert_eq!(
+            estimate_input_tokens(body, Some("gpt-4o-mini"), Dialect::OpenAi),
+            10
+        );
+        let parts = br#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"Hello, world!"}]}]}"#;
+        assert_eq!(
+            estimate_input_tokens(parts, Some("gpt-4o"), Dialect::OpenAi),
+            10
+        );
+    }
+
+    #[test]
+    fn others_fall_back_to_bytes() {
+        let body =
+            br#"{"model":"claude-x","messages":[{"role":"user","content":"Hello, world!"}]}"#;
+        let bytes = estimate_from_bytes(body.len());
+        assert_eq!(
+            estimate_input_tokens(body, Some("claude-x"), Dialect::Anthropic),
+            bytes
+        );
+        assert_eq!(
+            estimate_input_tokens(body, Some("not-a-known-model"), Dialect::OpenAi),
+            bytes
+        );
+        assert_eq!(estimate_input_tokens(body, None, Dialect::OpenAi), bytes);
+        assert_eq!(
+            estimate_input_tokens(b"not json", Some("gpt-4o"), Dialect::OpenAi),
+            2
+        );
+    }
+
+    #[test]
+    fn prompts_and_inputs_count_too() {
+        let body = br#"{"model":"gpt-4o","prompt":["Hello, world!","Hello, world!"]}"#;
+        assert_eq!(
+            estimate_input_tokens(body, Some("gpt-4o"), Dialect::OpenAi),
+            8
+        );
+    }
+}
