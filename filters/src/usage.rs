@@ -24,8 +24,9 @@ impl Usage {
     }
 }
 
-/// A non-streaming body larger than this is not kept for its usage (it is still passed on).
-const MAX_BUFFERED_BODY: usize = 4 * 1024 * 1024;
+/// Of a non-streaming body only the end is kept: providers put `usage` last, so the whole
+/// body never needs copying.
+const KEPT_BODY_TAIL: usize = 16 * 1024;
 /// An SSE line longer than this is skipped for usage purposes.
 const MAX_LINE: usize = 1024 * 1024;
 
@@ -34,9 +35,8 @@ const MAX_LINE: usize = 1024 * 1024;
 pub struct UsageMeter {
     dialect: Dialect,
     stream: bool,
-    /// Non-stream: the body so far; stream: the current unfinished line.
+    /// Non-stream: the body's last bytes; stream: the current unfinished line.
     buffer: BytesMut,
-    overflow: bool,
     usage: Option<Usage>,
     /// Drop OpenAI's usage-only chunk from what goes downstream (Sluice asked for it, the
     /// caller did not).
@@ -49,7 +49,6 @@ impl UsageMeter {
             dialect,
             stream,
             buffer: BytesMut::new(),
-            overflow: false,
             usage: None,
             strip_usage_chunk,
         }
@@ -63,14 +62,12 @@ impl UsageMeter {
     /// unless an injected usage event had to be cut out of it).
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
         if !self.stream {
-            if !self.overflow {
-                if self.buffer.len() + chunk.len() > MAX_BUFFERED_BODY {
-                    self.overflow = true;
-                    self.buffer = BytesMut::new();
-                } else {
-                    self.buffer.extend_from_slice(&chunk);
-                }
+            let keep = chunk.len().min(KEPT_BODY_TAIL);
+            let excess = (self.buffer.len() + keep).saturating_sub(KEPT_BODY_TAIL);
+            if excess > 0 {
+                let _ = self.buffer.split_to(excess);
             }
+            self.buffer.extend_from_slice(&chunk[chunk.len() - keep..]);
             return chunk;
         }
         let mut strip: Option<(usize, usize)> = None;
@@ -119,12 +116,21 @@ impl UsageMeter {
 
     /// The body is complete: a non-streaming body is read for its usage now.
     pub fn finish(&mut self) {
-        if !self.stream && !self.overflow && !self.buffer.is_empty() {
-            if let Ok(body) = serde_json::from_slice::<serde_json::Value>(&self.buffer) {
-                self.take_usage(&body["usage"]);
-            }
-            self.buffer = BytesMut::new();
+        if self.stream || self.buffer.is_empty() {
+            return;
         }
+        // The last `"usage"` key of the body, and the value after its colon.
+        if let Some(at) = memchr::memmem::rfind(&self.buffer, b"\"usage\"") {
+            let rest = self.buffer[at + 7..].trim_ascii_start();
+            if let Some(value) = rest.strip_prefix(b":") {
+                let mut values =
+                    serde_json::Deserializer::from_slice(value).into_iter::<serde_json::Value>();
+                if let Some(Ok(usage)) = values.next() {
+                    self.take_usage(&usage);
+                }
+            }
+        }
+        self.buffer = BytesMut::new();
     }
 
     /// Reads one SSE line; whether it was OpenAI's usage-only chunk.
@@ -215,6 +221,27 @@ mod tests {
         }
         meter.finish();
         out
+    }
+
+    #[test]
+    fn only_the_end_of_a_large_body_is_kept() {
+        let mut meter = UsageMeter::new(Dialect::OpenAi, false, false);
+        let content = "x".repeat(100_000);
+        let body = format!(
+            r#"{{"choices":[{{"message":{{"content":"{content} \"usage\": 1"}}}}],"usage":{{"prompt_tokens":9,"completion_tokens":4}}}}"#
+        );
+        for piece in body.as_bytes().chunks(4096) {
+            meter.feed(Bytes::copy_from_slice(piece));
+            assert!(meter.buffer.len() <= KEPT_BODY_TAIL);
+        }
+        meter.finish();
+        assert_eq!(
+            meter.usage(),
+            Some(Usage {
+                input_tokens: 9,
+                output_tokens: 4
+            })
+        );
     }
 
     #[test]
