@@ -1,4 +1,4 @@
-//! The admin listener: health, readiness, reload and the active policy. Bind it to loopback or a
+//! The admin listener: health, readiness, metrics, reload and the active policy. Bind it to loopback or a
 //! pod-internal address; it has no authentication of its own.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,14 +87,18 @@ impl AdminApp {
             "source": policy.source.display().to_string(),
             "summary": policy.summary(),
             "reloads": {
-                "applied": self.store.reloads_applied.load(Ordering::Relaxed),
-                "rejected": self.store.reloads_rejected.load(Ordering::Relaxed),
+                "applied": self.store.reloads("applied"),
+                "unchanged": self.store.reloads("unchanged"),
+                "rejected": self.store.reloads("rejected"),
                 "last_rejection": self.store.last_rejection(),
             },
             "policy": policy.redacted,
         })
     }
 }
+
+/// Prometheus's text exposition format.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[async_trait]
 impl ServeHttp for AdminApp {
@@ -103,12 +107,20 @@ impl ServeHttp for AdminApp {
         let _ = session.drain_request_body().await;
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
+        if (&method, path.as_str()) == (&Method::GET, "/metrics") {
+            let policy = self.store.current();
+            return respond(
+                StatusCode::OK,
+                PROMETHEUS_TEXT,
+                self.store.metrics().render(&policy),
+            );
+        }
         let (status, body) = match (method, path.as_str()) {
             (Method::GET, "/healthz") => (StatusCode::OK, json!({"status": "ok"})),
             (Method::GET, "/readyz") => self.readiness(),
             (Method::POST, "/admin/reload") => self.reload().await,
             (Method::GET, "/admin/policy") => (StatusCode::OK, self.policy()),
-            (_, "/healthz" | "/readyz" | "/admin/reload" | "/admin/policy") => (
+            (_, "/healthz" | "/readyz" | "/metrics" | "/admin/reload" | "/admin/policy") => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 json!({"error": "method not allowed"}),
             ),
@@ -118,11 +130,15 @@ impl ServeHttp for AdminApp {
             ),
         };
         let body = serde_json::to_vec_pretty(&body).unwrap_or_default();
-        Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::CONTENT_LENGTH, body.len())
-            .body(body)
-            .unwrap_or_default()
+        respond(status, "application/json", body)
     }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(body)
+        .unwrap_or_default()
 }

@@ -4,6 +4,7 @@ mod admin;
 mod exchange;
 mod policy;
 mod server;
+mod telemetry;
 mod upstream;
 
 use std::path::PathBuf;

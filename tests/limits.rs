@@ -115,6 +115,17 @@ async fn headers_count_down_and_refusals_are_free() {
     }
     assert_eq!(remaining, ["2", "1", "0"]);
     assert_eq!(call(&sidecar, KEY_A, false).await.status(), 429);
+    assert_eq!(call(&sidecar, KEY_A, false).await.status(), 429);
+    let metrics = sidecar.metrics().await;
+    let rejections = |limit| {
+        metrics.value(
+            "sluice_limit_rejections_total",
+            &[("limit", limit), ("scope", "free")],
+        )
+    };
+    assert_eq!(rejections("requests_per_minute"), Some(2.0));
+    assert_eq!(rejections("max_output_tokens"), Some(1.0));
+    assert_eq!(rejections("rps"), None, "no refusal, no series");
 }
 
 #[tokio::test]
@@ -436,6 +447,25 @@ tenants:
             .count();
         assert_eq!(fired, 1, "alert {percent}% fired {fired} times:\n{logs}");
     }
+    let metrics = sidecar.metrics().await;
+    for percent in ["50", "75", "90", "95"] {
+        let labels = [("tier", "pro"), ("threshold", percent), ("tenant", "")];
+        assert_eq!(
+            metrics.value("sluice_budget_alerts_total", &labels),
+            Some(1.0),
+            "alert {percent}% counted once"
+        );
+    }
+    let downgrade = [("tier", "pro"), ("from", "gpt-4o"), ("to", "gpt-4o-mini")];
+    assert_eq!(
+        metrics.value("sluice_model_downgrades_total", &downgrade),
+        Some(1.0)
+    );
+    let budget = [("limit", "budget_usd_per_month"), ("scope", "pro")];
+    assert_eq!(
+        metrics.value("sluice_limit_rejections_total", &budget),
+        Some(1.0)
+    );
 }
 
 #[tokio::test]

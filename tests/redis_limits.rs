@@ -210,6 +210,14 @@ async fn redis_down_follows_on_error_and_recovers() {
         assert_eq!(call(&client, &open).await, 200);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let up = [("backend", "redis")];
+    for (sidecar, on_error) in [(&closed, "fail_closed"), (&open, "fail_open")] {
+        let metrics = sidecar.metrics().await;
+        assert_eq!(metrics.value("sluice_limits_store_up", &up), Some(0.0));
+        assert!(metrics.value("sluice_limits_store_errors_total", &[]) >= Some(1.0));
+        let unavailable = [("on_error", on_error)];
+        assert!(metrics.value("sluice_limits_unavailable_total", &unavailable) >= Some(1.0));
+    }
 
     redis.restart();
     // Recovers by itself: failed connections are retried after a second.
@@ -225,6 +233,8 @@ async fn redis_down_follows_on_error_and_recovers() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 200);
+    let metrics = closed.metrics().await;
+    assert_eq!(metrics.value("sluice_limits_store_up", &up), Some(1.0));
 }
 
 #[tokio::test]

@@ -85,7 +85,11 @@ async fn an_invalid_file_keeps_the_old_policy_and_reports_why() {
         .json()
         .await
         .unwrap();
-    assert!(policy["reloads"]["rejected"].as_u64().unwrap() >= 1);
+    let rejected = policy["reloads"]["rejected"].as_u64().unwrap();
+    assert!(rejected >= 1);
+    let metrics = sidecar.metrics().await;
+    let counted = metrics.value("sluice_policy_reloads_total", &[("result", "rejected")]);
+    assert_eq!(counted, Some(rejected as f64));
 }
 
 #[tokio::test]

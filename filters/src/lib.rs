@@ -16,6 +16,7 @@ mod exchange;
 mod facts;
 pub mod glob;
 pub mod limits;
+pub mod metrics;
 pub mod request_id;
 mod spec;
 pub mod usage;

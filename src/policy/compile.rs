@@ -459,7 +459,11 @@ fn compile_limits(
         Some(redis) => Backend::Redis(redis),
         None => Backend::Memory(shared.limits.clone()),
     };
-    Some(Arc::new(Limits::new(Arc::new(table), backend)))
+    let metrics = shared.metrics.filters.clone();
+    let tenant_labels = file.telemetry.metrics.tenant_labels;
+    Some(Arc::new(
+        Limits::new(Arc::new(table), backend).with_metrics(metrics, tenant_labels),
+    ))
 }
 
 /// The shared Redis counters when `state.backend` is `redis`.

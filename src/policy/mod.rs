@@ -18,6 +18,7 @@ use sluice_filters::auth::Directory;
 use sluice_filters::limits::{LimitStore, OnError, RedisCounters};
 use sluice_filters::Chain;
 
+use crate::telemetry::Metrics;
 use crate::upstream::Upstream;
 pub use error::{PolicyError, PolicyErrors};
 pub use store::{PolicyStore, ReloadOutcome};
@@ -134,6 +135,8 @@ impl Policy {
 #[derive(Debug, Default)]
 pub struct SharedState {
     pub limits: Arc<LimitStore>,
+    /// Counters must not restart at zero on a reload either.
+    pub metrics: Arc<Metrics>,
     /// The Redis counters in use, by the settings that made them (a reload that keeps the
     /// settings keeps the connection).
     redis: std::sync::Mutex<Option<(RedisSettings, Arc<RedisCounters>)>>,
@@ -161,6 +164,7 @@ impl SharedState {
             &settings.prefix,
             settings.timeout,
             settings.on_error,
+            self.metrics.filters.limits_store_errors.clone(),
         )
         .map_err(|e| format!("invalid Redis URL ({:?})", e.kind()))?;
         let counters = Arc::new(counters);

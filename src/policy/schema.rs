@@ -20,6 +20,9 @@ pub struct PolicyFile {
     pub state: StateSpec,
     #[serde(default)]
     pub server: ServerSettings,
+    /// What Sluice reports about itself.
+    #[serde(default)]
+    pub telemetry: TelemetrySpec,
     #[serde(default)]
     pub upstreams: BTreeMap<String, Spanned<UpstreamSpec>>,
     #[serde(default)]
@@ -178,6 +181,23 @@ fn default_state_timeout() -> Duration {
 
 fn default_state_prefix() -> String {
     "sluice".to_owned()
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySpec {
+    #[serde(default)]
+    pub metrics: MetricsSpec,
+}
+
+/// `/metrics` on the admin listener (Prometheus text).
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSpec {
+    /// Label per-tenant metrics with the tenant's name. Off by default: every tenant adds
+    /// series, and a time-series database pays for each.
+    #[serde(default)]
+    pub tenant_labels: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -1,10 +1,10 @@
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
 use super::{load, Policy, PolicyErrors, SharedState};
+use crate::telemetry::Metrics;
 
 /// Holds the active policy. A request takes an `Arc` once and keeps it to the end, so a reload
 /// never changes a request midway; the swap itself is a single atomic pointer store.
@@ -16,8 +16,6 @@ pub struct PolicyStore {
     shared: SharedState,
     /// Serialises reloads (watcher, SIGHUP and admin may ask at once).
     reloading: Mutex<()>,
-    pub reloads_applied: AtomicU64,
-    pub reloads_rejected: AtomicU64,
     last_rejection: Mutex<Option<PolicyErrors>>,
 }
 
@@ -39,14 +37,34 @@ impl PolicyStore {
             current: ArcSwap::from_pointee(policy),
             path: path.to_path_buf(),
             reloading: Mutex::new(()),
-            reloads_applied: AtomicU64::new(0),
-            reloads_rejected: AtomicU64::new(0),
             last_rejection: Mutex::new(None),
         }
     }
 
     pub fn current(&self) -> Arc<Policy> {
         self.current.load_full()
+    }
+
+    /// The process's metrics (they outlive every policy).
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Reloads so far with this result (`applied`, `unchanged`, `rejected`).
+    pub fn reloads(&self, result: &str) -> u64 {
+        self.shared
+            .metrics
+            .reloads
+            .with_label_values(&[result])
+            .get()
+    }
+
+    fn count_reload(&self, result: &str) {
+        self.shared
+            .metrics
+            .reloads
+            .with_label_values(&[result])
+            .inc();
     }
 
     /// The errors of the last rejected reload, if the last reload attempt was rejected.
@@ -66,6 +84,7 @@ impl PolicyStore {
             .unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(policy) if policy.hash == active.hash => {
+                self.count_reload("unchanged");
                 *last = None;
                 Ok(ReloadOutcome::Unchanged { hash: policy.hash })
             }
@@ -79,7 +98,7 @@ impl PolicyStore {
                 let hash = policy.hash.clone();
                 tracing::info!(summary = %policy.summary(), "policy reloaded");
                 self.current.store(Arc::new(policy));
-                self.reloads_applied.fetch_add(1, Ordering::Relaxed);
+                self.count_reload("applied");
                 *last = None;
                 Ok(ReloadOutcome::Applied { hash })
             }
@@ -88,7 +107,7 @@ impl PolicyStore {
                     "policy reload rejected, keeping sha256 {}: {errors}",
                     &active.hash[..12]
                 );
-                self.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+                self.count_reload("rejected");
                 *last = Some(errors.clone());
                 Err(errors)
             }

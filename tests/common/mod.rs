@@ -145,6 +145,18 @@ impl Sidecar {
         None
     }
 
+    /// `GET /metrics`, read by a Prometheus text parser.
+    pub async fn metrics(&self) -> Metrics {
+        let text = reqwest::get(format!("{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let lines = text.lines().map(|line| Ok(line.to_owned()));
+        Metrics(prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text"))
+    }
+
     pub async fn policy_hash(&self) -> String {
         let policy: serde_json::Value = reqwest::get(format!("{}/admin/policy", self.admin))
             .await
@@ -164,6 +176,31 @@ impl Drop for Sidecar {
         if std::thread::panicking() {
             eprintln!("--- sluice log ---\n{}", self.logs());
         }
+    }
+}
+
+/// A scrape of `/metrics`.
+pub struct Metrics(pub prometheus_parse::Scrape);
+
+impl Metrics {
+    /// The value of the sample with this name and these labels (others may be present);
+    /// `None` when there is none.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0
+            .samples
+            .iter()
+            .find(|sample| {
+                sample.metric == name
+                    && labels
+                        .iter()
+                        .all(|(label, value)| sample.labels.get(label) == Some(*value))
+            })
+            .map(|sample| match sample.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
     }
 }
 

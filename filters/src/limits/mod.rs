@@ -28,6 +28,7 @@ use state::Check;
 pub use state::{BudgetAlert, Charge, LimitName, LimitStore, Refused, Standing, Standings};
 
 use crate::glob::Glob;
+use crate::metrics::FilterMetrics;
 
 use crate::chain::{Filter, Verdict};
 use crate::exchange::{ErrorKind, Exchange, Rejection};
@@ -90,6 +91,9 @@ pub struct Limits {
     backend: Backend,
     system_scope: Arc<str>,
     room: Arc<WaitingRoom>,
+    metrics: FilterMetrics,
+    /// Whether tenant names may be metric labels (the policy's choice: they can be many).
+    tenant_labels: bool,
 }
 
 /// How often a waiter behind others looks again (it is also woken when capacity returns).
@@ -120,6 +124,45 @@ struct Admission {
     /// Streamed events a stream may carry before it is cut, when the tier cuts streams.
     stream_allowance: Option<u64>,
     streamed_events: std::sync::atomic::AtomicU64,
+    alerts: AlertSink,
+}
+
+/// Where an admission's budget alerts go when its settlement fires them: the log and a metric.
+#[derive(Clone)]
+struct AlertSink {
+    metrics: FilterMetrics,
+    /// The tier of the request's tenant (alerts of the system scope are labelled `system`).
+    tier: Arc<str>,
+    tenant_labels: bool,
+}
+
+impl AlertSink {
+    fn emit(&self, alerts: Vec<BudgetAlert>) {
+        for alert in alerts {
+            let system = *alert.scope == *SYSTEM_SCOPE;
+            let tenant = if system { "-" } else { &alert.scope };
+            tracing::warn!(
+                target: "sluice::budget",
+                tenant,
+                tier = if system { "system" } else { &self.tier },
+                threshold_percent = alert.percent,
+                spent_usd = alert.spent_micros as f64 / 1e6,
+                budget_usd = alert.budget_micros as f64 / 1e6,
+                "budget threshold reached"
+            );
+            let threshold = alert.percent.to_string();
+            let labels = [
+                if system { "system" } else { &self.tier },
+                &threshold,
+                if self.tenant_labels && !system {
+                    &alert.scope
+                } else {
+                    ""
+                },
+            ];
+            self.metrics.budget_alerts.with_label_values(&labels).inc();
+        }
+    }
 }
 
 impl Drop for Admission {
@@ -129,35 +172,22 @@ impl Drop for Admission {
         let charge = std::mem::take(&mut self.charge);
         match &self.backend {
             Backend::Memory(store) => {
-                log_alerts(store.settle(&charge, used, cost));
+                self.alerts.emit(store.settle(&charge, used, cost));
                 self.room.capacity_changed();
             }
             Backend::Redis(redis) => {
                 // The caller has its answer already; the settlement must not hold it.
-                let (redis, room) = (redis.clone(), self.room.clone());
+                let (redis, room, alerts) = (redis.clone(), self.room.clone(), self.alerts.clone());
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     runtime.spawn(async move {
-                        if let Ok(alerts) = redis.settle(&charge, used, cost).await {
-                            log_alerts(alerts);
+                        if let Ok(fired) = redis.settle(&charge, used, cost).await {
+                            alerts.emit(fired);
                         }
                         room.capacity_changed();
                     });
                 }
             }
         }
-    }
-}
-
-fn log_alerts(alerts: Vec<BudgetAlert>) {
-    for alert in alerts {
-        tracing::warn!(
-            target: "sluice::budget",
-            tenant = %alert.scope,
-            threshold_percent = alert.percent,
-            spent_usd = alert.spent_micros as f64 / 1e6,
-            budget_usd = alert.budget_micros as f64 / 1e6,
-            "budget threshold reached"
-        );
     }
 }
 
@@ -187,15 +217,29 @@ impl Limits {
             backend,
             system_scope: SYSTEM_SCOPE.into(),
             room: Arc::default(),
+            metrics: FilterMetrics::default(),
+            tenant_labels: false,
         }
     }
 
-    /// Per-request caps: prompt size and requested output.
-    fn check_request(limits: &RequestLimits, prompt: u64, ex: &mut Exchange) -> Option<Verdict> {
+    /// Records into the process's metrics (by default, into a set nobody reads).
+    pub fn with_metrics(mut self, metrics: FilterMetrics, tenant_labels: bool) -> Self {
+        self.metrics = metrics;
+        self.tenant_labels = tenant_labels;
+        self
+    }
+
+    /// Per-request caps: prompt size and requested output. A refusal names the cap.
+    fn check_request(
+        limits: &RequestLimits,
+        prompt: u64,
+        ex: &mut Exchange,
+    ) -> Option<(&'static str, Verdict)> {
         if let Some(max) = limits.max_input_tokens.filter(|max| prompt > *max) {
-            return Some(invalid(format!(
+            let verdict = invalid(format!(
                 "the prompt (about {prompt} tokens) exceeds this tier's max_input_tokens of {max}"
-            )));
+            ));
+            return Some(("max_input_tokens", verdict));
         }
         let (Some(max), Some(asked)) = (limits.max_output_tokens, ex.facts.max_tokens) else {
             return None;
@@ -203,19 +247,21 @@ impl Limits {
         if asked <= max {
             return None;
         }
-        match limits.over_max_output_tokens {
-            OverMax::Reject => Some(invalid(format!(
+        let too_many = || {
+            let verdict = invalid(format!(
                 "max_tokens {asked} exceeds this tier's max_output_tokens of {max}"
-            ))),
+            ));
+            Some(("max_output_tokens", verdict))
+        };
+        match limits.over_max_output_tokens {
+            OverMax::Reject => too_many(),
             OverMax::Clamp => match clamp_max_tokens(&ex.body, max) {
                 Some(body) => {
                     ex.body = body;
                     ex.facts.max_tokens = Some(max);
                     None
                 }
-                None => Some(invalid(format!(
-                    "max_tokens {asked} exceeds this tier's max_output_tokens of {max}"
-                ))),
+                None => too_many(),
             },
         }
     }
@@ -246,6 +292,11 @@ impl Limits {
         ex.body = Bytes::from(serde_json::to_vec(&body).ok()?);
         ex.facts.model = Some(cheaper.clone());
         tracing::info!(target: "sluice::budget", tenant, asked = %asked, sent = %cheaper, "model downgraded: budget above {}%", rule.above_percent);
+        let tier = ex.tier.as_deref().unwrap_or("-");
+        self.metrics
+            .model_downgrades
+            .with_label_values(&[tier, asked.as_str(), cheaper.as_str()])
+            .inc();
         Some((asked, cheaper.clone()))
     }
 
@@ -305,6 +356,17 @@ impl Limits {
 
     /// Redis could not be asked: admit uncounted or refuse, as the policy says.
     fn unavailable(&self, why: &redis_store::Unavailable) -> Verdict {
+        let fail_closed =
+            matches!(&self.backend, Backend::Redis(redis) if redis.on_error == OnError::FailClosed);
+        let on_error = if fail_closed {
+            "fail_closed"
+        } else {
+            "fail_open"
+        };
+        self.metrics
+            .limits_unavailable
+            .with_label_values(&[on_error])
+            .inc();
         match &self.backend {
             Backend::Redis(redis) if redis.on_error == OnError::FailClosed => Verdict::Reject(
                 Rejection::new(
@@ -318,8 +380,18 @@ impl Limits {
         }
     }
 
-    fn refusal(refused: &Refused, ex: &Exchange) -> Verdict {
-        let whose = if *refused.scope == *SYSTEM_SCOPE {
+    fn refusal(&self, refused: &Refused, ex: &Exchange) -> Verdict {
+        let system = *refused.scope == *SYSTEM_SCOPE;
+        let scope_label = if system {
+            "system"
+        } else {
+            ex.tier.as_deref().unwrap_or("-")
+        };
+        self.metrics
+            .limit_rejections
+            .with_label_values(&[refused.limit.as_str(), scope_label])
+            .inc();
+        let whose = if system {
             "the system-wide".to_owned()
         } else {
             format!(
@@ -362,8 +434,18 @@ impl Filter for Limits {
         } else {
             0
         };
-        for limits in applicable() {
-            if let Some(verdict) = Self::check_request(limits, prompt, ex) {
+        for (limits, system) in [(tier, false), (self.table.system.as_ref(), true)] {
+            let Some(limits) = limits else { continue };
+            if let Some((cap, verdict)) = Self::check_request(limits, prompt, ex) {
+                let scope = if system {
+                    "system"
+                } else {
+                    ex.tier.as_deref().unwrap_or("-")
+                };
+                self.metrics
+                    .limit_rejections
+                    .with_label_values(&[cap, scope])
+                    .inc();
                 return verdict;
             }
         }
@@ -418,10 +500,15 @@ impl Filter for Limits {
                     downgraded,
                     stream_allowance,
                     streamed_events: std::sync::atomic::AtomicU64::new(0),
+                    alerts: AlertSink {
+                        metrics: self.metrics.clone(),
+                        tier: ex.tier.clone().unwrap_or_else(|| "-".into()),
+                        tenant_labels: self.tenant_labels,
+                    },
                 })));
                 Verdict::Continue
             }
-            Err(refused) => Self::refusal(&refused, ex),
+            Err(refused) => self.refusal(&refused, ex),
         }
     }
 

@@ -41,6 +41,8 @@ pub struct RedisCounters {
     timeout: Duration,
     prefix: String,
     pub on_error: OnError,
+    /// Counts every failed call (the process's `sluice_limits_store_errors_total`).
+    errors: prometheus::IntCounter,
     admit: redis::Script,
     settle: redis::Script,
 }
@@ -93,6 +95,7 @@ impl RedisCounters {
         prefix: &str,
         timeout: Duration,
         on_error: OnError,
+        errors: prometheus::IntCounter,
     ) -> Result<Self, redis::RedisError> {
         Ok(Self {
             client: redis::Client::open(url)?,
@@ -103,6 +106,7 @@ impl RedisCounters {
             timeout,
             prefix: prefix.to_owned(),
             on_error,
+            errors,
             admit: redis::Script::new(include_str!("admit.lua")),
             settle: redis::Script::new(include_str!("settle.lua")),
         })
@@ -113,6 +117,7 @@ impl RedisCounters {
     }
 
     fn failed(&self, why: impl std::fmt::Display) -> Unavailable {
+        self.errors.inc();
         if self.healthy.swap(false, Ordering::Relaxed) {
             tracing::error!(target: "sluice::limits", "Redis unreachable, limits {}: {why}", match self.on_error {
                 OnError::FailOpen => "not enforced (fail_open)",

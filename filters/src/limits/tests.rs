@@ -420,7 +420,9 @@ async fn budgets_count_spend_alert_once_and_downgrade() {
         },
     );
     let store = Arc::new(LimitStore::default());
-    let filter = Limits::new(Arc::new(table), Backend::Memory(store.clone()));
+    let metrics = crate::metrics::FilterMetrics::default();
+    let filter = Limits::new(Arc::new(table), Backend::Memory(store.clone()))
+        .with_metrics(metrics.clone(), true);
     assert!(filter.needs_usage(), "budgets are settled from usage");
     let spend = |usage: u64| {
         let filter = &filter;
@@ -482,6 +484,21 @@ async fn budgets_count_spend_alert_once_and_downgrade() {
         "{}",
         rejection.message
     );
+    // Each threshold counted once, labelled with the tenant (the policy allowed it).
+    for threshold in ["50", "75", "90", "95"] {
+        let alerts = metrics
+            .budget_alerts
+            .with_label_values(&["free", threshold, "t"]);
+        assert_eq!(alerts.get(), 1, "{threshold}%");
+    }
+    let downgrades = metrics
+        .model_downgrades
+        .with_label_values(&["free", "big", "small"]);
+    assert_eq!(downgrades.get(), 1);
+    let stops = metrics
+        .limit_rejections
+        .with_label_values(&["budget_usd_per_month", "free"]);
+    assert_eq!(stops.get(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,6 @@
+//! What Sluice tells operators about itself: Prometheus metrics at the admin listener's
+//! `/metrics` (and, with later work, traces and latency statistics).
+
+mod metrics;
+
+pub use metrics::Metrics;
