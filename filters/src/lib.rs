@@ -15,6 +15,7 @@ mod chain;
 mod exchange;
 mod facts;
 pub mod glob;
+pub mod json_edit;
 pub mod limits;
 pub mod metrics;
 pub mod request_id;

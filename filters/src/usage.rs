@@ -4,6 +4,8 @@
 
 use bytes::{Bytes, BytesMut};
 
+use crate::json_edit;
+
 /// The API family of a response body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Dialect {
@@ -73,7 +75,7 @@ impl UsageMeter {
         let mut strip: Option<(usize, usize)> = None;
         let mut line_start = 0;
         // A line that began in an earlier chunk is completed from this one.
-        while let Some(offset) = memchr(b'\n', &chunk[line_start..]) {
+        while let Some(offset) = memchr::memchr(b'\n', &chunk[line_start..]) {
             let end = line_start + offset;
             let completes_earlier = !self.buffer.is_empty();
             let is_usage_event = if completes_earlier {
@@ -140,7 +142,7 @@ impl UsageMeter {
             return false;
         };
         // Only events that carry usage are parsed at all.
-        if memmem(data, b"\"usage\"").is_none() {
+        if memchr::memmem::find(data, b"\"usage\"").is_none() {
             return false;
         }
         let Ok(event) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii_start()) else {
@@ -184,30 +186,24 @@ impl UsageMeter {
     }
 }
 
-fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
-    haystack.iter().position(|b| *b == needle)
-}
-
-fn memmem(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
-}
-
 /// Adds `stream_options.include_usage: true` to an OpenAI streaming request that did not ask for
 /// it, so the usage can be read; returns the new body, or `None` when nothing needs changing.
 pub fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
-    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let object = value.as_object_mut()?;
-    let options = object
-        .entry("stream_options")
-        .or_insert_with(|| serde_json::json!({}));
-    let options = options.as_object_mut()?;
-    if options.get("include_usage").and_then(|v| v.as_bool()) == Some(true) {
-        return None;
-    }
-    options.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
-    serde_json::to_vec(&value).ok().map(Bytes::from)
+    let options = match json_edit::field_span(body, "stream_options") {
+        Some(span) if body[span.clone()].starts_with(b"{") => {
+            let options = &body[span];
+            let asked = json_edit::field_span(options, "include_usage")
+                .is_some_and(|value| &options[value] == b"true");
+            if asked {
+                return None;
+            }
+            json_edit::with_field(options, "include_usage", b"true")?
+        }
+        // Absent or null (a non-object value is the provider's to refuse).
+        Some(span) if &body[span.clone()] != b"null" => return None,
+        _ => Bytes::from_static(br#"{"include_usage":true}"#),
+    };
+    json_edit::with_field(body, "stream_options", &options)
 }
 
 #[cfg(test)]

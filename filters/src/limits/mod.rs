@@ -28,6 +28,7 @@ use state::Check;
 pub use state::{BudgetAlert, Charge, LimitName, LimitStore, Refused, Standing, Standings};
 
 use crate::glob::Glob;
+use crate::json_edit;
 use crate::metrics::FilterMetrics;
 
 use crate::chain::{Filter, Verdict};
@@ -284,12 +285,7 @@ impl Limits {
         if (spent as f64) < budget as f64 * rule.above_percent / 100.0 {
             return None;
         }
-        let mut body: serde_json::Value = serde_json::from_slice(&ex.body).ok()?;
-        body.as_object_mut()?.insert(
-            "model".to_owned(),
-            serde_json::Value::String(cheaper.clone()),
-        );
-        ex.body = Bytes::from(serde_json::to_vec(&body).ok()?);
+        ex.body = json_edit::with_string_field(&ex.body, "model", cheaper)?;
         ex.facts.model = Some(cheaper.clone());
         tracing::info!(target: "sluice::budget", tenant, asked = %asked, sent = %cheaper, "model downgraded: budget above {}%", rule.above_percent);
         let tier = ex.tier.as_deref().unwrap_or("-");
@@ -619,21 +615,22 @@ struct AdmissionSlot(Admission);
 
 /// Rewrites the request's `max_tokens` / `max_completion_tokens` down to `max`.
 fn clamp_max_tokens(body: &Bytes, max: u64) -> Option<Bytes> {
-    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let object = value.as_object_mut()?;
-    let mut changed = false;
+    let mut edited: Option<Bytes> = None;
     for field in ["max_tokens", "max_completion_tokens"] {
-        if let Some(asked) = object.get_mut(field) {
-            if asked.as_u64().is_some_and(|asked| asked > max) {
-                *asked = serde_json::Value::from(max);
-                changed = true;
-            }
+        let current = edited.as_ref().unwrap_or(body);
+        let Some(span) = json_edit::field_span(current, field) else {
+            continue;
+        };
+        let asked: Option<u64> = serde_json::from_slice(&current[span]).ok();
+        if asked.is_some_and(|asked| asked > max) {
+            edited = Some(json_edit::with_field(
+                current,
+                field,
+                max.to_string().as_bytes(),
+            )?);
         }
     }
-    if !changed {
-        return None;
-    }
-    serde_json::to_vec(&value).ok().map(Bytes::from)
+    edited
 }
 
 #[cfg(test)]
