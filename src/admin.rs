@@ -13,6 +13,8 @@ use serde_json::json;
 use sluice_filters::limits::OnError;
 
 use crate::policy::{PolicyStore, ReloadOutcome};
+use crate::telemetry::rolling::now_ms;
+use crate::upstream::health::CircuitState;
 
 pub struct AdminApp {
     store: Arc<PolicyStore>,
@@ -78,6 +80,65 @@ impl AdminApp {
         )
     }
 
+    /// Every upstream's circuit, latency and keys (by name; never their values).
+    fn upstreams(&self) -> serde_json::Value {
+        let policy = self.store.current();
+        let now = now_ms();
+        let upstreams: Vec<serde_json::Value> = policy
+            .upstreams
+            .values()
+            .map(|upstream| {
+                let health = &upstream.health;
+                let (samples, [p50, p95, p99]) =
+                    health.first_byte.quantiles([0.5, 0.95, 0.99], now);
+                let keys: Vec<serde_json::Value> = upstream
+                    .keys
+                    .keys()
+                    .iter()
+                    .map(|key| {
+                        let circuit = key.health.breaker.state();
+                        let state = if key.is_disabled() {
+                            "disabled"
+                        } else if key.cooling_for().is_some() {
+                            "resting"
+                        } else if circuit != CircuitState::Closed {
+                            "circuit_open"
+                        } else {
+                            "ok"
+                        };
+                        json!({
+                            "name": &*key.name,
+                            "state": state,
+                            "weight": key.weight,
+                            "in_flight": key.health.in_flight.load(Ordering::Relaxed),
+                            "max_concurrent": key.max_concurrent,
+                            "resting_ms": key.cooling_for().map(|d| d.as_millis() as u64),
+                            "cooldowns": key.health.cooldowns.load(Ordering::Relaxed),
+                            "circuit": circuit.as_str(),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": &*upstream.name,
+                    "provider": upstream.provider,
+                    "address": format!("{}:{}", upstream.host, upstream.port),
+                    "circuit": {
+                        "state": health.breaker.state().as_str(),
+                        "opened": health.breaker.opened.load(Ordering::Relaxed),
+                    },
+                    "first_byte_ms": {
+                        "samples_last_minute": samples,
+                        "p50": p50.as_secs_f64() * 1000.0,
+                        "p95": p95.as_secs_f64() * 1000.0,
+                        "p99": p99.as_secs_f64() * 1000.0,
+                    },
+                    "keys": keys,
+                })
+            })
+            .collect();
+        json!({ "upstreams": upstreams })
+    }
+
     fn policy(&self) -> serde_json::Value {
         let policy = self.store.current();
         let loaded_at = humantime::format_rfc3339_seconds(policy.loaded_at).to_string();
@@ -120,7 +181,12 @@ impl ServeHttp for AdminApp {
             (Method::GET, "/readyz") => self.readiness(),
             (Method::POST, "/admin/reload") => self.reload().await,
             (Method::GET, "/admin/policy") => (StatusCode::OK, self.policy()),
-            (_, "/healthz" | "/readyz" | "/metrics" | "/admin/reload" | "/admin/policy") => (
+            (Method::GET, "/admin/upstreams") => (StatusCode::OK, self.upstreams()),
+            (
+                _,
+                "/healthz" | "/readyz" | "/metrics" | "/admin/reload" | "/admin/policy"
+                | "/admin/upstreams",
+            ) => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 json!({"error": "method not allowed"}),
             ),

@@ -32,6 +32,11 @@ pub struct Exchange {
     pub started: Instant,
     /// The upstream that served the response, once one did.
     pub upstream: Option<Arc<str>>,
+    /// The model that upstream was asked for (a fallback target may map the caller's to
+    /// another): what the response is priced as.
+    pub served_model: Option<Arc<str>>,
+    /// Upstream attempts made (retries and hedges included).
+    pub attempts: u32,
     /// The status sent downstream, once the response head went out.
     pub status: Option<StatusCode>,
     /// Response body bytes sent downstream so far.
@@ -57,6 +62,8 @@ impl Exchange {
             tier: None,
             started: Instant::now(),
             upstream: None,
+            served_model: None,
+            attempts: 0,
             status: None,
             response_bytes: 0,
             outcome: Outcome::InProgress,

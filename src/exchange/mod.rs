@@ -4,6 +4,7 @@
 //! the whole body is read first so it can be inspected and replayed, the upstream is called over
 //! Pingora's pooled connector, and the response is streamed downstream chunk by chunk.
 
+mod attempts;
 mod headers;
 mod inflight;
 
@@ -16,7 +17,6 @@ use http::{header, Method, StatusCode};
 use pingora::connectors::http::Connector;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::client::HttpSession;
-use pingora::protocols::ALPN;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType};
 use sluice_filters::{
@@ -26,12 +26,12 @@ use sluice_filters::{
 use sluice_filters::usage::{inject_include_usage, Dialect, UsageMeter};
 use sluice_filters::ChunkVerdict;
 
-use crate::policy::{Policy, PolicyStore, Route};
-use crate::upstream::{ProviderKind, Resolver, Upstream};
-pub use inflight::Inflight;
+use attempts::{Answered, AttemptError, Judged, Launched, Next, Plan, POOL_IDLE};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 
-/// How long an idle upstream connection stays in the pool.
-const POOL_IDLE: Duration = Duration::from_secs(60);
+use crate::policy::{Policy, PolicyStore, Route, Target};
+use crate::upstream::{ProviderKind, Resolver};
+pub use inflight::Inflight;
 
 pub struct SluiceProxy {
     policies: Arc<PolicyStore>,
@@ -123,7 +123,7 @@ impl SluiceProxy {
             log_early_rejection(session, "-", &rejection);
             return respond_rejection(session, ProviderKind::Openai, rejection).await;
         };
-        let provider = route.upstream.provider;
+        let provider = route.provider;
         if has_conflicting_framing(session) {
             // Ambiguous framing is how request smuggling starts (pingora#945).
             let rejection = Rejection::new(
@@ -162,8 +162,11 @@ impl SluiceProxy {
         result
     }
 
-    /// Sends the request upstream and streams the answer back. `usage_injected`: Sluice added
-    /// `stream_options.include_usage`, so the usage chunk is the caller's to not see.
+    /// Sends the request upstream — to its targets in turn, with retries and hedges as the
+    /// route says — and streams the first good answer back. Nothing goes downstream until an
+    /// attempt is chosen, so every failure before that can still be tried elsewhere.
+    /// `usage_injected`: Sluice added `stream_options.include_usage`, so the usage chunk is
+    /// the caller's to not see.
     async fn forward(
         &self,
         session: &mut Session,
@@ -171,42 +174,195 @@ impl SluiceProxy {
         ex: &mut Exchange,
         usage_injected: bool,
     ) -> Result<(), Close> {
-        let upstream = &route.upstream;
-        let upstream_request = match build_upstream_request(route, ex) {
-            Ok(request) => request,
-            Err(rejection) => return refuse(session, upstream.provider, ex, rejection).await,
-        };
+        let metrics = self.policies.metrics();
+        let targets = route.targets.for_model(ex.facts.model.as_deref());
+        let mut plan = Plan::new(route, targets);
+        plan.budget_upstream().health.retry_budget.request();
+        let mut running = FuturesUnordered::new();
+        // The last failed answer with a response head: relayed if no attempt does better.
+        let mut relay: Option<(Launched, Answered)> = None;
+        let mut last_error: Option<Rejection> = None;
+        let mut launch_at = Some(Instant::now());
+        let mut hedge_at: Option<Instant> = None;
+        loop {
+            if running.is_empty() {
+                match launch_at {
+                    Some(at) if at <= Instant::now() => {
+                        launch_at = None;
+                        match self.launch(&mut plan, ex, false) {
+                            Ok(Some((attempt, target))) => {
+                                hedge_at = plan.hedge_at(target);
+                                running.push(attempt);
+                            }
+                            Ok(None) => break,
+                            Err(rejection) => {
+                                last_error = Some(rejection);
+                                break;
+                            }
+                        }
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            let far = Instant::now() + Duration::from_secs(86_400);
+            tokio::select! {
+                biased;
+                gone = session.as_downstream_mut().read_body_or_idle(true) => {
+                    ex.outcome = Outcome::CallerGone;
+                    return Err(Close::CallerGone(caller_gone(gone)));
+                }
+                Some((mut launched, result)) = running.next(), if !running.is_empty() => {
+                    match attempts::judge(&plan, &mut launched, result, metrics) {
+                        Judged::Deliver(answered) => {
+                            // Dropping the others cancels them: their connections close.
+                            drop(running);
+                            return self
+                                .deliver(session, route, ex, launched, answered, usage_injected, plan.made)
+                                .await;
+                        }
+                        Judged::Failed(failure, result) => {
+                            match result {
+                                Ok(answered) => relay = Some((launched, answered)),
+                                Err(error) => {
+                                    last_error = Some(attempt_rejection(&launched, &error));
+                                    // A failure without an answer replaces an older answer:
+                                    // the caller hears about the latest attempt.
+                                    relay = None;
+                                }
+                            }
+                            if running.is_empty() {
+                                launch_at = match plan.after_failure(&failure, metrics) {
+                                    Next::RetryAfter(wait) => Some(Instant::now() + wait),
+                                    Next::GiveUp => None,
+                                };
+                                if launch_at.is_none() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(launch_at.unwrap_or(far).into()), if running.is_empty() && launch_at.is_some() => {}
+                () = tokio::time::sleep_until(hedge_at.unwrap_or(far).into()), if hedge_at.is_some() && running.len() == 1 => {
+                    hedge_at = None;
+                    if plan.take_retry(metrics) {
+                        plan.next_for_hedge();
+                        if let Ok(Some((attempt, _))) = self.launch(&mut plan, ex, true) {
+                            metrics.hedges.with_label_values(&[&route.name, "launched"]).inc();
+                            running.push(attempt);
+                        }
+                    }
+                }
+            }
+        }
+        // No attempt succeeded: the last provider answer goes to the caller as it is;
+        // otherwise Sluice says what went wrong.
+        if let Some((launched, answered)) = relay {
+            return self
+                .deliver(
+                    session,
+                    route,
+                    ex,
+                    launched,
+                    answered,
+                    usage_injected,
+                    plan.made,
+                )
+                .await;
+        }
+        let rejection = last_error.unwrap_or_else(|| plan.unavailable_rejection());
+        refuse(session, route.provider, ex, rejection).await
+    }
 
-        let (mut upstream_session, peer) = match self
-            .send_request(session, upstream, upstream_request, &ex.body)
-            .await
-        {
-            Ok(sent) => sent,
-            Err(Attempt::Refused(rejection)) => {
-                return refuse(session, upstream.provider, ex, rejection).await
-            }
-            Err(Attempt::CallerGone(e)) => {
-                ex.outcome = Outcome::CallerGone;
-                return Err(Close::CallerGone(e));
-            }
+    /// Starts the next attempt: a target and key from the plan, the request built for them.
+    /// `Ok(None)` when no target can be tried now.
+    fn launch<'r>(
+        &'r self,
+        plan: &mut Plan<'r>,
+        ex: &Exchange,
+        hedge: bool,
+    ) -> Result<Option<(RunningAttempt<'r>, &'r Target)>, Rejection> {
+        let Some(mut launched) = plan.take_candidate(ex.facts.model.as_deref()) else {
+            return Ok(None);
         };
+        launched.hedge = hedge;
+        let (request, body) = attempts::build_request(plan.route, ex, &launched)?;
+        let upstream = &launched.target.upstream;
+        if plan.made > 0 {
+            let kind = if hedge { "hedge" } else { "retry" };
+            self.policies
+                .metrics()
+                .upstream_retries
+                .with_label_values(&[&upstream.name, kind])
+                .inc();
+        }
+        plan.made += 1;
+        let timeout = plan
+            .route
+            .retry
+            .attempt_timeout
+            .unwrap_or(upstream.first_byte_timeout);
+        let (connector, resolver) = (&self.connector, &self.resolver);
+        let target = launched.target;
+        let attempt: RunningAttempt<'r> = Box::pin(async move {
+            let upstream = launched.target.upstream.clone();
+            let result =
+                attempts::send(connector, resolver, &upstream, request, body, timeout).await;
+            (launched, result)
+        });
+        Ok(Some((attempt, target)))
+    }
 
-        let mut response = match upstream_session.response_header() {
-            Some(head) => head.clone(),
-            None => {
-                let rejection = Rejection::new(
-                    StatusCode::BAD_GATEWAY,
-                    ErrorKind::UpstreamUnavailable,
-                    "upstream sent no response head",
-                );
-                return refuse(session, upstream.provider, ex, rejection).await;
-            }
+    /// Streams the chosen attempt's answer to the caller.
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver(
+        &self,
+        session: &mut Session,
+        route: &Route,
+        ex: &mut Exchange,
+        mut launched: Launched<'_>,
+        answered: Answered,
+        usage_injected: bool,
+        attempts_made: u32,
+    ) -> Result<(), Close> {
+        let Answered {
+            session: mut upstream_session,
+            peer,
+        } = answered;
+        let upstream = &launched.target.upstream;
+        let metrics = self.policies.metrics();
+        if launched.hedge {
+            metrics
+                .hedges
+                .with_label_values(&[&route.name, "won"])
+                .inc();
+        }
+        let Some(head) = upstream_session.response_header() else {
+            let rejection = Rejection::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorKind::UpstreamUnavailable,
+                "upstream sent no response head",
+            );
+            return refuse(session, route.provider, ex, rejection).await;
         };
+        let mut response = head.clone();
+        if response.status.as_u16() < 500 {
+            attempts::succeed_circuits(&mut launched);
+        }
         let downstream_h1_1 =
             !session.is_http2() && session.req_header().version == http::Version::HTTP_11;
         headers::sanitize_response(&mut response, downstream_h1_1);
+        let _ = response.insert_header("x-sluice-upstream", upstream.name.as_ref());
+        if let Some(model) = launched.model.as_deref() {
+            if let Ok(value) = http::HeaderValue::from_str(model) {
+                let _ = response.insert_header("x-sluice-model", value);
+            }
+        }
         ex.status = Some(response.status);
         ex.upstream = Some(upstream.name.clone());
+        ex.served_model = launched.model.clone();
+        ex.attempts = attempts_made;
         route.chain.on_response_head(ex, &mut response);
         let head_only = upstream_session.response_done() || ex.request.method == Method::HEAD;
         if let Err(e) = session
@@ -224,25 +380,40 @@ impl SluiceProxy {
             return Ok(());
         }
         upstream_session.set_read_timeout(Some(upstream.idle_timeout));
-        let mut meter = route.chain.needs_usage().then(|| {
+        let (stream, declared_length) = {
             let head = upstream_session.response_header();
             let header = |name| head.and_then(|h| h.headers.get(name));
             let stream = header(header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            (stream, header(header::CONTENT_LENGTH).is_some())
+        };
+        let mut meter = route.chain.needs_usage().then(|| {
             // Cutting an event out of a body of declared length would break its framing.
-            let strip = usage_injected && header(header::CONTENT_LENGTH).is_none();
+            let strip = usage_injected && !declared_length;
             UsageMeter::new(ex.dialect, stream, strip)
         });
         let end = self
-            .stream_body(session, route, ex, &mut upstream_session, meter.as_mut())
-            .await?;
+            .stream_body(
+                session,
+                route,
+                ex,
+                &mut upstream_session,
+                meter.as_mut(),
+                stream,
+            )
+            .await;
         if let Some(meter) = meter.as_mut() {
             meter.finish();
             ex.usage = meter.usage();
         }
-        if let StreamEnd::Cut = end {
+        match end? {
             // Already finished downstream; the upstream session is dropped, not pooled.
-            return Ok(());
+            StreamEnd::Cut => return Ok(()),
+            StreamEnd::Broke(error) => {
+                attempts::broke_midway(&launched, metrics);
+                return Err(Close::UpstreamBroke(error));
+            }
+            StreamEnd::Complete => {}
         }
         if let Err(e) = session.write_response_body(None, true).await {
             ex.outcome = Outcome::CallerGone;
@@ -265,6 +436,7 @@ impl SluiceProxy {
         ex: &mut Exchange,
         upstream_session: &mut HttpSession,
         mut meter: Option<&mut UsageMeter>,
+        event_stream: bool,
     ) -> Result<StreamEnd, Close> {
         loop {
             let chunk = tokio::select! {
@@ -287,7 +459,7 @@ impl SluiceProxy {
                     {
                         // A provider-shaped error as the stream's last event; the upstream
                         // connection is dropped, which stops the generation.
-                        let provider = route.upstream.provider;
+                        let provider = route.provider;
                         let event = provider.stream_error_event(rejection.kind, &rejection.message);
                         ex.outcome = Outcome::Cut;
                         tracing::info!(route = %ex.route, "stream cut: {}", rejection.message);
@@ -304,9 +476,21 @@ impl SluiceProxy {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    // The head is gone; the only honest signal left is an unfinished body.
+                    // The head is gone. A stream's caller gets the provider's error event,
+                    // which its SDK raises; and every caller an unfinished body, never one
+                    // that looks complete.
                     ex.outcome = Outcome::UpstreamBroke;
-                    return Err(Close::UpstreamBroke(e));
+                    tracing::info!(route = %ex.route, "upstream broke mid-response: {e}");
+                    if event_stream {
+                        let event = route.provider.stream_error_event(
+                            ErrorKind::UpstreamUnavailable,
+                            "the upstream connection broke mid-stream; the response is incomplete",
+                        );
+                        if let Err(e) = session.write_response_body(Some(event), false).await {
+                            return Err(Close::CallerGone(e));
+                        }
+                    }
+                    return Ok(StreamEnd::Broke(e));
                 }
             }
             if upstream_session.response_done() {
@@ -321,122 +505,42 @@ impl SluiceProxy {
             .release_http_session(upstream_session, peer, Some(POOL_IDLE))
             .await;
     }
-
-    /// Connects (or reuses a pooled connection), sends the request and waits for the response
-    /// head, watching the caller all along: a caller that leaves cancels the upstream call.
-    async fn send_request(
-        &self,
-        session: &mut Session,
-        upstream: &Upstream,
-        request: RequestHeader,
-        body: &Bytes,
-    ) -> Result<(HttpSession, HttpPeer), Attempt> {
-        let addr = self
-            .resolver
-            .resolve(&upstream.host, upstream.port)
-            .await
-            .map_err(|e| {
-                Attempt::Refused(Rejection::new(
-                    StatusCode::BAD_GATEWAY,
-                    ErrorKind::UpstreamUnavailable,
-                    format!("upstream `{}`: {e}", upstream.name),
-                ))
-            })?;
-        let mut peer = HttpPeer::new(addr, upstream.tls, upstream.host.clone());
-        peer.options.connection_timeout = Some(upstream.connect_timeout);
-        peer.options.total_connection_timeout = Some(upstream.connect_timeout);
-        peer.options.idle_timeout = Some(POOL_IDLE);
-        peer.options.write_timeout = Some(upstream.idle_timeout);
-        if upstream.tls {
-            peer.options.alpn = ALPN::H2H1;
-            peer.options.ca = upstream.ca.clone();
-        }
-
-        // A pooled connection may have been closed by the upstream just before reuse; that
-        // failure says nothing about the upstream, so it gets one fresh connection.
-        let mut fresh_retry = true;
-        let mut request = Some(request);
-        loop {
-            let connected = tokio::select! {
-                connected = self.connector.get_http_session(&peer) => connected,
-                gone = session.as_downstream_mut().read_body_or_idle(true) => return Err(Attempt::CallerGone(caller_gone(gone))),
-            };
-            let (mut upstream_session, reused) = connected.map_err(|e| {
-                Attempt::Refused(Rejection::new(
-                    StatusCode::BAD_GATEWAY,
-                    ErrorKind::UpstreamUnavailable,
-                    format!(
-                        "cannot connect to upstream `{}`: {}",
-                        upstream.name,
-                        e.etype().as_str()
-                    ),
-                ))
-            })?;
-            let started = Instant::now();
-            let sent = tokio::select! {
-                // Keep a copy only when a retry is possible.
-                sent = write_request(
-                    &mut upstream_session,
-                    if reused && fresh_retry { request.clone() } else { request.take() },
-                    body,
-                ) => sent,
-                gone = session.as_downstream_mut().read_body_or_idle(true) => return Err(Attempt::CallerGone(caller_gone(gone))),
-            };
-            let head = match sent {
-                Ok(()) => {
-                    let remaining = upstream
-                        .first_byte_timeout
-                        .saturating_sub(started.elapsed());
-                    tokio::select! {
-                        head = tokio::time::timeout(remaining, upstream_session.read_response_header()) => head,
-                        gone = session.as_downstream_mut().read_body_or_idle(true) => return Err(Attempt::CallerGone(caller_gone(gone))),
-                    }
-                }
-                Err(e) => Ok(Err(e)),
-            };
-            match head {
-                Ok(Ok(())) => return Ok((upstream_session, peer)),
-                Ok(Err(_)) if reused && fresh_retry => {
-                    fresh_retry = false;
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    return Err(Attempt::Refused(Rejection::new(
-                        StatusCode::BAD_GATEWAY,
-                        ErrorKind::UpstreamUnavailable,
-                        format!(
-                            "upstream `{}` failed: {}",
-                            upstream.name,
-                            e.etype().as_str()
-                        ),
-                    )))
-                }
-                Err(_elapsed) => {
-                    return Err(Attempt::Refused(Rejection::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        ErrorKind::UpstreamTimeout,
-                        format!(
-                            "upstream `{}` sent no response within {:?}",
-                            upstream.name, upstream.first_byte_timeout
-                        ),
-                    )))
-                }
-            }
-        }
-    }
 }
 
-/// How a response body ended when it did not fail.
+/// How a response body ended.
 enum StreamEnd {
     /// The upstream finished it.
     Complete,
     /// A filter ended it early; the response is already finished downstream.
     Cut,
+    /// The upstream broke midway; the caller's body must stay unfinished.
+    Broke(Box<Error>),
 }
 
-enum Attempt {
-    Refused(Rejection),
-    CallerGone(Box<Error>),
+type RunningAttempt<'r> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (Launched<'r>, attempts::AttemptResult)> + Send + 'r>,
+>;
+
+/// What Sluice says when an attempt failed before any response head.
+fn attempt_rejection(launched: &Launched, error: &AttemptError) -> Rejection {
+    let upstream = &launched.target.upstream.name;
+    match error {
+        AttemptError::Timeout(limit) => Rejection::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::UpstreamTimeout,
+            format!("upstream `{upstream}` sent no response within {limit:?}"),
+        ),
+        AttemptError::Connect(why) => Rejection::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamUnavailable,
+            format!("cannot connect to upstream `{upstream}`: {why}"),
+        ),
+        AttemptError::Broken(why) => Rejection::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamUnavailable,
+            format!("upstream `{upstream}` failed: {why}"),
+        ),
+    }
 }
 
 fn caller_gone(result: pingora::Result<Option<Bytes>>) -> Box<Error> {
@@ -447,20 +551,6 @@ fn caller_gone(result: pingora::Result<Option<Bytes>>) -> Box<Error> {
             "caller sent data after its request",
         ),
     }
-}
-
-async fn write_request(
-    upstream: &mut HttpSession,
-    request: Option<RequestHeader>,
-    body: &Bytes,
-) -> pingora::Result<()> {
-    let request = request
-        .ok_or_else(|| Error::explain(ErrorType::InternalError, "request head already sent"))?;
-    upstream.write_request_header(Box::new(request)).await?;
-    if !body.is_empty() {
-        upstream.write_request_body(body.clone(), true).await?;
-    }
-    upstream.finish_request_body().await
 }
 
 /// Makes an OpenAI stream report its usage when a filter needs it and the caller did not ask;
@@ -476,57 +566,6 @@ fn ask_for_stream_usage(route: &Route, ex: &mut Exchange) -> bool {
         }
         None => false,
     }
-}
-
-/// The request head for the upstream: path rewritten, headers cleaned, filters applied,
-/// credentials set.
-fn build_upstream_request(route: &Route, ex: &Exchange) -> Result<RequestHeader, Rejection> {
-    let upstream = &route.upstream;
-    let incoming = &ex.request;
-    let path_and_query = incoming.uri.path_and_query().map_or("/", |p| p.as_str());
-    let path = upstream
-        .provider
-        .upstream_path(
-            route.upstream_path(path_and_query),
-            ex.facts.model.as_deref(),
-            &upstream.azure,
-        )
-        .map_err(|e| {
-            Rejection::new(
-                StatusCode::BAD_REQUEST,
-                ErrorKind::InvalidRequest,
-                e.to_string(),
-            )
-        })?;
-    let mut request = RequestHeader::build(
-        incoming.method.clone(),
-        path.as_bytes(),
-        Some(incoming.headers.len() + 4),
-    )
-    .map_err(|_| {
-        Rejection::new(
-            StatusCode::BAD_REQUEST,
-            ErrorKind::InvalidRequest,
-            "the request path cannot be sent upstream",
-        )
-    })?;
-    let credential = upstream.next_credential();
-    headers::copy_request_headers(incoming, &mut request, credential.is_some());
-    let _ = request.insert_header(header::HOST, upstream.authority.clone());
-    let carries_body = !ex.body.is_empty()
-        || matches!(incoming.method, Method::POST | Method::PUT | Method::PATCH);
-    if carries_body {
-        let _ = request.insert_header(header::CONTENT_LENGTH, ex.body.len());
-    }
-    // Filters first, Sluice's own credentials last: no filter can remove or replace them.
-    route.chain.on_upstream_request(ex, &mut request);
-    if let Some(credential) = credential {
-        let _ = request.insert_header(upstream.provider.credential_header(), credential.clone());
-    }
-    for (name, value) in &upstream.extra_headers {
-        let _ = request.insert_header(name.clone(), value.clone());
-    }
-    Ok(request)
 }
 
 enum BodyError {

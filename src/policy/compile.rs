@@ -13,16 +13,22 @@ use sha2::{Digest, Sha256};
 use sluice_filters::auth::jwt::JwtMaterial;
 use sluice_filters::auth::keys::{KeyHash, KEY_PREFIX};
 use sluice_filters::auth::{Auth, AuthMode, AuthSpec, Directory};
+use sluice_filters::glob::Glob;
 use sluice_filters::limits::{warm_up_tokenizers, Backend, LimitTable, Limits, RedisCounters};
 use sluice_filters::{Chain, Filter, FilterSpec, Stage};
 
 use super::error::PolicyError;
 use super::interpolate::interpolate;
 use super::schema::{
-    KeySpec, KeysFile, PolicyFile, ProviderKind, RouteSpec, StateBackend, UpstreamSpec,
+    CircuitBreakerSpec, KeyEntrySpec, KeySpec, KeysFile, PolicyFile, ProviderKind, RouteSpec,
+    StateBackend, TargetSpec, UpstreamSpec,
 };
-use super::{ListenAddrs, Policy, RedisSettings, Route, ServerRuntime, SharedState};
-use crate::upstream::{AzureSettings, Upstream};
+use super::{
+    ListenAddrs, ModelTargets, Policy, RedisSettings, RetryPolicy, Route, ServerRuntime,
+    SharedState, Target, Targets,
+};
+use crate::upstream::health::{BreakerSettings, RetryBudgetSettings};
+use crate::upstream::{AzureSettings, KeyPool, ProviderKey, Upstream};
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
@@ -60,7 +66,8 @@ pub fn compile_text(
     let mut upstreams = BTreeMap::new();
     for (name, spec) in &file.upstreams {
         let path = format!("upstreams.{name}");
-        if let Some(upstream) = compile_upstream(name, spec, &path, env, &mut errors) {
+        let upstream = compile_upstream(name, spec, &path, env, shared, &mut sources, &mut errors);
+        if let Some(upstream) = upstream {
             upstreams.insert(name.clone(), Arc::new(upstream));
         }
     }
@@ -239,6 +246,8 @@ fn compile_upstream(
     spec: &Spanned<UpstreamSpec>,
     path: &str,
     env: Env,
+    shared: &SharedState,
+    sources: &mut Sources,
     errors: &mut Vec<PolicyError>,
 ) -> Option<Upstream> {
     let before = errors.len();
@@ -249,22 +258,33 @@ fn compile_upstream(
     let base = resolve(&spec.base_url, &base_url_path, env, errors)
         .and_then(|url| parse_base_url(&url, &base_url_path, spec.base_url.referenced, errors));
 
-    let mut keys = Vec::with_capacity(spec.keys.len());
-    for (i, key) in spec.keys.iter().enumerate() {
-        let key_path = format!("{path}.keys[{i}]");
-        if let Some(value) = resolve(&key.0, &key_path, env, errors) {
-            if value.trim().is_empty() {
-                errors.push(PolicyError::new(&key_path, "the key is empty").at(key.0.referenced));
-            } else if HeaderValue::from_str(&value).is_err() {
-                errors.push(
-                    PolicyError::new(&key_path, "the key has characters not allowed in a header")
-                        .at(key.0.referenced),
-                );
-            } else {
-                keys.push(value);
-            }
-        }
+    let breaker = breaker_settings(
+        &spec.circuit_breaker,
+        &format!("{path}.circuit_breaker"),
+        at,
+        errors,
+    );
+    let retry_budget = RetryBudgetSettings {
+        ratio: spec.retry_budget.ratio,
+        min_per_second: spec.retry_budget.min_per_second,
+        window: spec.retry_budget.window.0,
+    };
+    let valid = |n: f64| n.is_finite() && n >= 0.0;
+    if !(valid(retry_budget.ratio) && valid(retry_budget.min_per_second))
+        || retry_budget.window.is_zero()
+    {
+        errors.push(
+            PolicyError::new(
+                format!("{path}.retry_budget"),
+                "`ratio` and `min_per_second` are non-negative numbers, `window` more than 0",
+            )
+            .at(at),
+        );
     }
+    let identity = format!("{name}\0{}", spec.base_url.value);
+    let keys = compile_keys(
+        spec, path, &identity, &breaker, env, shared, sources, errors,
+    );
 
     let mut extra_headers = Vec::with_capacity(spec.headers.len());
     for (header, template) in &spec.headers {
@@ -332,12 +352,29 @@ fn compile_upstream(
     let authority = Upstream::authority_for(tls, &host, port)
         .map_err(|e| errors.push(PolicyError::new(&base_url_path, e.to_string()).at(at)))
         .ok()?;
-    let credentials = keys
-        .iter()
-        .map(|key| spec.provider.credential_value(key))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| errors.push(PolicyError::new(format!("{path}.keys"), e.to_string()).at(at)))
-        .ok()?;
+    let anthropic_version = match (&spec.anthropic_version, spec.provider) {
+        (Some(version), ProviderKind::Anthropic) => HeaderValue::from_str(version)
+            .map_err(|_| {
+                errors.push(
+                    PolicyError::new(format!("{path}.anthropic_version"), "not a header value")
+                        .at(at),
+                )
+            })
+            .ok(),
+        (None, ProviderKind::Anthropic) => Some(HeaderValue::from_static("2023-06-01")),
+        (Some(_), _) => {
+            errors.push(
+                PolicyError::new(
+                    format!("{path}.anthropic_version"),
+                    "applies to provider anthropic only",
+                )
+                .at(at),
+            );
+            None
+        }
+        (None, _) => None,
+    };
+    let health = shared.health.upstream(&identity, &breaker, &retry_budget);
     Some(Upstream {
         name: name.into(),
         provider: spec.provider,
@@ -346,7 +383,12 @@ fn compile_upstream(
         port,
         authority,
         base_path,
-        credentials,
+        keys: KeyPool::new(keys?),
+        key_cooldown: spec.key_cooldown.0,
+        breaker,
+        retry_budget,
+        health,
+        anthropic_version,
         extra_headers,
         connect_timeout: spec.timeouts.connect.0,
         first_byte_timeout: spec.timeouts.first_byte.0,
@@ -356,8 +398,131 @@ fn compile_upstream(
             deployments: spec.deployments.clone(),
         },
         ca,
-        next_credential: Default::default(),
     })
+}
+
+fn breaker_settings(
+    spec: &CircuitBreakerSpec,
+    path: &str,
+    at: serde_saphyr::Location,
+    errors: &mut Vec<PolicyError>,
+) -> BreakerSettings {
+    if spec.enabled
+        && (spec.consecutive_failures == 0
+            || spec.half_open_probes == 0
+            || !(spec.error_ratio > 0.0 && spec.error_ratio <= 1.0)
+            || spec.window.0.is_zero())
+    {
+        errors.push(
+            PolicyError::new(
+                path,
+                "`consecutive_failures` and `half_open_probes` must be at least 1, `error_ratio` in (0, 1], `window` more than 0",
+            )
+            .at(at),
+        );
+    }
+    BreakerSettings {
+        enabled: spec.enabled,
+        consecutive_failures: spec.consecutive_failures,
+        error_ratio: spec.error_ratio,
+        min_requests: spec.min_requests,
+        window: spec.window.0,
+        open_for: spec.open_for.0,
+        half_open_probes: spec.half_open_probes,
+    }
+}
+
+/// An upstream's provider keys: from the policy (`${VAR}` allowed) or files, each with its
+/// health (kept across reloads by the key's hash). `None` when any key is invalid.
+#[allow(clippy::too_many_arguments)]
+fn compile_keys(
+    spec: &UpstreamSpec,
+    path: &str,
+    upstream_identity: &str,
+    breaker: &BreakerSettings,
+    env: Env,
+    shared: &SharedState,
+    sources: &mut Sources,
+    errors: &mut Vec<PolicyError>,
+) -> Option<Vec<ProviderKey>> {
+    let before = errors.len();
+    let mut keys = Vec::with_capacity(spec.keys.len());
+    let mut names = HashSet::new();
+    for (i, entry) in spec.keys.iter().enumerate() {
+        let key_path = format!("{path}.keys[{i}]");
+        let at = entry.referenced;
+        let error = |path: String, message: String| PolicyError::new(path, message).at(at);
+        let (template, detail) = match &entry.value {
+            KeyEntrySpec::Plain(template) => (Some(template), None),
+            KeyEntrySpec::Detailed(detail) => (detail.key.as_ref(), Some(detail)),
+        };
+        let file = detail.and_then(|d| d.file.as_deref());
+        let value = match (template, file) {
+            (Some(template), None) => {
+                // A plain string entry has its location on the entry.
+                let mut located = template.0.clone();
+                if located.referenced == serde_saphyr::Location::UNKNOWN {
+                    located.referenced = at;
+                }
+                resolve(&located, &key_path, env, errors)
+            }
+            (None, Some(file)) => match sources.read(file) {
+                Ok((_, bytes)) => Some(String::from_utf8_lossy(&bytes).trim().to_owned()),
+                Err(message) => {
+                    errors.push(error(format!("{key_path}.file"), message));
+                    None
+                }
+            },
+            _ => {
+                let message = "give exactly one of `key` and `file`".to_owned();
+                errors.push(error(key_path.clone(), message));
+                None
+            }
+        };
+        let Some(value) = value else { continue };
+        if value.trim().is_empty() {
+            errors.push(error(key_path.clone(), "the key is empty".to_owned()));
+            continue;
+        }
+        let Ok(credential) = spec.provider.credential_value(&value) else {
+            let message = "the key has characters not allowed in a header".to_owned();
+            errors.push(error(key_path.clone(), message));
+            continue;
+        };
+        let name: Arc<str> = match detail.and_then(|d| d.name.as_deref()) {
+            Some(name) => name.into(),
+            None => format!("#{i}").into(),
+        };
+        if !names.insert(name.clone()) {
+            let message = format!("key name `{name}` is used twice");
+            errors.push(error(format!("{key_path}.name"), message));
+        }
+        let weight = detail.map_or(1, |d| d.weight);
+        if weight == 0 {
+            let message = "must be at least 1 (remove the key to stop using it)".to_owned();
+            errors.push(error(format!("{key_path}.weight"), message));
+        }
+        if detail.and_then(|d| d.max_concurrent) == Some(0) {
+            let message = "must be at least 1".to_owned();
+            errors.push(error(format!("{key_path}.max_concurrent"), message));
+        }
+        let models = detail.map_or_else(Vec::new, |d| {
+            d.models.iter().map(|m| Glob::new(m)).collect()
+        });
+        let fingerprint = hex::encode(Sha256::digest(value.as_bytes()));
+        let health = shared
+            .health
+            .key(&format!("{upstream_identity}\0{fingerprint}"), breaker);
+        keys.push(ProviderKey::new(
+            name,
+            credential,
+            weight,
+            models,
+            detail.and_then(|d| d.max_concurrent),
+            health,
+        ));
+    }
+    (errors.len() == before).then_some(keys)
 }
 
 /// The files a policy is made of: the policy itself and the files it names (keys file, JWT key
@@ -504,11 +669,162 @@ fn compile_state(
     }
 }
 
+/// Where a route sends: `upstream` or `targets`, and `model_targets`. All targets must speak
+/// the same API (a caller's SDK speaks one); targets of different providers need keys of
+/// their own, since the caller's credential fits only one of them.
+fn compile_targets(
+    spec: &RouteSpec,
+    path: &str,
+    context: &RouteContext,
+    at: serde_saphyr::Location,
+    errors: &mut Vec<PolicyError>,
+) -> Option<Targets> {
+    let before = errors.len();
+    let target = |spanned: &Spanned<TargetSpec>, target_path: String, errors: &mut Vec<_>| {
+        let target = &spanned.value;
+        let upstream = context.upstreams.get(&target.upstream).cloned();
+        if upstream.is_none() && !context.declared.contains_key(&target.upstream) {
+            let known: Vec<&str> = context.declared.keys().map(String::as_str).collect();
+            errors.push(
+                PolicyError::new(
+                    target_path,
+                    format!(
+                        "unknown upstream `{}` (declared: {})",
+                        target.upstream,
+                        known.join(", ")
+                    ),
+                )
+                .at(spanned.referenced),
+            );
+        }
+        Some(Target {
+            upstream: upstream?,
+            model: target.model.as_deref().map(Arc::from),
+        })
+    };
+    let default = match (&spec.upstream, spec.targets.is_empty()) {
+        (Some(name), true) => {
+            let single = Spanned::new(
+                TargetSpec {
+                    upstream: name.value.clone(),
+                    model: None,
+                },
+                name.referenced,
+                name.defined,
+            );
+            let compiled = target(&single, format!("{path}.upstream"), errors);
+            vec![compiled]
+        }
+        (None, false) => spec
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| target(t, format!("{path}.targets[{i}]"), errors))
+            .collect(),
+        (Some(_), false) => {
+            errors.push(PolicyError::new(path, "give `upstream` or `targets`, not both").at(at));
+            return None;
+        }
+        (None, true) => {
+            errors.push(PolicyError::new(path, "needs `upstream` or `targets`").at(at));
+            return None;
+        }
+    };
+    let mut by_model = ModelTargets::default();
+    for (model, list) in &spec.model_targets {
+        let model_path = format!("{path}.model_targets.{model}");
+        if list.is_empty() {
+            errors.push(PolicyError::new(&model_path, "lists no target").at(at));
+        }
+        let compiled: Vec<Option<Target>> = list
+            .iter()
+            .enumerate()
+            .map(|(i, t)| target(t, format!("{model_path}[{i}]"), errors))
+            .collect();
+        by_model.add(model, compiled.into_iter().flatten().collect());
+    }
+    if errors.len() > before {
+        return None;
+    }
+    let targets = Targets {
+        default: default.into_iter().flatten().collect(),
+        by_model,
+    };
+    let all: Vec<&Target> = targets.all().collect();
+    let first = all.first()?.upstream.provider;
+    if all
+        .iter()
+        .any(|t| t.upstream.provider.dialect() != first.dialect())
+    {
+        errors.push(
+            PolicyError::new(
+                path,
+                "targets speak different APIs (e.g. OpenAI and Anthropic): a caller's SDK speaks one",
+            )
+            .at(at),
+        );
+        return None;
+    }
+    let mixed = all.iter().any(|t| t.upstream.provider != first);
+    if let Some(keyless) = all.iter().find(|t| mixed && t.upstream.keys.is_empty()) {
+        errors.push(
+            PolicyError::new(
+                path,
+                format!(
+                    "targets of different providers need keys of their own: upstream `{}` has none, and the caller's credential fits only one provider",
+                    keyless.upstream.name
+                ),
+            )
+            .at(at),
+        );
+        return None;
+    }
+    Some(targets)
+}
+
+fn compile_retry(
+    spec: &RouteSpec,
+    path: &str,
+    targets: Option<&Targets>,
+    at: serde_saphyr::Location,
+    errors: &mut Vec<PolicyError>,
+) -> RetryPolicy {
+    let written = spec.retry.clone().unwrap_or_default();
+    let longest = targets.map_or(1, Targets::longest_list) as u32;
+    let attempts = written.attempts.unwrap_or(longest + 1);
+    if attempts == 0 {
+        errors.push(
+            PolicyError::new(
+                format!("{path}.retry.attempts"),
+                "must be at least 1 (1: no retry)",
+            )
+            .at(at),
+        );
+    }
+    if written.backoff.base.0 > written.backoff.max.0 {
+        errors.push(
+            PolicyError::new(
+                format!("{path}.retry.backoff"),
+                "`base` must not exceed `max`",
+            )
+            .at(at),
+        );
+    }
+    RetryPolicy {
+        attempts: attempts.max(1),
+        on: written.on,
+        attempt_timeout: written.attempt_timeout.map(|d| d.0),
+        backoff_base: written.backoff.base.0,
+        backoff_max: written.backoff.max.0,
+        retry_after_max: written.retry_after_max.0,
+    }
+}
+
 /// The route's `auth` filter: as declared, or `required` by default once tenants exist.
 fn compile_auth(
     spec: &RouteSpec,
     path: &str,
-    upstream: Option<&Arc<Upstream>>,
+    targets: &Targets,
     directory: &Arc<Directory>,
     sources: &mut Sources,
     at: serde_saphyr::Location,
@@ -519,7 +835,6 @@ fn compile_auth(
     let auth = declared
         .clone()
         .or_else(|| (!directory.is_empty()).then_some(AuthSpec::Mode(AuthMode::Required)))?;
-    let upstream = upstream?;
     if auth.mode() == AuthMode::Required && directory.is_empty() {
         errors.push(
             PolicyError::new(
@@ -530,7 +845,8 @@ fn compile_auth(
         );
         return None;
     }
-    if auth.mode() != AuthMode::Passthrough && upstream.credentials.is_empty() {
+    let keyless = targets.all().find(|t| t.upstream.keys.is_empty());
+    if let (true, Some(Target { upstream, .. })) = (auth.mode() != AuthMode::Passthrough, keyless) {
         let why = if declared.is_some() {
             ""
         } else {
@@ -570,7 +886,7 @@ fn compile_auth(
     }
     match Auth::new(
         &auth,
-        upstream.provider.caller_credential(),
+        targets.provider().caller_credential(),
         directory.clone(),
         jwt_material,
     ) {
@@ -811,21 +1127,8 @@ fn compile_route(
     if spec.max_body.0 == 0 {
         errors.push(PolicyError::new(format!("{path}.max_body"), "must be more than 0").at(at));
     }
-    let upstream = context.upstreams.get(&spec.upstream.value).cloned();
-    if upstream.is_none() && !context.declared.contains_key(&spec.upstream.value) {
-        let known: Vec<&str> = context.declared.keys().map(String::as_str).collect();
-        errors.push(
-            PolicyError::new(
-                format!("{path}.upstream"),
-                format!(
-                    "unknown upstream `{}` (declared: {})",
-                    spec.upstream.value,
-                    known.join(", ")
-                ),
-            )
-            .at(spec.upstream.referenced),
-        );
-    }
+    let targets = compile_targets(spec, path, context, at, errors);
+    let retry = compile_retry(spec, path, targets.as_ref(), at, errors);
     let specs = spec.filters.clone().unwrap_or_else(FilterSpec::defaults);
     for problem in FilterSpec::validate_order(&specs) {
         errors.push(PolicyError::new(format!("{path}.filters"), problem.to_string()).at(at));
@@ -840,15 +1143,9 @@ fn compile_route(
             }
         }
     }
-    let auth = compile_auth(
-        spec,
-        path,
-        upstream.as_ref(),
-        context.directory,
-        sources,
-        at,
-        errors,
-    );
+    let auth = targets.as_ref().and_then(|targets| {
+        compile_auth(spec, path, targets, context.directory, sources, at, errors)
+    });
     if let Some(auth) = auth {
         staged.push((Stage::Authenticate, auth));
     }
@@ -870,8 +1167,11 @@ fn compile_route(
             .collect(),
         path_prefix: prefix.trim_end_matches('/').to_owned(),
         rewrite_prefix: spec.rewrite_prefix.trim_end_matches('/').to_owned(),
-        // Absent only when the upstream itself failed to compile, which is already an error.
-        upstream: upstream?,
+        // Absent only after errors, which were recorded.
+        provider: targets.as_ref()?.provider(),
+        targets: targets?,
+        retry,
+        hedge: spec.hedge.map(|hedge| hedge.after),
         max_body: spec.max_body.0,
         chain: Chain::new(filters),
     })

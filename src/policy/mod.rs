@@ -19,8 +19,11 @@ use sluice_filters::limits::{LimitStore, OnError, RedisCounters};
 use sluice_filters::Chain;
 
 use crate::telemetry::Metrics;
-use crate::upstream::Upstream;
+use crate::upstream::health::HealthRegistry;
+use crate::upstream::{ProviderKind, Upstream};
 pub use error::{PolicyError, PolicyErrors};
+use schema::{HedgeAfter, RetryOn};
+use sluice_filters::glob::Glob;
 pub use store::{PolicyStore, ReloadOutcome};
 pub use watch::PolicyWatcher;
 
@@ -70,9 +73,118 @@ pub struct Route {
     /// Without a trailing slash; empty for the root prefix.
     pub path_prefix: String,
     pub rewrite_prefix: String,
-    pub upstream: Arc<Upstream>,
+    /// The API every target speaks: the caller's credential header and Sluice's error shape.
+    pub provider: ProviderKind,
+    pub targets: Targets,
+    pub retry: RetryPolicy,
+    /// Send to the next target too when the first has not answered by then.
+    pub hedge: Option<HedgeAfter>,
     pub max_body: u64,
     pub chain: Chain,
+}
+
+/// Where a route sends, in fallback order.
+#[derive(Debug, Default)]
+pub struct Targets {
+    pub default: Vec<Target>,
+    pub by_model: ModelTargets,
+}
+
+impl Targets {
+    /// The fallback list for a request asking for `model`.
+    pub fn for_model(&self, model: Option<&str>) -> &[Target] {
+        model
+            .and_then(|model| self.by_model.get(model))
+            .unwrap_or(&self.default)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Target> {
+        self.default.iter().chain(self.by_model.lists().flatten())
+    }
+
+    pub fn longest_list(&self) -> usize {
+        self.by_model
+            .lists()
+            .map(Vec::len)
+            .chain([self.default.len()])
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// The API family of the targets (validated to be one).
+    pub fn provider(&self) -> ProviderKind {
+        self.all()
+            .next()
+            .map_or(ProviderKind::Openai, |t| t.upstream.provider)
+    }
+}
+
+/// Per-model target lists: exact names first, then patterns in the order added.
+#[derive(Debug, Default)]
+pub struct ModelTargets {
+    exact: std::collections::HashMap<String, Vec<Target>>,
+    patterns: Vec<(Glob, Vec<Target>)>,
+}
+
+impl ModelTargets {
+    pub fn add(&mut self, model: &str, targets: Vec<Target>) {
+        if model.contains(['*', '?']) {
+            self.patterns.push((Glob::new(model), targets));
+        } else {
+            self.exact.insert(model.to_owned(), targets);
+        }
+    }
+
+    fn get(&self, model: &str) -> Option<&[Target]> {
+        self.exact.get(model).map(Vec::as_slice).or_else(|| {
+            self.patterns
+                .iter()
+                .find(|(glob, _)| glob.matches(model))
+                .map(|(_, targets)| targets.as_slice())
+        })
+    }
+
+    fn lists(&self) -> impl Iterator<Item = &Vec<Target>> {
+        self.exact
+            .values()
+            .chain(self.patterns.iter().map(|(_, targets)| targets))
+    }
+}
+
+/// One place a request may go: an upstream, and the model to ask it for instead of the
+/// caller's (a fallback to a cheaper model, an Azure deployment's model).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub upstream: Arc<Upstream>,
+    pub model: Option<Arc<str>>,
+}
+
+/// A route's retry rules, compiled.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    pub on: Vec<RetryOn>,
+    pub attempt_timeout: Option<Duration>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub retry_after_max: Duration,
+}
+
+impl RetryPolicy {
+    /// Whether a response status is tried again.
+    pub fn retries_status(&self, status: u16) -> bool {
+        self.on.iter().any(|on| match on {
+            RetryOn::Status(s) => *s == status,
+            RetryOn::ServerErrors => (500..=599).contains(&status),
+            RetryOn::ClientErrors => (400..=499).contains(&status),
+            RetryOn::ConnectError | RetryOn::FirstByteTimeout => false,
+        })
+    }
+
+    pub fn retries(&self, on: RetryOn) -> bool {
+        self.on.contains(&on)
+    }
 }
 
 impl Route {
@@ -91,9 +203,9 @@ impl Route {
 
     /// The upstream path: the matched prefix replaced by `rewrite_prefix`, behind the upstream's
     /// base path. The query string is kept as sent.
-    pub fn upstream_path(&self, path_and_query: &str) -> String {
+    pub fn upstream_path(&self, upstream: &Upstream, path_and_query: &str) -> String {
         let rest = &path_and_query[self.prefix_len(path_and_query).unwrap_or(0)..];
-        let base = &self.upstream.base_path;
+        let base = &upstream.base_path;
         let mut out =
             String::with_capacity(base.len() + self.rewrite_prefix.len() + rest.len() + 1);
         out.push_str(base);
@@ -137,6 +249,8 @@ pub struct SharedState {
     pub limits: Arc<LimitStore>,
     /// Counters must not restart at zero on a reload either.
     pub metrics: Arc<Metrics>,
+    /// Circuit breakers, retry budgets, key cooldowns: a reload keeps them.
+    pub health: HealthRegistry,
     /// The Redis counters in use, by the settings that made them (a reload that keeps the
     /// settings keeps the connection).
     redis: std::sync::Mutex<Option<(RedisSettings, Arc<RedisCounters>)>>,
@@ -234,15 +348,18 @@ routes:
     #[test]
     fn upstream_paths_are_rewritten_behind_the_base_path() {
         let policy = compile(POLICY).unwrap();
-        let route = |name: &str| policy.routes.iter().find(|r| &*r.name == name).unwrap();
+        let path = |name: &str, path: &str| {
+            let route = policy.routes.iter().find(|r| &*r.name == name).unwrap();
+            route.upstream_path(&route.targets.default[0].upstream, path)
+        };
         assert_eq!(
-            route("openai").upstream_path("/openai/v1/chat/completions?a=b"),
+            path("openai", "/openai/v1/chat/completions?a=b"),
             "/v1/chat/completions?a=b"
         );
-        assert_eq!(route("openai").upstream_path("/openai"), "/");
-        assert_eq!(route("by-host").upstream_path("/v1/models"), "/v1/models");
+        assert_eq!(path("openai", "/openai"), "/");
+        assert_eq!(path("by-host", "/v1/models"), "/v1/models");
         assert_eq!(
-            route("local").upstream_path("/local/chat/completions"),
+            path("local", "/local/chat/completions"),
             "/base/v1/chat/completions"
         );
         let upstream = &policy.upstreams["proxied"];
@@ -272,7 +389,7 @@ routes:
             "{shown}"
         );
         assert_eq!(
-            policy.upstreams["openai"].next_credential().unwrap(),
+            policy.upstreams["openai"].keys.get(0).credential,
             "Bearer sk-1"
         );
     }

@@ -257,9 +257,24 @@ pub struct UpstreamSpec {
     pub provider: ProviderKind,
     /// `https://host[:port][/base/path]`; `http://` for local servers. `${VAR}` allowed.
     pub base_url: Spanned<String>,
-    /// Provider keys. With none, the caller's own credential passes through unchanged.
+    /// Provider keys: `"${VAR}"`, or `{ key | file, name, weight, models, max_concurrent }`.
+    /// With none, the caller's own credential passes through unchanged.
     #[serde(default)]
-    pub keys: Vec<SecretTemplate>,
+    pub keys: Vec<Spanned<KeyEntrySpec>>,
+    /// How long a key rests after a 429 that does not say (`retry-after`,
+    /// `x-ratelimit-reset-*`).
+    #[serde(default = "default_key_cooldown")]
+    pub key_cooldown: Duration,
+    /// When the upstream (and each of its keys) is taken out of rotation, and how it returns.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerSpec,
+    /// How many retries requests to this upstream may cause, so an outage cannot multiply
+    /// traffic.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetSpec,
+    /// Anthropic only: the `anthropic-version` sent when the caller sends none.
+    #[serde(default)]
+    pub anthropic_version: Option<String>,
     #[serde(default)]
     pub timeouts: Timeouts,
     /// Extra headers sent upstream (e.g. `OpenAI-Organization`). Values may hold secrets.
@@ -273,6 +288,194 @@ pub struct UpstreamSpec {
     /// Azure OpenAI only: model name → deployment name (a model not listed is its own deployment).
     #[serde(default)]
     pub deployments: BTreeMap<String, String>,
+}
+
+fn default_key_cooldown() -> Duration {
+    Duration(std::time::Duration::from_secs(10))
+}
+
+/// One provider key: the key itself (`"${OPENAI_KEY_A}"`), or a map.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum KeyEntrySpec {
+    Plain(SecretTemplate),
+    Detailed(KeySpecDetailed),
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpecDetailed {
+    /// The key (`${VAR}` allowed); or
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<SecretTemplate>,
+    /// a file holding it (a mounted Kubernetes Secret), relative to the policy's folder; read
+    /// again, like the policy, whenever it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// For people: shown in `/admin/upstreams`, logs and metrics instead of `#<position>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Share of the requests, relative to the other keys (smooth weighted round robin).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Models (glob patterns) this key may serve; default: every model.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Requests this key may have in flight at once (open streams included).
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl<'de> Deserialize<'de> for KeyEntrySpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        string_or_map(
+            deserializer,
+            "a key, or a map with `key` or `file`",
+            |text| KeyEntrySpec::Plain(SecretTemplate(unspanned(text.to_owned()))),
+            KeyEntrySpec::Detailed,
+        )
+    }
+}
+
+/// Deserialises a value written either as a plain string or as a map (`- openai` or
+/// `- { upstream: openai, model: x }`). serde's untagged enums would lose the map's error
+/// messages (an unknown field becomes "did not match any variant") and its locations.
+fn string_or_map<'de, D, T, M>(
+    deserializer: D,
+    expecting: &'static str,
+    from_string: impl FnOnce(&str) -> T,
+    from_map: impl FnOnce(M) -> T,
+) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    M: Deserialize<'de>,
+{
+    struct Either<S, F, M> {
+        expecting: &'static str,
+        from_string: S,
+        from_map: F,
+        map: std::marker::PhantomData<M>,
+    }
+    impl<'de, T, M, S, F> serde::de::Visitor<'de> for Either<S, F, M>
+    where
+        M: Deserialize<'de>,
+        S: FnOnce(&str) -> T,
+        F: FnOnce(M) -> T,
+    {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<T, E> {
+            Ok((self.from_string)(text))
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            M::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(self.from_map)
+        }
+    }
+    deserializer.deserialize_any(Either {
+        expecting,
+        from_string,
+        from_map,
+        map: std::marker::PhantomData,
+    })
+}
+
+/// `circuit_breaker:` — defaults shown in `conf/sluice.yaml`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerSpec {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Opens after this many failures in a row (connect errors, timeouts, 5xx, broken streams)…
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// …or when this share of the requests of the last `window` failed, once there were at
+    /// least `min_requests`.
+    #[serde(default = "default_error_ratio")]
+    pub error_ratio: f64,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+    #[serde(default = "default_breaker_window")]
+    pub window: Duration,
+    /// How long it stays open (the upstream or key skipped) before probes go through.
+    #[serde(default = "default_open_for")]
+    pub open_for: Duration,
+    /// Requests let through at once while half-open; a success closes it, a failure opens it.
+    #[serde(default = "default_half_open_probes")]
+    pub half_open_probes: u32,
+}
+
+impl Default for CircuitBreakerSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            consecutive_failures: default_consecutive_failures(),
+            error_ratio: default_error_ratio(),
+            min_requests: default_min_requests(),
+            window: default_breaker_window(),
+            open_for: default_open_for(),
+            half_open_probes: default_half_open_probes(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_error_ratio() -> f64 {
+    0.5
+}
+fn default_min_requests() -> u32 {
+    20
+}
+fn default_breaker_window() -> Duration {
+    Duration(std::time::Duration::from_secs(30))
+}
+fn default_open_for() -> Duration {
+    Duration(std::time::Duration::from_secs(15))
+}
+fn default_half_open_probes() -> u32 {
+    1
+}
+
+/// `retry_budget:` — over `window`, retries ≤ `ratio` × requests + `min_per_second` × window.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetSpec {
+    #[serde(default = "default_budget_ratio")]
+    pub ratio: f64,
+    #[serde(default = "default_budget_min")]
+    pub min_per_second: f64,
+    #[serde(default = "default_budget_window")]
+    pub window: Duration,
+}
+
+impl Default for RetryBudgetSpec {
+    fn default() -> Self {
+        Self {
+            ratio: default_budget_ratio(),
+            min_per_second: default_budget_min(),
+            window: default_budget_window(),
+        }
+    }
+}
+
+fn default_budget_ratio() -> f64 {
+    0.2
+}
+fn default_budget_min() -> f64 {
+    1.0
+}
+fn default_budget_window() -> Duration {
+    Duration(std::time::Duration::from_secs(10))
 }
 
 /// TLS to an `https://` upstream. Certificates are always verified (chain and host name).
@@ -329,8 +532,24 @@ pub struct RouteSpec {
     /// Default: the prefix is stripped.
     #[serde(default)]
     pub rewrite_prefix: String,
-    /// The upstream this route sends to.
-    pub upstream: Spanned<String>,
+    /// The upstream this route sends to (`upstream: openai`), or
+    #[serde(default)]
+    pub upstream: Option<Spanned<String>>,
+    /// an ordered fallback list: `[openai, { upstream: azure }, { upstream: openai, model:
+    /// gpt-4o-mini }]`. Each target is an upstream, optionally with the model sent to it.
+    #[serde(default)]
+    pub targets: Vec<Spanned<TargetSpec>>,
+    /// Per requested model (exact names first, then glob patterns in alphabetical order), its
+    /// own fallback list instead of `upstream`/`targets`.
+    #[serde(default)]
+    pub model_targets: BTreeMap<String, Vec<Spanned<TargetSpec>>>,
+    /// When and how often a failed attempt is tried again (on another key or target).
+    #[serde(default)]
+    pub retry: Option<RetrySpec>,
+    /// Send the request to the next target too when the first is slow to answer; the first
+    /// response wins, the other is cancelled.
+    #[serde(default)]
+    pub hedge: Option<HedgeSpec>,
     /// Largest request body accepted, e.g. `8MiB`; larger gets 413 before the rest is read.
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
@@ -342,6 +561,211 @@ pub struct RouteSpec {
     /// goes through).
     #[serde(default)]
     pub auth: Option<AuthSpec>,
+}
+
+/// One fallback target: an upstream's name, or `{ upstream, model }`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    pub upstream: String,
+    /// The model sent to this target instead of the one asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for TargetSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Map {
+            upstream: String,
+            #[serde(default)]
+            model: Option<String>,
+        }
+        string_or_map(
+            deserializer,
+            "an upstream name, or a map with `upstream` (and `model`)",
+            |name| TargetSpec {
+                upstream: name.to_owned(),
+                model: None,
+            },
+            |map: Map| TargetSpec {
+                upstream: map.upstream,
+                model: map.model,
+            },
+        )
+    }
+}
+
+/// `retry:` — what is tried again, how often, how soon.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Attempts in all, the first included (1: never retry). Default: one per target, plus
+    /// one.
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// What is tried again: `connect_error`, `first_byte_timeout`, `5xx`, `4xx`, or statuses
+    /// (`429`, `408`, `409`, `529`). Whatever the list, a 401/403 for one of the upstream's own
+    /// keys is tried on another key.
+    #[serde(default = "default_retry_on")]
+    pub on: Vec<RetryOn>,
+    /// Longest wait for each attempt's response head (connect included). Default: the
+    /// upstream's `timeouts.first_byte`.
+    #[serde(default)]
+    pub attempt_timeout: Option<Duration>,
+    /// Before a target is tried again: a random wait up to `base` × 2^(round − 1), at most
+    /// `max` ("full jitter").
+    #[serde(default)]
+    pub backoff: BackoffSpec,
+    /// A provider's `retry-after` up to this long is waited out; a longer one is not retried.
+    #[serde(default = "default_retry_after_max")]
+    pub retry_after_max: Duration,
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            attempts: None,
+            on: default_retry_on(),
+            attempt_timeout: None,
+            backoff: BackoffSpec::default(),
+            retry_after_max: default_retry_after_max(),
+        }
+    }
+}
+
+fn default_retry_on() -> Vec<RetryOn> {
+    vec![
+        RetryOn::ConnectError,
+        RetryOn::Status(429),
+        RetryOn::ServerErrors,
+    ]
+}
+
+fn default_retry_after_max() -> Duration {
+    Duration(std::time::Duration::from_secs(5))
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffSpec {
+    #[serde(default = "default_backoff_base")]
+    pub base: Duration,
+    #[serde(default = "default_backoff_max")]
+    pub max: Duration,
+}
+
+impl Default for BackoffSpec {
+    fn default() -> Self {
+        Self {
+            base: default_backoff_base(),
+            max: default_backoff_max(),
+        }
+    }
+}
+
+fn default_backoff_base() -> Duration {
+    Duration(std::time::Duration::from_millis(100))
+}
+fn default_backoff_max() -> Duration {
+    Duration(std::time::Duration::from_secs(2))
+}
+
+/// One retry condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOn {
+    ConnectError,
+    FirstByteTimeout,
+    ServerErrors,
+    ClientErrors,
+    Status(u16),
+}
+
+impl<'de> Deserialize<'de> for RetryOn {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u16),
+            Text(String),
+        }
+        let parsed = match Raw::deserialize(deserializer)? {
+            Raw::Number(status) => Some(RetryOn::Status(status)),
+            Raw::Text(text) => match text.as_str() {
+                "connect_error" => Some(RetryOn::ConnectError),
+                "first_byte_timeout" => Some(RetryOn::FirstByteTimeout),
+                "5xx" => Some(RetryOn::ServerErrors),
+                "4xx" => Some(RetryOn::ClientErrors),
+                other => other.parse().ok().map(RetryOn::Status),
+            },
+        };
+        match parsed {
+            Some(RetryOn::Status(status)) if !(400..=599).contains(&status) => {
+                Err(serde::de::Error::custom(format!(
+                    "retry on status {status}: only 4xx and 5xx statuses are retried"
+                )))
+            }
+            Some(on) => Ok(on),
+            None => Err(serde::de::Error::custom(
+                "retry on: use connect_error, first_byte_timeout, 5xx, 4xx or a status like 429",
+            )),
+        }
+    }
+}
+
+impl Serialize for RetryOn {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RetryOn::ConnectError => serializer.serialize_str("connect_error"),
+            RetryOn::FirstByteTimeout => serializer.serialize_str("first_byte_timeout"),
+            RetryOn::ServerErrors => serializer.serialize_str("5xx"),
+            RetryOn::ClientErrors => serializer.serialize_str("4xx"),
+            RetryOn::Status(status) => serializer.serialize_u16(*status),
+        }
+    }
+}
+
+/// `hedge: { after: 300ms }` or `hedge: { after: p95 }`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HedgeSpec {
+    pub after: HedgeAfter,
+}
+
+/// When the second request goes out: a fixed delay, or the first target's running percentile
+/// of time to first byte (over the last minute; with fewer than 20 samples, no hedge).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HedgeAfter {
+    Delay(std::time::Duration),
+    Percentile(f64),
+}
+
+impl<'de> Deserialize<'de> for HedgeAfter {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if let Some(percent) = text.strip_prefix('p').and_then(|p| p.parse::<f64>().ok()) {
+            if percent > 0.0 && percent < 100.0 {
+                return Ok(HedgeAfter::Percentile(percent / 100.0));
+            }
+        }
+        humantime::parse_duration(&text)
+            .map(HedgeAfter::Delay)
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "hedge after {text:?}: use a duration (300ms) or a percentile (p95)"
+                ))
+            })
+    }
+}
+
+impl Serialize for HedgeAfter {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HedgeAfter::Delay(delay) => serializer.collect_str(&humantime::format_duration(*delay)),
+            HedgeAfter::Percentile(q) => serializer.collect_str(&format_args!("p{}", q * 100.0)),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -2,5 +2,6 @@
 //! `/metrics` (and, with later work, traces and latency statistics).
 
 mod metrics;
+pub mod rolling;
 
 pub use metrics::Metrics;

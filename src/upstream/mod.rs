@@ -1,16 +1,19 @@
 //! Upstreams: where a route sends its requests, and how each provider's API is spoken.
 
+pub mod health;
+pub mod keys;
 mod provider;
 mod resolver;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
 pub use crate::policy::schema::ProviderKind;
+use health::{BreakerSettings, RetryBudgetSettings, UpstreamHealth};
+pub use keys::{KeyLease, KeyPool, NoKey, ProviderKey};
 pub use provider::CALLER_CREDENTIAL_HEADERS;
 pub use resolver::Resolver;
 
@@ -26,8 +29,16 @@ pub struct Upstream {
     pub authority: HeaderValue,
     /// Path of `base_url`, without a trailing slash; put in front of every request path.
     pub base_path: String,
-    /// The provider credential header values, one per key, marked sensitive.
-    pub credentials: Vec<HeaderValue>,
+    /// The upstream's own provider keys; empty: the caller's credential passes through.
+    pub keys: KeyPool,
+    /// How long a key rests after a 429 that does not say.
+    pub key_cooldown: Duration,
+    pub breaker: BreakerSettings,
+    pub retry_budget: RetryBudgetSettings,
+    /// Its circuit, retry budget and latency, kept across reloads.
+    pub health: Arc<UpstreamHealth>,
+    /// Anthropic only: `anthropic-version` for callers that send none.
+    pub anthropic_version: Option<HeaderValue>,
     pub extra_headers: Vec<(HeaderName, HeaderValue)>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
@@ -35,9 +46,6 @@ pub struct Upstream {
     pub azure: AzureSettings,
     /// Trusted CAs replacing the system store, when the policy names a `tls.ca_file`.
     pub ca: Option<Arc<pingora::protocols::tls::CaType>>,
-    /// Round-robin position over `credentials`. Weighted rotation with cooldowns comes with key
-    /// pools; until then an even spread is the expected behaviour.
-    pub next_credential: AtomicUsize,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -56,10 +64,7 @@ impl std::fmt::Debug for Upstream {
             .field("port", &self.port)
             .field("base_path", &self.base_path)
             .field("custom_ca", &self.ca.is_some())
-            .field(
-                "credentials",
-                &format_args!("<{} redacted>", self.credentials.len()),
-            )
+            .field("keys", &self.keys.keys())
             .field(
                 "extra_headers",
                 &self
@@ -90,14 +95,5 @@ impl Upstream {
             HeaderValue::from_str(&format!("{host}:{port}"))
         };
         authority.map_err(|_| InvalidHost)
-    }
-
-    /// The credential for the next attempt, if this upstream has keys of its own.
-    pub fn next_credential(&self) -> Option<&HeaderValue> {
-        if self.credentials.is_empty() {
-            return None;
-        }
-        let at = self.next_credential.fetch_add(1, Ordering::Relaxed) % self.credentials.len();
-        Some(&self.credentials[at])
     }
 }

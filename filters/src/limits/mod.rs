@@ -591,7 +591,8 @@ impl Filter for Limits {
             None if !succeeded => Some(0),
             None => None,
         };
-        let cost = match (&ex.usage, ex.facts.model.as_deref()) {
+        let model = ex.served_model.as_deref().or(ex.facts.model.as_deref());
+        let cost = match (&ex.usage, model) {
             (Some(usage), Some(model)) => self.table.prices.cost_micros(model, usage).unwrap_or(0),
             _ => 0,
         };
