@@ -9,10 +9,10 @@
 
 mod content;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -90,11 +90,16 @@ const RECORD_LIMIT: usize = 1000;
 const BODY_LIMIT: usize = 64 * 1024 * 1024;
 
 struct Shared {
-    config: MockConfig,
+    /// Changeable while serving (`set_fault`, `set_first_byte_delay`).
+    config: RwLock<MockConfig>,
+    /// Faults for requests carrying a given provider key (`set_key_fault`).
+    key_faults: Mutex<HashMap<String, Fault>>,
     record: Mutex<VecDeque<RecordedRequest>>,
     count: AtomicU64,
     ids: AtomicU64,
     cancelled: AtomicU64,
+    /// Requests whose client went away before their response head was ready.
+    abandoned: AtomicU64,
 }
 
 pub struct MockServer {
@@ -122,11 +127,13 @@ impl MockServer {
     ) -> std::io::Result<MockServer> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            config,
+            config: RwLock::new(config),
+            key_faults: Mutex::new(HashMap::new()),
             record: Mutex::new(VecDeque::new()),
             count: AtomicU64::new(0),
             ids: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -160,11 +167,65 @@ impl MockServer {
     pub fn cancelled_streams(&self) -> u64 {
         self.shared.cancelled.load(Ordering::Relaxed)
     }
+
+    /// Requests whose client went away while the mock was still preparing the response head
+    /// (e.g. during `first_byte_delay`).
+    pub fn abandoned_requests(&self) -> u64 {
+        self.shared.abandoned.load(Ordering::Relaxed)
+    }
+
+    /// Every later request gets this fault (control headers still override it).
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        self.shared.write_config().fault = fault;
+    }
+
+    pub fn set_first_byte_delay(&self, delay: Duration) {
+        self.shared.write_config().first_byte_delay = delay;
+    }
+
+    /// Requests carrying this provider key (as `Authorization: Bearer`, `api-key` or
+    /// `x-api-key`) get this fault; `None` clears it.
+    pub fn set_key_fault(&self, key: &str, fault: Option<Fault>) {
+        let mut faults = self
+            .shared
+            .key_faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match fault {
+            Some(fault) => faults.insert(key.to_owned(), fault),
+            None => faults.remove(key),
+        };
+    }
 }
 
 impl Shared {
     fn lock_record(&self) -> std::sync::MutexGuard<'_, VecDeque<RecordedRequest>> {
         self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_config(&self) -> std::sync::RwLockWriteGuard<'_, MockConfig> {
+        self.config.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn config(&self) -> MockConfig {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The fault set for the provider key this request carries, if any.
+    fn key_fault(&self, headers: &HeaderMap) -> Option<Fault> {
+        let faults = self.key_faults.lock().unwrap_or_else(|e| e.into_inner());
+        if faults.is_empty() {
+            return None;
+        }
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let key = text("authorization")
+            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v))
+            .or_else(|| text("api-key"))
+            .or_else(|| text("x-api-key"))?;
+        faults.get(key).cloned()
     }
 }
 
@@ -237,7 +298,7 @@ async fn handle(
     }
 
     shared.count.fetch_add(1, Ordering::Relaxed);
-    if shared.config.record {
+    if shared.config().record {
         let mut record = shared.lock_record();
         if record.len() == RECORD_LIMIT {
             record.pop_front();
@@ -260,9 +321,24 @@ async fn handle(
         });
     }
 
-    let plan = Plan::new(&shared.config, &parts.headers);
+    let mut plan = Plan::new(&shared.config(), &parts.headers);
+    if let Some(fault) = shared.key_fault(&parts.headers) {
+        plan.fault = Some(fault);
+    }
     let id = shared.ids.fetch_add(1, Ordering::Relaxed);
+    // Counts the request as abandoned if the server drops this handler (the client left)
+    // before the response head is ready.
+    struct Pending(Option<Arc<Shared>>);
+    impl Drop for Pending {
+        fn drop(&mut self) {
+            if let Some(shared) = self.0.take() {
+                shared.abandoned.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    let mut pending = Pending(Some(shared.clone()));
     let mut response = respond(&shared, &parts.method, parts.uri.path(), &body, plan, id).await;
+    pending.0 = None;
     if let Some(request_id) = parts.headers.get("x-request-id") {
         response
             .headers_mut()

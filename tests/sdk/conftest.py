@@ -60,7 +60,10 @@ listen: {{ proxy: 127.0.0.1:{proxy}, admin: 127.0.0.1:{admin} }}
 upstreams:
   openai: {{ provider: openai, base_url: "{mock_url}", keys: ["sk-upstream-openai"] }}
   anthropic: {{ provider: anthropic, base_url: "{mock_url}", keys: ["sk-upstream-anthropic"] }}
+  # A key of its own for the rate-limit test: a 429 rests the key it was sent with.
+  limited: {{ provider: openai, base_url: "{mock_url}", keys: ["sk-upstream-limited"] }}
 routes:
+  - {{ name: limited, match: {{ path_prefix: /limited/openai }}, upstream: limited, auth: passthrough }}
   - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough }}
   - {{ name: anthropic, match: {{ path_prefix: /anthropic }}, upstream: anthropic, auth: passthrough }}
   # The same upstreams behind Sluice keys (auth: required is the default with tenants).

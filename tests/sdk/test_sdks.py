@@ -52,14 +52,50 @@ def test_openai_sdk_raises_on_sidecar_errors(sidecar):
     assert "no route" in str(raised.value)
 
 
-def test_openai_sdk_sees_provider_errors(sidecar):
-    client = openai.OpenAI(base_url=f"{sidecar}/openai/v1", api_key="sk-caller", max_retries=0)
+def test_openai_sdk_sees_provider_errors(sidecar, mock_requests):
+    client = openai.OpenAI(base_url=f"{sidecar}/limited/openai/v1", api_key="sk-caller", max_retries=0)
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(
             model="gpt-4o-mini",
             messages=[{"role": "user", "content": "x"}],
-            extra_headers={"x-mock-status": "429"},
+            extra_headers={"x-mock-status": "429", "x-mock-retry-after": "30"},
         )
+    # The only key rests for the 30 s the provider asked: Sluice answers for it, in the same
+    # shape, without bothering the provider.
+    with pytest.raises(openai.RateLimitError) as resting:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert "rate limited" in str(resting.value)
+    assert int(resting.value.response.headers["retry-after"]) > 20
+    assert len(mock_requests()) == 1
+
+
+def test_sdks_raise_when_a_stream_breaks(sidecar):
+    breaking = {"x-mock-fault": "reset-mid-stream", "x-mock-chunks": "6", "x-mock-chunk-ms": "30"}
+    client = openai.OpenAI(base_url=f"{sidecar}/openai/v1", api_key="sk-caller", max_retries=0)
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "this stream breaks"}],
+        stream=True,
+        extra_headers=breaking,
+    )
+    text = ""
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+    assert "broke mid-stream" in str(raised.value)
+    assert text and text != "echo: this stream breaks", "a partial answer, then the error"
+
+    claude = anthropic.Anthropic(base_url=f"{sidecar}/anthropic", api_key="sk-ant-caller", max_retries=0)
+    with pytest.raises(anthropic.APIError) as raised:
+        with claude.messages.stream(
+            model="claude-haiku-4-5",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "this stream breaks too"}],
+            extra_headers=breaking,
+        ) as stream:
+            "".join(stream.text_stream)
+    assert "broke mid-stream" in str(raised.value)
 
 
 def test_anthropic_messages_and_stream(sidecar, mock_requests):

@@ -1,0 +1,616 @@
+//! Key rotation, fallback, retries, retry budgets, circuit breakers and hedging, through the
+//! real binary against mocks with injected faults.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use sluice_mock::Fault;
+
+fn status(code: u16, retry_after: Option<&str>) -> Option<Fault> {
+    Some(Fault::Status {
+        status: code,
+        retry_after: retry_after.map(str::to_owned),
+    })
+}
+
+async fn chat(sidecar: &Sidecar, body: &serde_json::Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The key each recorded request carried (the part after `Bearer `).
+fn keys_seen(mock: &MockServer) -> Vec<String> {
+    mock.requests()
+        .iter()
+        .map(|r| {
+            let auth = r
+                .headers
+                .iter()
+                .find(|(name, _)| name == "authorization")
+                .map_or("", |(_, value)| value.as_str());
+            auth.trim_start_matches("Bearer ").to_owned()
+        })
+        .collect()
+}
+
+async fn admin_upstreams(sidecar: &Sidecar) -> serde_json::Value {
+    reqwest::get(format!("{}/admin/upstreams", sidecar.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn key_state<'a>(
+    upstreams: &'a serde_json::Value,
+    upstream: &str,
+    key: &str,
+) -> &'a serde_json::Value {
+    upstreams["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == upstream)
+        .and_then(|u| {
+            u["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|k| k["name"] == key)
+        })
+        .unwrap_or_else(|| panic!("no key {key} of {upstream}: {upstreams}"))
+}
+
+fn two_keys(mock: &MockServer) -> String {
+    format!(
+        r#"
+upstreams:
+  openai:
+    provider: openai
+    base_url: "{url}"
+    keys:
+      - {{ key: sk-a, name: a }}
+      - {{ key: sk-b, name: b }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough }}
+"#,
+        url = mock.url()
+    )
+}
+
+#[tokio::test]
+async fn a_rate_limited_key_rests_and_another_serves() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&two_keys(&mock)).await;
+    mock.set_key_fault("sk-a", status(429, Some("30")));
+
+    let response = chat(&sidecar, &chat_body("first", false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-upstream"], "openai");
+    assert_eq!(
+        keys_seen(&mock),
+        ["sk-a", "sk-b"],
+        "a answered 429, b served"
+    );
+
+    // a rests for the 30 s the provider asked: everything goes to b meanwhile.
+    mock.clear();
+    for _ in 0..4 {
+        assert_eq!(
+            chat(&sidecar, &chat_body("more", false)).await.status(),
+            200
+        );
+    }
+    assert_eq!(keys_seen(&mock), ["sk-b"; 4]);
+    let upstreams = admin_upstreams(&sidecar).await;
+    let a = key_state(&upstreams, "openai", "a");
+    assert_eq!(a["state"], "resting", "{upstreams}");
+    let resting = a["resting_ms"].as_u64().unwrap();
+    assert!((28_000..=30_000).contains(&resting), "{resting}");
+    assert!(
+        !upstreams.to_string().contains("sk-a"),
+        "key values never shown"
+    );
+    let metrics = sidecar.metrics().await;
+    let labels = [("upstream", "openai"), ("key", "a")];
+    assert_eq!(
+        metrics.value("sluice_key_cooldowns_total", &labels),
+        Some(1.0)
+    );
+    let retried = [("upstream", "openai"), ("kind", "retry")];
+    assert_eq!(
+        metrics.value("sluice_upstream_retries_total", &retried),
+        Some(1.0)
+    );
+
+    // With both keys resting, Sluice answers for the provider, saying when to come back.
+    mock.set_key_fault("sk-b", status(429, Some("20")));
+    let refused = chat(&sidecar, &chat_body("again", false)).await;
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&retry_after), "{retry_after}");
+    let refused = chat(&sidecar, &chat_body("and again", false)).await;
+    assert_eq!(refused.status(), 429);
+    let error: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rate limited"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_key_is_disabled_until_reload() {
+    let mock = mock().await;
+    let policy = two_keys(&mock);
+    let sidecar = Sidecar::start(&policy).await;
+    mock.set_key_fault("sk-a", status(401, None));
+
+    for _ in 0..3 {
+        assert_eq!(chat(&sidecar, &chat_body("x", false)).await.status(), 200);
+    }
+    assert_eq!(
+        keys_seen(&mock),
+        ["sk-a", "sk-b", "sk-b", "sk-b"],
+        "a refused once, then never used again"
+    );
+    let upstreams = admin_upstreams(&sidecar).await;
+    assert_eq!(key_state(&upstreams, "openai", "a")["state"], "disabled");
+    let metrics = sidecar.metrics().await;
+    let labels = [("upstream", "openai"), ("key", "a")];
+    assert_eq!(
+        metrics.value("sluice_keys_disabled_total", &labels),
+        Some(1.0)
+    );
+    assert!(sidecar.logs().contains("provider refused a key"));
+    assert!(
+        !sidecar.logs().contains("sk-a"),
+        "the key's value is never logged"
+    );
+
+    // A reload (the operator fixed the key) brings it back.
+    mock.set_key_fault("sk-a", None);
+    let before = sidecar.policy_hash().await;
+    sidecar.write_policy(&format!("{policy}\n# key a rotated\n"));
+    wait_for_new_hash(&sidecar, &before).await;
+    let upstreams = admin_upstreams(&sidecar).await;
+    assert_eq!(key_state(&upstreams, "openai", "a")["state"], "ok");
+}
+
+async fn wait_for_new_hash(sidecar: &Sidecar, old: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sidecar.policy_hash().await == old {
+        assert!(Instant::now() < deadline, "reload not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failing_upstream_falls_back_with_the_body_intact_but_the_model_mapped() {
+    let (primary, secondary) = (mock().await, mock().await);
+    primary.set_fault(status(503, None));
+    let policy = format!(
+        r#"
+upstreams:
+  primary: {{ provider: openai, base_url: "{p}" }}
+  secondary: {{ provider: openai, base_url: "{s}" }}
+routes:
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    auth: passthrough
+    targets: [primary, {{ upstream: secondary, model: gpt-4o-mini }}]
+"#,
+        p = primary.url(),
+        s = secondary.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    // Odd spacing, key order and number formats: only the model may change on the way.
+    let sent = "{ \"temperature\" : 0.50, \"model\":\"gpt-4o\",\n \"messages\":[{\"role\":\"user\",\"content\":\"model: gpt-4o\"}] }";
+    let response = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .header("content-type", "application/json")
+        .body(sent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-upstream"], "secondary");
+    assert_eq!(response.headers()["x-sluice-model"], "gpt-4o-mini");
+    assert_eq!(primary.request_count(), 1);
+    assert_eq!(&primary.requests()[0].body[..], sent.as_bytes());
+    let received = secondary.requests().remove(0).body;
+    assert_eq!(
+        String::from_utf8_lossy(&received),
+        sent.replace("\"model\":\"gpt-4o\"", "\"model\":\"gpt-4o-mini\"")
+    );
+}
+
+#[tokio::test]
+async fn model_targets_reach_an_azure_deployment_then_a_cheaper_model() {
+    let (openai, azure, cheap) = (mock().await, mock().await, mock().await);
+    openai.set_fault(status(500, None));
+    azure.set_fault(status(502, None));
+    let policy = format!(
+        r#"
+upstreams:
+  openai: {{ provider: openai, base_url: "{o}", keys: [sk-openai] }}
+  azure:
+    provider: azure_openai
+    base_url: "{a}"
+    keys: [azure-key]
+    deployments: {{ gpt-4o: prod-4o }}
+  cheap: {{ provider: openai, base_url: "{c}", keys: [sk-cheap] }}
+routes:
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    auth: passthrough
+    upstream: cheap
+    model_targets:
+      gpt-4o: [openai, azure, {{ upstream: cheap, model: gpt-4o-mini }}]
+"#,
+        o = openai.url(),
+        a = azure.url(),
+        c = cheap.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    let response = chat(
+        &sidecar,
+        &serde_json::json!({"model": "gpt-4o", "messages": []}),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-upstream"], "cheap");
+    let to_azure = &azure.requests()[0];
+    assert_eq!(
+        to_azure.path,
+        "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21"
+    );
+    assert!(to_azure
+        .headers
+        .contains(&("api-key".to_owned(), "azure-key".to_owned())));
+    let sent: serde_json::Value = serde_json::from_slice(&cheap.requests()[0].body).unwrap();
+    assert_eq!(sent["model"], "gpt-4o-mini");
+    // Another model goes straight to the default target.
+    cheap.clear();
+    let other = chat(
+        &sidecar,
+        &serde_json::json!({"model": "o1", "messages": []}),
+    )
+    .await;
+    assert_eq!(other.status(), 200);
+    assert_eq!(openai.request_count(), 1);
+    assert_eq!(cheap.request_count(), 2);
+}
+
+#[tokio::test]
+async fn a_slow_target_is_abandoned_after_the_attempt_timeout() {
+    let (slow, fast) = (mock().await, mock().await);
+    slow.set_first_byte_delay(Duration::from_secs(3));
+    let policy = format!(
+        r#"
+upstreams:
+  slow: {{ provider: openai, base_url: "{s}" }}
+  fast: {{ provider: openai, base_url: "{f}" }}
+routes:
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    auth: passthrough
+    targets: [slow, fast]
+    retry: {{ attempt_timeout: 300ms, on: [first_byte_timeout, 5xx] }}
+"#,
+        s = slow.url(),
+        f = fast.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    let started = Instant::now();
+    let response = chat(&sidecar, &chat_body("hurry", false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-upstream"], "fast");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+    let metrics = sidecar.metrics().await;
+    let timeouts = [("upstream", "slow"), ("outcome", "timeout")];
+    assert_eq!(
+        metrics.value("sluice_upstream_attempts_total", &timeouts),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn the_retry_budget_bounds_attempts_during_an_outage() {
+    let (a, b) = (mock().await, mock().await);
+    a.set_fault(status(503, None));
+    b.set_fault(status(503, None));
+    let policy = format!(
+        r#"
+upstreams:
+  a:
+    provider: openai
+    base_url: "{a}"
+    retry_budget: {{ ratio: 0.2, min_per_second: 0, window: 10s }}
+    circuit_breaker: {{ enabled: false }}
+  b: {{ provider: openai, base_url: "{b}", circuit_breaker: {{ enabled: false }} }}
+routes:
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    auth: passthrough
+    targets: [a, b]
+    retry: {{ attempts: 3, backoff: {{ base: 1ms, max: 2ms }} }}
+"#,
+        a = a.url(),
+        b = b.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    let requests = 50;
+    for _ in 0..requests {
+        let response = chat(&sidecar, &chat_body("outage", false)).await;
+        assert_eq!(response.status(), 503, "the provider's answer is relayed");
+    }
+    let attempts = a.request_count() + b.request_count();
+    assert!(
+        attempts >= requests && attempts as f64 <= 1.2 * requests as f64,
+        "{attempts} attempts for {requests} requests"
+    );
+    let metrics = sidecar.metrics().await;
+    let exhausted = metrics.value("sluice_retry_budget_exhausted_total", &[("upstream", "a")]);
+    assert!(exhausted >= Some(1.0), "{exhausted:?}");
+}
+
+#[tokio::test]
+async fn a_circuit_opens_skips_the_upstream_and_recovers() {
+    let (flaky, backup) = (mock().await, mock().await);
+    flaky.set_fault(status(500, None));
+    let policy = format!(
+        r#"
+upstreams:
+  flaky:
+    provider: openai
+    base_url: "{f}"
+    circuit_breaker: {{ consecutive_failures: 3, open_for: 700ms }}
+  backup: {{ provider: openai, base_url: "{b}" }}
+routes:
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    auth: passthrough
+    targets: [flaky, backup]
+"#,
+        f = flaky.url(),
+        b = backup.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    for _ in 0..3 {
+        let response = chat(&sidecar, &chat_body("x", false)).await;
+        assert_eq!(response.headers()["x-sluice-upstream"], "backup");
+    }
+    assert_eq!(flaky.request_count(), 3);
+    // Open: flaky is not even asked.
+    for _ in 0..5 {
+        let response = chat(&sidecar, &chat_body("x", false)).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-sluice-upstream"], "backup");
+    }
+    assert_eq!(flaky.request_count(), 3);
+    let upstreams = admin_upstreams(&sidecar).await;
+    let flaky_state = upstreams["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "flaky")
+        .unwrap();
+    assert_eq!(flaky_state["circuit"]["state"], "open", "{upstreams}");
+    let metrics = sidecar.metrics().await;
+    let labels = [("upstream", "flaky"), ("key", "")];
+    assert_eq!(metrics.value("sluice_circuit_state", &labels), Some(2.0));
+    assert_eq!(
+        metrics.value("sluice_circuit_opens_total", &labels),
+        Some(1.0)
+    );
+
+    // Healed: after open_for a probe goes through, succeeds, and the circuit closes.
+    flaky.set_fault(None);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let response = chat(&sidecar, &chat_body("x", false)).await;
+    assert_eq!(response.headers()["x-sluice-upstream"], "flaky");
+    let metrics = sidecar.metrics().await;
+    assert_eq!(metrics.value("sluice_circuit_state", &labels), Some(0.0));
+}
+
+#[tokio::test]
+async fn all_circuits_open_fail_fast_with_retry_after() {
+    let only = mock().await;
+    only.set_fault(status(503, None));
+    let policy = format!(
+        r#"
+upstreams:
+  only: {{ provider: openai, base_url: "{u}", circuit_breaker: {{ consecutive_failures: 2, open_for: 30s }} }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: only, auth: passthrough, retry: {{ attempts: 1 }} }}
+"#,
+        u = only.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    for _ in 0..2 {
+        assert_eq!(chat(&sidecar, &chat_body("x", false)).await.status(), 503);
+    }
+    let fast = chat(&sidecar, &chat_body("x", false)).await;
+    assert_eq!(fast.status(), 503);
+    assert!(fast.headers().contains_key("retry-after"));
+    let error: serde_json::Value = fast.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("circuit open"),
+        "{error}"
+    );
+    assert_eq!(only.request_count(), 2);
+}
+
+#[tokio::test]
+async fn a_hedge_serves_the_faster_target_and_cancels_the_slower() {
+    let (slow, fast) = (mock().await, mock().await);
+    slow.set_first_byte_delay(Duration::from_secs(2));
+    let policy = format!(
+        r#"
+upstreams:
+  slow: {{ provider: openai, base_url: "{s}" }}
+  fast: {{ provider: openai, base_url: "{f}" }}
+routes:
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    auth: passthrough
+    targets: [slow, fast]
+    hedge: {{ after: 150ms }}
+"#,
+        s = slow.url(),
+        f = fast.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    let started = Instant::now();
+    let response = chat(&sidecar, &chat_body("race", true)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-upstream"], "fast");
+    let text = response.text().await.unwrap();
+    assert!(text.contains("[DONE]"));
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    assert_eq!((slow.request_count(), fast.request_count()), (1, 1));
+    // The slower attempt's connection was closed: the mock saw its client leave.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while slow.abandoned_requests() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow attempt was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = sidecar.metrics().await;
+    for result in ["launched", "won"] {
+        let labels = [("route", "openai"), ("result", result)];
+        assert_eq!(metrics.value("sluice_hedges_total", &labels), Some(1.0));
+    }
+}
+
+#[tokio::test]
+async fn no_retry_once_the_stream_started_and_the_caller_sees_an_error_event() {
+    let (first, second) = (mock().await, mock().await);
+    first.set_fault(Some(Fault::ResetMidStream));
+    let policy = format!(
+        r#"
+upstreams:
+  first: {{ provider: openai, base_url: "{f}" }}
+  second: {{ provider: openai, base_url: "{s}" }}
+  claude: {{ provider: anthropic, base_url: "{f}" }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, targets: [first, second], auth: passthrough }}
+  - {{ name: anthropic, match: {{ path_prefix: /anthropic }}, upstream: claude, auth: passthrough }}
+"#,
+        f = first.url(),
+        s = second.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .header("x-mock-chunks", "6")
+        .header("x-mock-chunk-ms", "30")
+        .json(&chat_body("this will break", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (text, failed) = read_to_break(response).await;
+    assert!(failed, "the body must not end cleanly: {text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(
+        last.starts_with("data: {\"error\"") && last.contains("broke mid-stream"),
+        "{last}"
+    );
+    assert_eq!(second.request_count(), 0, "no retry after the first byte");
+
+    let response = reqwest::Client::new()
+        .post(format!("{}/anthropic/v1/messages", sidecar.proxy))
+        .header("x-mock-chunks", "6")
+        .header("x-mock-chunk-ms", "30")
+        .json(&serde_json::json!({"model": "claude-haiku-4-5", "max_tokens": 20, "stream": true, "messages": [{"role": "user", "content": "break"}]}))
+        .send()
+        .await
+        .unwrap();
+    let (text, failed) = read_to_break(response).await;
+    assert!(failed);
+    let data = text
+        .split("event: error\ndata: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no error event: {text}"));
+    let event: serde_json::Value = serde_json::from_str(data.lines().next().unwrap()).unwrap();
+    assert_eq!(event["type"], "error");
+    assert_eq!(event["error"]["type"], "api_error");
+    assert!(!text.contains("message_stop"));
+}
+
+async fn read_to_break(response: reqwest::Response) -> (String, bool) {
+    use futures_util::StreamExt;
+    let mut stream = response.bytes_stream();
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            Err(_) => return (text, true),
+        }
+    }
+    (text, false)
+}
+
+#[tokio::test]
+async fn weighted_keys_share_requests_and_respect_models_and_caps() {
+    let mock = mock().await;
+    let policy = format!(
+        r#"
+upstreams:
+  openai:
+    provider: openai
+    base_url: "{url}"
+    keys:
+      - {{ key: sk-heavy, name: heavy, weight: 3 }}
+      - {{ key: sk-light, name: light, weight: 1 }}
+      - {{ key: sk-mini, name: mini, models: ["gpt-4o-mini"], weight: 100 }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough }}
+"#,
+        url = mock.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    for _ in 0..8 {
+        let body = serde_json::json!({"model": "gpt-4o", "messages": []});
+        assert_eq!(chat(&sidecar, &body).await.status(), 200);
+    }
+    let seen = keys_seen(&mock);
+    let count = |key: &str| seen.iter().filter(|k| *k == key).count();
+    assert_eq!(
+        (count("sk-heavy"), count("sk-light"), count("sk-mini")),
+        (6, 2, 0)
+    );
+    mock.clear();
+    let body = serde_json::json!({"model": "gpt-4o-mini", "messages": []});
+    assert_eq!(chat(&sidecar, &body).await.status(), 200);
+    assert_eq!(
+        keys_seen(&mock),
+        ["sk-mini"],
+        "the heaviest key that may serve it"
+    );
+}
