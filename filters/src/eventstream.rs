@@ -102,7 +102,14 @@ impl FrameDecoder {
         let Some(prelude) = bytes.get(..PRELUDE_LEN) else {
             return Ok(None);
         };
-        let word = |at: usize| u32::from_be_bytes([prelude[at], prelude[at + 1], prelude[at + 2], prelude[at + 3]]);
+        let word = |at: usize| {
+            u32::from_be_bytes([
+                prelude[at],
+                prelude[at + 1],
+                prelude[at + 2],
+                prelude[at + 3],
+            ])
+        };
         if crc32fast::hash(&prelude[..8]) != word(8) {
             return Err(DecodeError::PreludeChecksum);
         }
@@ -126,12 +133,14 @@ pub fn header<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
 
 /// One message with string headers, as bytes on the wire.
 pub fn encode(headers: &[(&'static str, &str)], payload: Bytes) -> Result<Bytes, EncodeError> {
-    let message = headers.iter().fold(Message::new(payload), |message, (name, value)| {
-        message.add_header(Header::new(
-            *name,
-            HeaderValue::String(value.to_string().into()),
-        ))
-    });
+    let message = headers
+        .iter()
+        .fold(Message::new(payload), |message, (name, value)| {
+            message.add_header(Header::new(
+                *name,
+                HeaderValue::String(value.to_string().into()),
+            ))
+        });
     let mut out = BytesMut::new();
     write_message_to(&message, &mut out).map_err(EncodeError)?;
     Ok(out.freeze())
@@ -172,7 +181,10 @@ mod tests {
         .unwrap()
     }
 
-    fn decode_all(decoder: &mut FrameDecoder, chunks: &[&[u8]]) -> Result<Vec<Message>, DecodeError> {
+    fn decode_all(
+        decoder: &mut FrameDecoder,
+        chunks: &[&[u8]],
+    ) -> Result<Vec<Message>, DecodeError> {
         let mut messages = Vec::new();
         for chunk in chunks {
             decoder.feed(chunk, |m| messages.push(m))?;
@@ -193,13 +205,15 @@ mod tests {
         assert_eq!(header(&messages[0], ":event-type"), Some("metadata"));
         assert_eq!(header(&messages[0], ":message-type"), Some("event"));
         assert_eq!(header(&messages[0], ":nope"), None);
-        assert_eq!(&messages[0].payload()[..], br#"{"usage":{"inputTokens":3}}"#);
+        assert_eq!(
+            &messages[0].payload()[..],
+            br#"{"usage":{"inputTokens":3}}"#
+        );
     }
 
     #[test]
     fn messages_split_at_every_byte_boundary_decode_the_same() {
-        let stream: Vec<u8> = [event("a", "{}"), event("b", r#"{"x":1}"#), event("c", "")]
-            .concat();
+        let stream: Vec<u8> = [event("a", "{}"), event("b", r#"{"x":1}"#), event("c", "")].concat();
         for split in 0..=stream.len() {
             let mut decoder = FrameDecoder::default();
             let (one, two) = stream.split_at(split);
@@ -242,8 +256,11 @@ mod tests {
 
     #[test]
     fn exceptions_carry_their_type() {
-        let bytes = exception("throttlingException", Bytes::from_static(br#"{"message":"slow down"}"#))
-            .unwrap();
+        let bytes = exception(
+            "throttlingException",
+            Bytes::from_static(br#"{"message":"slow down"}"#),
+        )
+        .unwrap();
         let messages = decode_all(&mut FrameDecoder::default(), &[&bytes]).unwrap();
         assert_eq!(header(&messages[0], ":message-type"), Some("exception"));
         assert_eq!(

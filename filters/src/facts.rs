@@ -61,7 +61,9 @@ impl BodyFacts {
             _ => None,
         });
         facts.stream = matches!(raw.stream, Some(serde_json::Value::Bool(true)));
-        let converse_max = raw.inference_config.and_then(|mut c| c.get_mut("maxTokens").map(serde_json::Value::take));
+        let converse_max = raw
+            .inference_config
+            .and_then(|mut c| c.get_mut("maxTokens").map(serde_json::Value::take));
         facts.max_tokens = raw
             .max_tokens
             .or(raw.max_completion_tokens)
@@ -165,11 +167,15 @@ mod tests {
             invoke.model.as_deref(),
             Some("anthropic.claude-3-haiku-20240307-v1:0")
         );
-        assert!(!invoke.stream, "the operation, not the body, says whether it streams");
+        assert!(
+            !invoke.stream,
+            "the operation, not the body, says whether it streams"
+        );
         assert_eq!(invoke.max_tokens, Some(64));
 
         // Outside Bedrock the path says nothing.
-        let openai = BodyFacts::parse_for(Dialect::OpenAi, "/model/x/converse", br#"{"model":"m"}"#);
+        let openai =
+            BodyFacts::parse_for(Dialect::OpenAi, "/model/x/converse", br#"{"model":"m"}"#);
         assert_eq!(openai.model.as_deref(), Some("m"));
     }
 
@@ -179,11 +185,17 @@ mod tests {
         let encoded = "arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Aapplication-inference-profile%2Fa1b2c3";
         assert_eq!(
             BedrockOperation::parse_path(&format!("/model/{encoded}/invoke-with-response-stream")),
-            Some((BedrockOperation::InvokeModelWithResponseStream, arn.to_owned()))
+            Some((
+                BedrockOperation::InvokeModelWithResponseStream,
+                arn.to_owned()
+            ))
         );
         assert_eq!(
             BedrockOperation::parse_path("/model/amazon.nova-pro-v1%3A0/converse"),
-            Some((BedrockOperation::Converse, "amazon.nova-pro-v1:0".to_owned()))
+            Some((
+                BedrockOperation::Converse,
+                "amazon.nova-pro-v1:0".to_owned()
+            ))
         );
         for path in [
             "/model//converse",

@@ -91,7 +91,11 @@ impl UsageMeter {
     /// The meter for a response, from its head: how the body is framed, whether an injected
     /// usage chunk can be cut out (not from a body of declared length: that would break its
     /// framing), and the usage Bedrock's InvokeModel reports in headers.
-    pub fn for_response(dialect: Dialect, head: Option<&ResponseHeader>, usage_injected: bool) -> Self {
+    pub fn for_response(
+        dialect: Dialect,
+        head: Option<&ResponseHeader>,
+        usage_injected: bool,
+    ) -> Self {
         let header = |name: &str| head.and_then(|h| h.headers.get(name));
         let content_type = header(header::CONTENT_TYPE.as_str()).map_or(&b""[..], |v| v.as_bytes());
         let stream = content_type.starts_with(b"text/event-stream")
@@ -100,7 +104,9 @@ impl UsageMeter {
         let mut meter = Self::new(dialect, stream, strip);
         if dialect == Dialect::Bedrock {
             let count = |name| header(name)?.to_str().ok()?.trim().parse::<u64>().ok();
-            if let (Some(input), Some(output)) = (count(BEDROCK_INPUT_TOKENS), count(BEDROCK_OUTPUT_TOKENS)) {
+            if let (Some(input), Some(output)) =
+                (count(BEDROCK_INPUT_TOKENS), count(BEDROCK_OUTPUT_TOKENS))
+            {
                 meter.usage = Some(Usage {
                     input_tokens: input,
                     output_tokens: output,
@@ -289,7 +295,12 @@ impl UsageMeter {
     /// Merges a usage object of any dialect (later figures are cumulative).
     fn take_usage(&mut self, usage: &Value) {
         let field = |names: [&str; 4]| names.iter().find_map(|name| usage[*name].as_u64());
-        let input = field(["prompt_tokens", "input_tokens", "inputTokens", "inputTokenCount"]);
+        let input = field([
+            "prompt_tokens",
+            "input_tokens",
+            "inputTokens",
+            "inputTokenCount",
+        ]);
         let output = field([
             "completion_tokens",
             "output_tokens",
@@ -495,7 +506,9 @@ mod tests {
         let mut meter = UsageMeter::new(Dialect::Bedrock, false, false);
         feed_all(
             &mut meter,
-            &[r#"{"output":{"message":{"role":"assistant","content":[{"text":"\"usage\""}]}},"stopReason":"end_turn","usage":{"inputTokens":21,"outputTokens":7,"totalTokens":28},"metrics":{"latencyMs":80}}"#],
+            &[
+                r#"{"output":{"message":{"role":"assistant","content":[{"text":"\"usage\""}]}},"stopReason":"end_turn","usage":{"inputTokens":21,"outputTokens":7,"totalTokens":28},"metrics":{"latencyMs":80}}"#,
+            ],
         );
         assert_eq!(
             meter.usage(),
@@ -509,7 +522,8 @@ mod tests {
     #[test]
     fn bedrock_invoke_usage_comes_from_response_headers() {
         let mut head = ResponseHeader::build(200, None).unwrap();
-        head.insert_header("content-type", "application/json").unwrap();
+        head.insert_header("content-type", "application/json")
+            .unwrap();
         head.insert_header("X-Amzn-Bedrock-Input-Token-Count", "31")
             .unwrap();
         head.insert_header("X-Amzn-Bedrock-Output-Token-Count", "9")
@@ -529,7 +543,8 @@ mod tests {
         assert_eq!(openai.usage(), None);
         // Without the headers, a native Anthropic body's usage is read.
         let mut json = ResponseHeader::build(200, None).unwrap();
-        json.insert_header("content-type", "application/json").unwrap();
+        json.insert_header("content-type", "application/json")
+            .unwrap();
         let mut meter = UsageMeter::for_response(Dialect::Bedrock, Some(&json), false);
         feed_all(
             &mut meter,
@@ -620,10 +635,16 @@ mod tests {
 
     #[test]
     fn a_corrupt_bedrock_stream_stops_the_reading_not_the_stream() {
-        let mut bad = bedrock_event("metadata", r#"{"usage":{"inputTokens":1,"outputTokens":1}}"#)
-            .to_vec();
+        let mut bad = bedrock_event(
+            "metadata",
+            r#"{"usage":{"inputTokens":1,"outputTokens":1}}"#,
+        )
+        .to_vec();
         bad[20] ^= 0xff;
-        let good = bedrock_event("metadata", r#"{"usage":{"inputTokens":2,"outputTokens":2}}"#);
+        let good = bedrock_event(
+            "metadata",
+            r#"{"usage":{"inputTokens":2,"outputTokens":2}}"#,
+        );
         let stream = [bad.as_slice(), &good].concat();
         let mut meter = UsageMeter::new(Dialect::Bedrock, true, false);
         assert_eq!(feed_in_pieces(&mut meter, &stream, 10), stream);

@@ -143,8 +143,8 @@ impl SluiceProxy {
             Err(BodyError::CallerGone(e)) => return Err(Close::CallerGone(e)),
         };
 
-        let mut ex = Exchange::new(route.name.clone(), session.req_header().clone(), body);
-        ex.dialect = provider.dialect();
+        let request = session.req_header().clone();
+        let mut ex = Exchange::with_dialect(route.name.clone(), request, body, provider.dialect());
         let result = match route.chain.on_request(&mut ex).await {
             Verdict::Continue => {
                 let injected = ask_for_stream_usage(route, &mut ex);
@@ -225,13 +225,11 @@ impl SluiceProxy {
         }
         upstream_session.set_read_timeout(Some(upstream.idle_timeout));
         let mut meter = route.chain.needs_usage().then(|| {
-            let head = upstream_session.response_header();
-            let header = |name| head.and_then(|h| h.headers.get(name));
-            let stream = header(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-            // Cutting an event out of a body of declared length would break its framing.
-            let strip = usage_injected && header(header::CONTENT_LENGTH).is_none();
-            UsageMeter::new(ex.dialect, stream, strip)
+            UsageMeter::for_response(
+                ex.dialect,
+                upstream_session.response_header(),
+                usage_injected,
+            )
         });
         let end = self
             .stream_body(session, route, ex, &mut upstream_session, meter.as_mut())
@@ -526,6 +524,17 @@ fn build_upstream_request(route: &Route, ex: &Exchange) -> Result<RequestHeader,
     for (name, value) in &upstream.extra_headers {
         let _ = request.insert_header(name.clone(), value.clone());
     }
+    // Last: a signature covers the request exactly as it is sent.
+    upstream.sign(&mut request, &ex.body).map_err(|e| {
+        Rejection::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Internal,
+            format!(
+                "cannot sign the request for upstream `{}`: {e}",
+                upstream.name
+            ),
+        )
+    })?;
     Ok(request)
 }
 
@@ -654,7 +663,9 @@ async fn respond_rejection(
     rejection: Rejection,
 ) -> Result<(), Close> {
     let body = provider.error_body(rejection.kind, &rejection.message);
-    write_simple(session, rejection.status, &rejection.headers, body).await
+    let mut headers = rejection.headers;
+    headers.extend(provider.error_header(rejection.kind));
+    write_simple(session, rejection.status, &headers, body).await
 }
 
 async fn respond_local(

@@ -224,7 +224,8 @@ impl Auth {
         if values.next().is_some() {
             return Err(unauthorized(format!("more than one `{name}` header")));
         }
-        let malformed = || match self.credential {
+        let malformed = || {
+            match self.credential {
             CredentialHeader::Bearer => {
                 unauthorized("malformed `authorization` header: expected `Bearer <key>`")
             }
@@ -232,6 +233,7 @@ impl Auth {
                 "malformed `authorization` header: expected an AWS SigV4 signature made with your Sluice key as the access key id",
             ),
             _ => unauthorized(format!("malformed `{name}` header")),
+        }
         };
         let text = value.to_str().map_err(|_| malformed())?.trim();
         let key = match self.credential {
