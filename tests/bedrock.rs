@@ -4,18 +4,15 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use aws_credential_types::Credentials;
-use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
-use aws_sigv4::sign::v4;
 use common::*;
 use serde_json::{json, Value};
 use sluice_filters::auth::keys::KeyHash;
 use sluice_filters::eventstream::{self, FrameDecoder, Message};
 use sluice_mock::bedrock::{
-    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_TEMPORARY_ACCESS_KEY_ID,
-    AWS_TEMPORARY_SECRET_ACCESS_KEY,
+    sigv4_headers, SigV4Request, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+    AWS_TEMPORARY_ACCESS_KEY_ID, AWS_TEMPORARY_SECRET_ACCESS_KEY,
 };
 
 const KEY: &str = "sk-sluice-bedrock-caller";
@@ -57,26 +54,24 @@ const TEMPORARY_CREDENTIALS: [(&str, &str); 3] = [
 /// A request as an AWS SDK sends it: signed with the caller's key id and any secret.
 fn caller_request(url: &str, body: &[u8], access_key_id: &str) -> reqwest::RequestBuilder {
     let host = url.split('/').nth(2).unwrap();
-    let headers = [("host", host), ("content-type", "application/json")];
-    let signable =
-        SignableRequest::new("POST", url, headers.into_iter(), SignableBody::Bytes(body)).unwrap();
-    let identity = Credentials::new(access_key_id, "any-secret", None, None, "caller").into();
-    let params = v4::SigningParams::builder()
-        .identity(&identity)
-        .region("us-east-1")
-        .name("bedrock")
-        .time(SystemTime::now())
-        .settings(SigningSettings::default())
-        .build()
-        .unwrap()
-        .into();
-    let (instructions, _) = sign(signable, &params).unwrap().into_parts();
+    let signature = sigv4_headers(&SigV4Request {
+        method: "POST",
+        url,
+        headers: &[("host", host), ("content-type", "application/json")],
+        body,
+        access_key_id,
+        secret_access_key: "any-secret",
+        session_token: None,
+        region: "us-east-1",
+        service: "bedrock",
+        time: SystemTime::now(),
+    });
     let mut request = reqwest::Client::new()
         .post(url)
         .header("content-type", "application/json")
         .header("x-amz-content-sha256", "caller-hash")
         .body(body.to_vec());
-    for (name, value) in instructions.headers() {
+    for (name, value) in signature {
         request = request.header(name, value);
     }
     request
@@ -234,14 +229,6 @@ async fn the_four_operations_pass_through_signed_by_sluice() {
         4,
         "every signature verified: none refused"
     );
-}
-
-async fn remaining_tokens(response: &reqwest::Response) -> u64 {
-    response.headers()["x-ratelimit-remaining-tokens"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test]
@@ -430,14 +417,7 @@ async fn a_stream_outgrowing_its_tokens_ends_with_an_exception_message() {
     assert!(messages[..messages.len() - 1]
         .iter()
         .all(|m| eventstream::header(m, ":message-type") == Some("event")));
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while mock.cancelled_streams() == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "upstream stream not cancelled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_a_cancelled_stream(&mock).await;
 }
 
 #[tokio::test]

@@ -185,42 +185,85 @@ pub fn verify(
             signed.push((*name, value));
         }
     }
-    let mismatch = || denied("InvalidSignatureException", SIGNATURE_MISMATCH);
-    let signable = SignableRequest::new(
-        method.as_str(),
-        format!("http://{host}{path_and_query}"),
-        signed.into_iter(),
-        SignableBody::Bytes(body),
-    )
-    .map_err(|_| mismatch())?;
+    let recomputed = sigv4_headers(&SigV4Request {
+        method: method.as_str(),
+        url: &format!("http://{host}{path_and_query}"),
+        headers: &signed,
+        body,
+        access_key_id: auth.access_key_id,
+        secret_access_key: secret,
+        session_token: *token,
+        region: auth.region,
+        service: auth.service,
+        time,
+    });
+    let expected = recomputed
+        .iter()
+        .find(|(name, _)| *name == "authorization")
+        .map(|(_, value)| value.as_str());
+    if expected != Some(received) {
+        return Err(denied("InvalidSignatureException", SIGNATURE_MISMATCH));
+    }
+    Ok(())
+}
+
+/// A request to sign, and who signs it for which region and service.
+pub struct SigV4Request<'a> {
+    pub method: &'a str,
+    /// The whole URL, path percent-encoded as sent.
+    pub url: &'a str,
+    /// The headers to sign, `host` among them.
+    pub headers: &'a [(&'a str, &'a str)],
+    pub body: &'a [u8],
+    pub access_key_id: &'a str,
+    pub secret_access_key: &'a str,
+    pub session_token: Option<&'a str>,
+    pub region: &'a str,
+    pub service: &'a str,
+    pub time: SystemTime,
+}
+
+/// The headers a SigV4 signature adds to a request (`authorization`, `x-amz-date`, and
+/// `x-amz-security-token` with temporary credentials), made by AWS's own signer as an AWS SDK
+/// makes them. Empty when the request cannot be signed (a URL that does not parse).
+pub fn sigv4_headers(request: &SigV4Request) -> Vec<(&'static str, String)> {
+    let Ok(signable) = SignableRequest::new(
+        request.method,
+        request.url,
+        request.headers.iter().copied(),
+        SignableBody::Bytes(request.body),
+    ) else {
+        return Vec::new();
+    };
     let identity = Credentials::new(
-        auth.access_key_id,
-        *secret,
-        token.map(str::to_owned),
+        request.access_key_id,
+        request.secret_access_key,
+        request.session_token.map(str::to_owned),
         None,
         "sluice-mock",
     )
     .into();
     let params = v4::SigningParams::builder()
         .identity(&identity)
-        .region(auth.region)
-        .name(auth.service)
-        .time(time)
+        .region(request.region)
+        .name(request.service)
+        .time(request.time)
         .settings(SigningSettings::default())
-        .build()
-        .map_err(|_| mismatch())?
-        .into();
-    let (instructions, _) = sign(signable, &params)
-        .map_err(|_| mismatch())?
-        .into_parts();
-    let expected = instructions
-        .headers()
-        .find(|(name, _)| *name == "authorization")
-        .map(|(_, value)| value);
-    if expected != Some(received) {
-        return Err(mismatch());
+        .build();
+    let Ok(params) = params else {
+        return Vec::new();
+    };
+    match sign(signable, &params.into()) {
+        Ok(output) => output
+            .into_parts()
+            .0
+            .into_parts()
+            .0
+            .into_iter()
+            .map(|header| (header.name(), header.value().to_owned()))
+            .collect(),
+        Err(_) => Vec::new(),
     }
-    Ok(())
 }
 
 /// The model id of a Bedrock path (`/model/{modelId}/…`), percent-decoded.

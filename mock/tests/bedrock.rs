@@ -3,15 +3,12 @@
 
 use std::time::SystemTime;
 
-use aws_credential_types::Credentials;
-use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
-use aws_sigv4::sign::v4;
 use aws_smithy_eventstream::frame::read_message_from;
 use aws_smithy_types::event_stream::Message;
 use serde_json::{json, Value};
 use sluice_mock::bedrock::{
-    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_TEMPORARY_ACCESS_KEY_ID,
-    AWS_TEMPORARY_SECRET_ACCESS_KEY,
+    sigv4_headers, SigV4Request, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+    AWS_TEMPORARY_ACCESS_KEY_ID, AWS_TEMPORARY_SECRET_ACCESS_KEY,
 };
 use sluice_mock::{MockConfig, MockServer};
 
@@ -38,41 +35,29 @@ fn signed(
     service: &str,
 ) -> reqwest::RequestBuilder {
     let host = url.split('/').nth(2).unwrap();
+    let length = body.len().to_string();
     let headers = [
-        ("host", host.to_owned()),
-        ("content-type", "application/json".to_owned()),
-        ("content-length", body.len().to_string()),
+        ("host", host),
+        ("content-type", "application/json"),
+        ("content-length", length.as_str()),
     ];
-    let signable = SignableRequest::new(
-        "POST",
+    let signature = sigv4_headers(&SigV4Request {
+        method: "POST",
         url,
-        headers.iter().map(|(n, v)| (*n, v.as_str())),
-        SignableBody::Bytes(body),
-    )
-    .unwrap();
-    let identity = Credentials::new(
-        keys.id,
-        keys.secret,
-        keys.token.map(str::to_owned),
-        None,
-        "test",
-    )
-    .into();
-    let params = v4::SigningParams::builder()
-        .identity(&identity)
-        .region("us-east-1")
-        .name(service)
-        .time(SystemTime::now())
-        .settings(SigningSettings::default())
-        .build()
-        .unwrap()
-        .into();
-    let (instructions, _) = sign(signable, &params).unwrap().into_parts();
+        headers: &headers,
+        body,
+        access_key_id: keys.id,
+        secret_access_key: keys.secret,
+        session_token: keys.token,
+        region: "us-east-1",
+        service,
+        time: SystemTime::now(),
+    });
     let mut request = client
         .post(url)
         .header("content-type", "application/json")
         .body(body.to_vec());
-    for (name, value) in instructions.headers() {
+    for (name, value) in signature {
         request = request.header(name, value);
     }
     request
