@@ -505,3 +505,27 @@ async fn missing_credentials_stop_the_policy_from_loading() {
     assert!(text.contains("set AWS_SECRET_ACCESS_KEY"), "{text}");
     assert!(!text.contains("AKIDONLY"), "{text}");
 }
+
+#[tokio::test]
+async fn credentials_reload_with_the_policy() {
+    let mock = mock().await;
+    let with_secret = |secret: &str| {
+        policy(&mock.url(), "{}")
+            .replace("${BEDROCK_KEY_ID}", AWS_ACCESS_KEY_ID)
+            .replace("${BEDROCK_SECRET}", secret)
+    };
+    let sidecar = Sidecar::start(&with_secret("a-rotated-out-secret")).await;
+    let call = || caller_request(&url(&sidecar, "converse"), &converse_body("x", None), KEY).send();
+    assert_eq!(call().await.unwrap().status(), 403);
+
+    let before = sidecar.policy_hash().await;
+    sidecar.write_policy(&with_secret(AWS_SECRET_ACCESS_KEY));
+    let reloaded = reqwest::Client::new()
+        .post(format!("{}/admin/reload", sidecar.admin))
+        .send()
+        .await
+        .unwrap();
+    assert!(reloaded.status().is_success());
+    assert_ne!(sidecar.policy_hash().await, before);
+    assert_eq!(call().await.unwrap().status(), 200);
+}
