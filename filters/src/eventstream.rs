@@ -3,9 +3,10 @@
 //!
 //! A message is a 12-byte prelude (total length, headers length, CRC32 of those 8 bytes), the
 //! headers, the payload, and a CRC32 of everything before it. Parsing and writing one message
-//! is AWS's own code (`aws-smithy-eventstream`, already in the tree through `aws-sigv4`): CRCs
-//! verified, header types handled. What it leaves to its user is the framing over a stream that
-//! arrives in arbitrary chunks, and a bound on what may be buffered; that is [`FrameDecoder`].
+//! is AWS's own code (`aws-smithy-eventstream`: one small crate over `aws-smithy-types`, which
+//! `aws-sigv4` brings anyway): CRCs verified, header types handled. What it leaves to its user is
+//! the framing over a stream that arrives in arbitrary chunks, and a bound on what may be
+//! buffered; that is [`FrameDecoder`].
 
 use aws_smithy_eventstream::frame::{read_message_from, write_message_to};
 pub use aws_smithy_types::event_stream::{Header, HeaderValue, Message};

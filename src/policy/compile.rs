@@ -454,17 +454,17 @@ fn compile_aws_credentials(
     let credentials = match spec {
         Some(block) => {
             let aws = &block.value;
-            let mut field = |template: &SecretTemplate, name: &str| {
+            let mut field = |template: &SecretTemplate, name: &str, required: bool| {
                 let field_path = format!("{path}.aws.{name}");
                 let value = resolve(&template.0, &field_path, env, errors)?;
-                credential_value(value, &field_path, template.0.referenced, errors)
+                credential_value(value, required, &field_path, template.0.referenced, errors)
             };
-            let access_key_id = field(&aws.access_key_id, "access_key_id");
-            let secret_access_key = field(&aws.secret_access_key, "secret_access_key");
+            let access_key_id = field(&aws.access_key_id, "access_key_id", true);
+            let secret_access_key = field(&aws.secret_access_key, "secret_access_key", true);
             let session_token = aws
                 .session_token
                 .as_ref()
-                .and_then(|token| field(token, "session_token"));
+                .and_then(|token| field(token, "session_token", false));
             AwsCredentials {
                 access_key_id: access_key_id.unwrap_or_default(),
                 secret_access_key: secret_access_key.unwrap_or_default(),
@@ -490,29 +490,32 @@ fn compile_aws_credentials(
                 );
                 return None;
             }
-            let mut from_env =
-                |name: &str| credential_value(var(name).unwrap_or_default(), name, at, errors);
+            let mut from_env = |name: &str| {
+                credential_value(var(name).unwrap_or_default(), true, name, at, errors)
+            };
             AwsCredentials {
                 access_key_id: from_env("AWS_ACCESS_KEY_ID").unwrap_or_default(),
                 secret_access_key: from_env("AWS_SECRET_ACCESS_KEY").unwrap_or_default(),
-                session_token: var("AWS_SESSION_TOKEN")
-                    .and_then(|token| credential_value(token, "AWS_SESSION_TOKEN", at, errors)),
+                session_token: var("AWS_SESSION_TOKEN").and_then(|token| {
+                    credential_value(token, false, "AWS_SESSION_TOKEN", at, errors)
+                }),
             }
         }
     };
     (errors.len() == before).then_some(credentials)
 }
 
-/// A credential that can travel in a header (the access key id and session token do); an
-/// empty session token counts as none, any other empty value is an error.
+/// A credential that can travel in a header (the access key id and session token do). An
+/// empty value is an error when `required`, and none at all otherwise (`${TOKEN:-}` unset).
 fn credential_value(
     value: String,
+    required: bool,
     path: &str,
     at: serde_saphyr::Location,
     errors: &mut Vec<PolicyError>,
 ) -> Option<String> {
     if value.is_empty() {
-        if !path.ends_with("session_token") && !path.ends_with("SESSION_TOKEN") {
+        if required {
             errors.push(PolicyError::new(path, "is empty").at(at));
         }
         return None;
