@@ -30,6 +30,6 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import openai, anthropic, pytest, httpx' 2>/dev/null; then
+if ! .venv/bin/python -c 'import openai, anthropic, boto3, pytest, httpx' 2>/dev/null; then
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
 fi

@@ -153,6 +153,8 @@ fn check_accepts_the_shipped_policies() {
             .env("OPENAI_API_KEY", "sk-test")
             .env("ANTHROPIC_API_KEY", "sk-ant-test")
             .env("AZURE_OPENAI_KEY", "azure-test")
+            .env("AWS_ACCESS_KEY_ID", "AKIDTEST")
+            .env("AWS_SECRET_ACCESS_KEY", "aws-test-secret")
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);

@@ -242,14 +242,6 @@ fn reservation(body: &[u8], max_tokens: u64, dialect: Dialect) -> u64 {
     sluice_filters::limits::estimate_input_tokens(body, Some("gpt-4o-mini"), dialect) + max_tokens
 }
 
-async fn remaining_tokens(response: &reqwest::Response) -> u64 {
-    response.headers()["x-ratelimit-remaining-tokens"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn token_reservations_settle_to_reported_usage() {
     let mock = mock().await;
@@ -497,14 +489,7 @@ async fn a_stream_outgrowing_its_tokens_is_cut_with_an_error_event() {
     assert!(!text.contains("[DONE]"));
     assert!(events.len() < 50, "cut early: {} events", events.len());
     // The upstream stream was dropped, which stops the generation.
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while mock.cancelled_streams() == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "upstream stream not cancelled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_a_cancelled_stream(&mock).await;
 }
 
 #[tokio::test]

@@ -49,13 +49,23 @@ pub struct Exchange {
 
 impl Exchange {
     pub fn new(route: Arc<str>, request: RequestHeader, body: Bytes) -> Self {
-        let facts = BodyFacts::parse(&body);
+        Self::with_dialect(route, request, body, Dialect::default())
+    }
+
+    /// An exchange with a provider of this dialect (which decides how its facts are read).
+    pub fn with_dialect(
+        route: Arc<str>,
+        request: RequestHeader,
+        body: Bytes,
+        dialect: Dialect,
+    ) -> Self {
+        let facts = BodyFacts::parse_for(dialect, request.uri.path(), &body);
         Self {
             route,
             request,
             body,
             facts,
-            dialect: Dialect::default(),
+            dialect,
             usage: None,
             request_id: None,
             tenant: None,

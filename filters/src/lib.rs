@@ -12,6 +12,7 @@
 
 pub mod auth;
 mod chain;
+pub mod eventstream;
 mod exchange;
 mod facts;
 pub mod glob;
@@ -24,7 +25,7 @@ pub mod usage;
 
 pub use chain::{Chain, ChunkVerdict, Filter, Verdict};
 pub use exchange::{ErrorKind, Exchange, LocalResponse, Outcome, Rejection};
-pub use facts::BodyFacts;
+pub use facts::{BedrockOperation, BodyFacts};
 pub use spec::{FilterSpec, SpecError, Stage};
 
 /// Re-exported so filters and the process name the same header types.

@@ -1,10 +1,14 @@
 //! Token usage read off a response as it passes, without holding any chunk back: the JSON body's
 //! `usage` object, OpenAI's final streaming usage chunk, Anthropic's `message_start` and
-//! `message_delta` events.
+//! `message_delta` events, and Bedrock's figures (response headers, Converse's `usage`, the
+//! event streams' `metadata` event and `amazon-bedrock-invocationMetrics`).
 
 use bytes::{Bytes, BytesMut};
+use http::header;
+use serde_json::Value;
 
-use crate::json_edit;
+use crate::eventstream::{self, FrameDecoder, Message};
+use crate::{json_edit, ResponseHeader};
 
 /// The API family of a response body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -12,7 +16,29 @@ pub enum Dialect {
     #[default]
     OpenAi,
     Anthropic,
+    /// Amazon Bedrock: JSON bodies, and `application/vnd.amazon.eventstream` streams.
+    Bedrock,
 }
+
+/// How an event-stream event message begins: `:message-type` (13 bytes) of type string (7),
+/// length 5, `event`. Exact enough that a payload can hardly contain it by chance.
+const EVENT_MESSAGE_HEADER: &[u8] = b"\x0d:message-type\x07\x00\x05event";
+
+impl Dialect {
+    /// The events a streamed chunk carries (SSE `data:` lines; Bedrock event messages). Counted
+    /// per chunk, so an event split across two chunks may be missed: an estimate of output.
+    pub fn stream_events_in(self, chunk: &[u8]) -> u64 {
+        let marker: &[u8] = match self {
+            Dialect::OpenAi | Dialect::Anthropic => b"data:",
+            Dialect::Bedrock => EVENT_MESSAGE_HEADER,
+        };
+        memchr::memmem::find_iter(chunk, marker).count() as u64
+    }
+}
+
+/// Bedrock's InvokeModel reports its usage in these response headers.
+const BEDROCK_INPUT_TOKENS: &str = "x-amzn-bedrock-input-token-count";
+const BEDROCK_OUTPUT_TOKENS: &str = "x-amzn-bedrock-output-token-count";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -29,7 +55,8 @@ impl Usage {
 /// Of a non-streaming body only the end is kept: providers put `usage` last, so the whole
 /// body never needs copying.
 const KEPT_BODY_TAIL: usize = 16 * 1024;
-/// An SSE line longer than this is skipped for usage purposes.
+/// An SSE line longer than this is skipped for usage purposes; an event-stream message longer
+/// than this ends the reading of usage (the stream itself passes untouched).
 const MAX_LINE: usize = 1024 * 1024;
 
 /// Reads usage from a response body fed chunk by chunk.
@@ -43,9 +70,13 @@ pub struct UsageMeter {
     /// Drop OpenAI's usage-only chunk from what goes downstream (Sluice asked for it, the
     /// caller did not).
     strip_usage_chunk: bool,
+    /// A Bedrock event stream's framing; `None` for other bodies, and once a stream turned out
+    /// malformed (its usage is then unknown).
+    frames: Option<FrameDecoder>,
 }
 
 impl UsageMeter {
+    /// `stream`: the body is SSE, or for Bedrock an event stream.
     pub fn new(dialect: Dialect, stream: bool, strip_usage_chunk: bool) -> Self {
         Self {
             dialect,
@@ -53,7 +84,36 @@ impl UsageMeter {
             buffer: BytesMut::new(),
             usage: None,
             strip_usage_chunk,
+            frames: (stream && dialect == Dialect::Bedrock).then(|| FrameDecoder::new(MAX_LINE)),
         }
+    }
+
+    /// The meter for a response, from its head: how the body is framed, whether an injected
+    /// usage chunk can be cut out (not from a body of declared length: that would break its
+    /// framing), and the usage Bedrock's InvokeModel reports in headers.
+    pub fn for_response(
+        dialect: Dialect,
+        head: Option<&ResponseHeader>,
+        usage_injected: bool,
+    ) -> Self {
+        let header = |name: &str| head.and_then(|h| h.headers.get(name));
+        let content_type = header(header::CONTENT_TYPE.as_str()).map_or(&b""[..], |v| v.as_bytes());
+        let stream = content_type.starts_with(b"text/event-stream")
+            || content_type.starts_with(b"application/vnd.amazon.eventstream");
+        let strip = usage_injected && header(header::CONTENT_LENGTH.as_str()).is_none();
+        let mut meter = Self::new(dialect, stream, strip);
+        if dialect == Dialect::Bedrock {
+            let count = |name| header(name)?.to_str().ok()?.trim().parse::<u64>().ok();
+            if let (Some(input), Some(output)) =
+                (count(BEDROCK_INPUT_TOKENS), count(BEDROCK_OUTPUT_TOKENS))
+            {
+                meter.usage = Some(Usage {
+                    input_tokens: input,
+                    output_tokens: output,
+                });
+            }
+        }
+        meter
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -63,6 +123,10 @@ impl UsageMeter {
     /// Takes a chunk's usage into account; returns the chunk to send downstream (the same one,
     /// unless an injected usage event had to be cut out of it).
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        if self.dialect == Dialect::Bedrock && self.stream {
+            self.read_event_stream(&chunk);
+            return chunk;
+        }
         if !self.stream {
             let keep = chunk.len().min(KEPT_BODY_TAIL);
             let excess = (self.buffer.len() + keep).saturating_sub(KEPT_BODY_TAIL);
@@ -125,8 +189,7 @@ impl UsageMeter {
         if let Some(at) = memchr::memmem::rfind(&self.buffer, b"\"usage\"") {
             let rest = self.buffer[at + 7..].trim_ascii_start();
             if let Some(value) = rest.strip_prefix(b":") {
-                let mut values =
-                    serde_json::Deserializer::from_slice(value).into_iter::<serde_json::Value>();
+                let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Value>();
                 if let Some(Ok(usage)) = values.next() {
                     self.take_usage(&usage);
                 }
@@ -145,7 +208,7 @@ impl UsageMeter {
         if memchr::memmem::find(data, b"\"usage\"").is_none() {
             return false;
         }
-        let Ok(event) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii_start()) else {
+        let Ok(event) = serde_json::from_slice::<Value>(data.trim_ascii_start()) else {
             return false;
         };
         match self.dialect {
@@ -157,22 +220,93 @@ impl UsageMeter {
                 }
                 false
             }
-            Dialect::Anthropic => {
-                match event["type"].as_str() {
-                    Some("message_start") => self.take_usage(&event["message"]["usage"]),
-                    Some("message_delta") => self.take_usage(&event["usage"]),
-                    _ => {}
-                }
+            Dialect::Anthropic | Dialect::Bedrock => {
+                self.read_anthropic_event(&event);
                 false
             }
         }
     }
 
-    /// Merges a usage object of either dialect (later figures are cumulative).
-    fn take_usage(&mut self, usage: &serde_json::Value) {
-        let field = |names: [&str; 2]| names.iter().find_map(|name| usage[*name].as_u64());
-        let input = field(["prompt_tokens", "input_tokens"]);
-        let output = field(["completion_tokens", "output_tokens"]);
+    /// Anthropic's streamed events: input in `message_start`, output (cumulative) in
+    /// `message_delta`.
+    fn read_anthropic_event(&mut self, event: &Value) {
+        match event["type"].as_str() {
+            Some("message_start") => self.take_usage(&event["message"]["usage"]),
+            Some("message_delta") => self.take_usage(&event["usage"]),
+            _ => {}
+        }
+    }
+
+    /// Decodes the event-stream messages this chunk completes. A malformed stream stops the
+    /// reading (not the stream): its usage is then whatever was read before.
+    fn read_event_stream(&mut self, chunk: &[u8]) {
+        let Some(mut frames) = self.frames.take() else {
+            return;
+        };
+        match frames.feed(chunk, |message| self.read_bedrock_event(&message)) {
+            Ok(()) => self.frames = Some(frames),
+            Err(e) => tracing::debug!("usage not read from a Bedrock stream: {e}"),
+        }
+    }
+
+    /// ConverseStream reports usage in its `metadata` event; InvokeModelWithResponseStream's
+    /// `chunk` events carry the model's own events, base64 in `bytes`, the last of them with
+    /// `amazon-bedrock-invocationMetrics` (and Anthropic models' events carry their usage).
+    fn read_bedrock_event(&mut self, message: &Message) {
+        if eventstream::header(message, ":message-type") != Some("event") {
+            return;
+        }
+        match eventstream::header(message, ":event-type") {
+            Some("metadata") => {
+                if let Ok(event) = serde_json::from_slice::<Value>(message.payload()) {
+                    self.take_usage(&event["usage"]);
+                }
+            }
+            Some("chunk") => {
+                #[derive(serde::Deserialize)]
+                struct PayloadPart<'a> {
+                    bytes: &'a str,
+                }
+                let Ok(part) = serde_json::from_slice::<PayloadPart>(message.payload()) else {
+                    return;
+                };
+                let Ok(native) = aws_smithy_types::base64::decode(part.bytes) else {
+                    return;
+                };
+                // Only events that carry figures are parsed.
+                let finder = |needle: &[u8]| memchr::memmem::find(&native, needle).is_some();
+                if !finder(b"\"usage\"") && !finder(b"invocationMetrics") {
+                    return;
+                }
+                let Ok(event) = serde_json::from_slice::<Value>(&native) else {
+                    return;
+                };
+                let metrics = &event["amazon-bedrock-invocationMetrics"];
+                if metrics.is_object() {
+                    self.take_usage(metrics);
+                } else {
+                    self.read_anthropic_event(&event);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Merges a usage object of any dialect (later figures are cumulative).
+    fn take_usage(&mut self, usage: &Value) {
+        let field = |names: [&str; 4]| names.iter().find_map(|name| usage[*name].as_u64());
+        let input = field([
+            "prompt_tokens",
+            "input_tokens",
+            "inputTokens",
+            "inputTokenCount",
+        ]);
+        let output = field([
+            "completion_tokens",
+            "output_tokens",
+            "outputTokens",
+            "outputTokenCount",
+        ]);
         if input.is_none() && output.is_none() {
             return;
         }
@@ -343,6 +477,178 @@ mod tests {
                 output_tokens: 15
             })
         );
+    }
+
+    fn bedrock_event(kind: &str, payload: &str) -> Bytes {
+        crate::eventstream::encode(
+            &[
+                (":event-type", kind),
+                (":content-type", "application/json"),
+                (":message-type", "event"),
+            ],
+            Bytes::from(payload.to_owned()),
+        )
+        .unwrap()
+    }
+
+    /// Feeds `stream` cut at every `step` bytes; returns what went downstream.
+    fn feed_in_pieces(meter: &mut UsageMeter, stream: &[u8], step: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for piece in stream.chunks(step) {
+            out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(piece)));
+        }
+        meter.finish();
+        out
+    }
+
+    #[test]
+    fn bedrock_converse_json_usage() {
+        let mut meter = UsageMeter::new(Dialect::Bedrock, false, false);
+        feed_all(
+            &mut meter,
+            &[
+                r#"{"output":{"message":{"role":"assistant","content":[{"text":"\"usage\""}]}},"stopReason":"end_turn","usage":{"inputTokens":21,"outputTokens":7,"totalTokens":28},"metrics":{"latencyMs":80}}"#,
+            ],
+        );
+        assert_eq!(
+            meter.usage(),
+            Some(Usage {
+                input_tokens: 21,
+                output_tokens: 7
+            })
+        );
+    }
+
+    #[test]
+    fn bedrock_invoke_usage_comes_from_response_headers() {
+        let mut head = ResponseHeader::build(200, None).unwrap();
+        head.insert_header("content-type", "application/json")
+            .unwrap();
+        head.insert_header("X-Amzn-Bedrock-Input-Token-Count", "31")
+            .unwrap();
+        head.insert_header("X-Amzn-Bedrock-Output-Token-Count", "9")
+            .unwrap();
+        let mut meter = UsageMeter::for_response(Dialect::Bedrock, Some(&head), false);
+        // A native body without figures leaves the headers' usage standing.
+        feed_all(&mut meter, &[r#"{"generation":"hi"}"#]);
+        assert_eq!(
+            meter.usage(),
+            Some(Usage {
+                input_tokens: 31,
+                output_tokens: 9
+            })
+        );
+        // The same headers mean nothing from another provider.
+        let openai = UsageMeter::for_response(Dialect::OpenAi, Some(&head), false);
+        assert_eq!(openai.usage(), None);
+        // Without the headers, a native Anthropic body's usage is read.
+        let mut json = ResponseHeader::build(200, None).unwrap();
+        json.insert_header("content-type", "application/json")
+            .unwrap();
+        let mut meter = UsageMeter::for_response(Dialect::Bedrock, Some(&json), false);
+        feed_all(
+            &mut meter,
+            &[r#"{"type":"message","content":[],"usage":{"input_tokens":4,"output_tokens":2}}"#],
+        );
+        assert_eq!(
+            meter.usage(),
+            Some(Usage {
+                input_tokens: 4,
+                output_tokens: 2
+            })
+        );
+    }
+
+    #[test]
+    fn bedrock_converse_stream_usage_from_the_metadata_event() {
+        let stream: Vec<u8> = [
+            bedrock_event("messageStart", r#"{"role":"assistant"}"#),
+            bedrock_event(
+                "contentBlockDelta",
+                r#"{"contentBlockIndex":0,"delta":{"text":"\"usage\": 1"}}"#,
+            ),
+            bedrock_event("messageStop", r#"{"stopReason":"end_turn"}"#),
+            bedrock_event(
+                "metadata",
+                r#"{"usage":{"inputTokens":12,"outputTokens":34,"totalTokens":46},"metrics":{"latencyMs":5}}"#,
+            ),
+        ]
+        .concat();
+        let mut head = ResponseHeader::build(200, None).unwrap();
+        head.insert_header("content-type", "application/vnd.amazon.eventstream")
+            .unwrap();
+        for step in [1, 7, 64, stream.len()] {
+            let mut meter = UsageMeter::for_response(Dialect::Bedrock, Some(&head), false);
+            let out = feed_in_pieces(&mut meter, &stream, step);
+            assert_eq!(out, stream, "passed through byte for byte");
+            assert_eq!(
+                meter.usage(),
+                Some(Usage {
+                    input_tokens: 12,
+                    output_tokens: 34
+                }),
+                "step {step}"
+            );
+        }
+        assert_eq!(Dialect::Bedrock.stream_events_in(&stream), 4);
+        assert_eq!(Dialect::OpenAi.stream_events_in(&stream), 0);
+    }
+
+    #[test]
+    fn bedrock_invoke_stream_usage_from_chunks() {
+        let chunk = |native: serde_json::Value| {
+            let bytes = aws_smithy_types::base64::encode(native.to_string());
+            bedrock_event("chunk", &serde_json::json!({ "bytes": bytes }).to_string())
+        };
+        // Anthropic's own events carry usage.
+        let anthropic: Vec<u8> = [
+            chunk(serde_json::json!({"type":"message_start","message":{"usage":{"input_tokens":15,"output_tokens":1}}})),
+            chunk(serde_json::json!({"type":"content_block_delta","delta":{"text":"hi"}})),
+            chunk(serde_json::json!({"type":"message_delta","usage":{"output_tokens":6}})),
+        ]
+        .concat();
+        let mut meter = UsageMeter::new(Dialect::Bedrock, true, false);
+        feed_in_pieces(&mut meter, &anthropic, 5);
+        assert_eq!(
+            meter.usage(),
+            Some(Usage {
+                input_tokens: 15,
+                output_tokens: 6
+            })
+        );
+        // Any model's last chunk carries Bedrock's invocation metrics.
+        let other: Vec<u8> = [
+            chunk(serde_json::json!({"generation":"hello"})),
+            chunk(serde_json::json!({"generation":"","amazon-bedrock-invocationMetrics":{"inputTokenCount":40,"outputTokenCount":11,"invocationLatency":9,"firstByteLatency":3}})),
+        ]
+        .concat();
+        let mut meter = UsageMeter::new(Dialect::Bedrock, true, false);
+        feed_in_pieces(&mut meter, &other, 3);
+        assert_eq!(
+            meter.usage(),
+            Some(Usage {
+                input_tokens: 40,
+                output_tokens: 11
+            })
+        );
+    }
+
+    #[test]
+    fn a_corrupt_bedrock_stream_stops_the_reading_not_the_stream() {
+        let mut bad = bedrock_event(
+            "metadata",
+            r#"{"usage":{"inputTokens":1,"outputTokens":1}}"#,
+        )
+        .to_vec();
+        bad[20] ^= 0xff;
+        let good = bedrock_event(
+            "metadata",
+            r#"{"usage":{"inputTokens":2,"outputTokens":2}}"#,
+        );
+        let stream = [bad.as_slice(), &good].concat();
+        let mut meter = UsageMeter::new(Dialect::Bedrock, true, false);
+        assert_eq!(feed_in_pieces(&mut meter, &stream, 10), stream);
+        assert_eq!(meter.usage(), None);
     }
 
     #[test]

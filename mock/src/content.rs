@@ -12,11 +12,30 @@ pub enum Api {
     Embeddings,
     Models,
     AnthropicMessages,
+    BedrockConverse,
+    BedrockConverseStream,
+    /// InvokeModel, answering as an Anthropic model on Bedrock does.
+    BedrockInvoke,
+    BedrockInvokeStream,
 }
 
 impl Api {
-    /// OpenAI paths (`/v1/...`), Azure deployment paths, Anthropic's `/v1/messages`.
+    /// OpenAI paths (`/v1/...`), Azure deployment paths, Anthropic's `/v1/messages`, Bedrock's
+    /// `/model/{modelId}/{operation}`.
     pub fn from_request(method: &Method, path: &str) -> Option<Api> {
+        if let Some(rest) = path.strip_prefix("/model/") {
+            let (model, operation) = rest.split_once('/')?;
+            if method != Method::POST || model.is_empty() {
+                return None;
+            }
+            return match operation {
+                "converse" => Some(Api::BedrockConverse),
+                "converse-stream" => Some(Api::BedrockConverseStream),
+                "invoke" => Some(Api::BedrockInvoke),
+                "invoke-with-response-stream" => Some(Api::BedrockInvokeStream),
+                _ => None,
+            };
+        }
         if let Some(rest) = path.strip_prefix("/openai/deployments/") {
             // Azure serves only the OpenAI inference operations under a deployment.
             return match (method, rest.split_once('/')?.1) {
@@ -36,12 +55,32 @@ impl Api {
         }
     }
 
+    /// Whether a request may ask for a stream (`"stream": true`).
     pub fn streams(self) -> bool {
         matches!(self, Api::Chat | Api::Completions | Api::AnthropicMessages)
     }
 
-    /// An error body in this API's provider shape.
+    /// Bedrock's streaming operations stream whatever the body says.
+    pub fn always_streams(self) -> bool {
+        matches!(self, Api::BedrockConverseStream | Api::BedrockInvokeStream)
+    }
+
+    pub fn is_bedrock(self) -> bool {
+        matches!(
+            self,
+            Api::BedrockConverse
+                | Api::BedrockConverseStream
+                | Api::BedrockInvoke
+                | Api::BedrockInvokeStream
+        )
+    }
+
+    /// An error body in this API's provider shape (Bedrock names the error in a header too:
+    /// [`crate::bedrock::error_type`]).
     pub fn error(self, status: StatusCode, message: &str) -> Value {
+        if self.is_bedrock() {
+            return json!({ "message": message });
+        }
         if self == Api::AnthropicMessages {
             let kind = match status.as_u16() {
                 400 => "invalid_request_error",
@@ -117,17 +156,25 @@ impl Answer {
         chunks: usize,
         id: u64,
     ) -> Answer {
-        let deployment = path
-            .strip_prefix("/openai/deployments/")
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or("mock-model");
-        let model = request
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or(deployment)
-            .to_owned();
+        let in_path = crate::bedrock::model_in_path(path).or_else(|| {
+            let deployment = path
+                .strip_prefix("/openai/deployments/")?
+                .split('/')
+                .next()?;
+            Some(deployment.to_owned())
+        });
+        let model = match (request.get("model").and_then(Value::as_str), in_path) {
+            (Some(model), _) => model.to_owned(),
+            (None, Some(model)) => model,
+            (None, None) => "mock-model".to_owned(),
+        };
         let said = match api {
-            Api::Chat | Api::AnthropicMessages => request
+            Api::Chat
+            | Api::AnthropicMessages
+            | Api::BedrockConverse
+            | Api::BedrockConverseStream
+            | Api::BedrockInvoke
+            | Api::BedrockInvokeStream => request
                 .get("messages")
                 .and_then(Value::as_array)
                 .and_then(|messages| messages.last())
@@ -148,7 +195,9 @@ impl Answer {
         Answer {
             api,
             id: match api {
-                Api::AnthropicMessages => format!("msg_mock_{id}"),
+                Api::AnthropicMessages | Api::BedrockInvoke | Api::BedrockInvokeStream => {
+                    format!("msg_mock_{id}")
+                }
                 _ => format!("chatcmpl-mock-{id}"),
             },
             model,
@@ -159,7 +208,11 @@ impl Answer {
         }
     }
 
-    fn output_tokens(&self) -> usize {
+    pub fn input_tokens(&self) -> usize {
+        self.input_tokens
+    }
+
+    pub fn output_tokens(&self) -> usize {
         self.pieces.len()
     }
 
@@ -198,13 +251,102 @@ impl Answer {
                     "id": id, "object": "model", "created": CREATED, "owned_by": "sluice-mock",
                 })).collect::<Vec<_>>(),
             }),
-            Api::AnthropicMessages => json!({
+            Api::AnthropicMessages | Api::BedrockInvoke | Api::BedrockInvokeStream => json!({
                 "id": self.id, "type": "message", "role": "assistant", "model": self.model,
                 "content": [{"type": "text", "text": self.text}],
                 "stop_reason": "end_turn", "stop_sequence": null,
                 "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens()},
             }),
+            Api::BedrockConverse | Api::BedrockConverseStream => json!({
+                "output": {"message": {"role": "assistant", "content": [{"text": self.text}]}},
+                "stopReason": "end_turn",
+                "usage": self.bedrock_usage(),
+                "metrics": {"latencyMs": 1},
+            }),
         }
+    }
+
+    fn bedrock_usage(&self) -> Value {
+        json!({
+            "inputTokens": self.input_tokens,
+            "outputTokens": self.output_tokens(),
+            "totalTokens": self.input_tokens + self.output_tokens(),
+        })
+    }
+
+    /// Anthropic's streamed events, as `(event name, data)`.
+    fn anthropic_events(&self) -> Vec<(&'static str, Value)> {
+        let mut events = vec![
+            (
+                "message_start",
+                json!({"type": "message_start", "message": {
+                "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": self.input_tokens, "output_tokens": 1}}}),
+            ),
+            (
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "text", "text": ""}}),
+            ),
+            ("ping", json!({"type": "ping"})),
+        ];
+        events.extend(self.pieces.iter().map(|piece| {
+            (
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": piece}}),
+            )
+        }));
+        events.push((
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ));
+        events.push((
+            "message_delta",
+            json!({"type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+            "usage": {"output_tokens": self.output_tokens()}}),
+        ));
+        events.push(("message_stop", json!({"type": "message_stop"})));
+        events
+    }
+
+    /// The streamed answer of a Bedrock streaming operation, as event-stream messages:
+    /// ConverseStream's events, or InvokeModelWithResponseStream's `chunk` events carrying the
+    /// model's own (Anthropic) events, the last with Bedrock's invocation metrics.
+    pub fn bedrock_events(&self) -> Vec<(&'static str, Value)> {
+        if self.api == Api::BedrockInvokeStream {
+            let mut native = self.anthropic_events();
+            if let Some((_, last)) = native.last_mut() {
+                last["amazon-bedrock-invocationMetrics"] = json!({
+                    "inputTokenCount": self.input_tokens,
+                    "outputTokenCount": self.output_tokens(),
+                    "invocationLatency": 1, "firstByteLatency": 1,
+                });
+            }
+            return native
+                .into_iter()
+                .map(|(_, event)| {
+                    let bytes = aws_smithy_types::base64::encode(event.to_string());
+                    ("chunk", json!({ "bytes": bytes }))
+                })
+                .collect();
+        }
+        let mut events = vec![("messageStart", json!({"role": "assistant"}))];
+        events.extend(self.pieces.iter().map(|piece| {
+            (
+                "contentBlockDelta",
+                json!({"contentBlockIndex": 0, "delta": {"text": piece}}),
+            )
+        }));
+        events.push(("contentBlockStop", json!({"contentBlockIndex": 0})));
+        events.push(("messageStop", json!({"stopReason": "end_turn"})));
+        events.push((
+            "metadata",
+            json!({"usage": self.bedrock_usage(), "metrics": {"latencyMs": 1}}),
+        ));
+        events
     }
 
     /// The streamed answer as SSE events, each one body frame.
@@ -212,45 +354,11 @@ impl Answer {
         let data = |value: Value| Bytes::from(format!("data: {value}\n\n"));
         let last = self.pieces.len() - 1;
         match self.api {
-            Api::AnthropicMessages => {
-                let event = |name: &str, value: Value| {
-                    Bytes::from(format!("event: {name}\ndata: {value}\n\n"))
-                };
-                let mut events = vec![
-                    event(
-                        "message_start",
-                        json!({"type": "message_start", "message": {
-                        "id": self.id, "type": "message", "role": "assistant", "model": self.model,
-                        "content": [], "stop_reason": null, "stop_sequence": null,
-                        "usage": {"input_tokens": self.input_tokens, "output_tokens": 1}}}),
-                    ),
-                    event(
-                        "content_block_start",
-                        json!({"type": "content_block_start", "index": 0,
-                        "content_block": {"type": "text", "text": ""}}),
-                    ),
-                    event("ping", json!({"type": "ping"})),
-                ];
-                events.extend(self.pieces.iter().map(|piece| {
-                    event(
-                        "content_block_delta",
-                        json!({"type": "content_block_delta", "index": 0,
-                        "delta": {"type": "text_delta", "text": piece}}),
-                    )
-                }));
-                events.push(event(
-                    "content_block_stop",
-                    json!({"type": "content_block_stop", "index": 0}),
-                ));
-                events.push(event(
-                    "message_delta",
-                    json!({"type": "message_delta",
-                    "delta": {"stop_reason": "end_turn", "stop_sequence": null},
-                    "usage": {"output_tokens": self.output_tokens()}}),
-                ));
-                events.push(event("message_stop", json!({"type": "message_stop"})));
-                events
-            }
+            Api::AnthropicMessages => self
+                .anthropic_events()
+                .into_iter()
+                .map(|(name, value)| Bytes::from(format!("event: {name}\ndata: {value}\n\n")))
+                .collect(),
             Api::Completions => {
                 let mut events: Vec<Bytes> = self.pieces.iter().enumerate().map(|(i, piece)| data(json!({
                     "id": self.id, "object": "text_completion", "created": CREATED, "model": self.model,
@@ -331,6 +439,20 @@ mod tests {
             None
         );
         assert_eq!(Api::from_request(&Method::POST, "/other"), None);
+        assert_eq!(
+            Api::from_request(
+                &Method::POST,
+                "/model/amazon.nova-pro-v1%3A0/converse-stream"
+            ),
+            Some(Api::BedrockConverseStream)
+        );
+        assert_eq!(
+            Api::from_request(&Method::POST, "/model/m/invoke-with-response-stream"),
+            Some(Api::BedrockInvokeStream)
+        );
+        assert_eq!(Api::from_request(&Method::GET, "/model/m/converse"), None);
+        assert_eq!(Api::from_request(&Method::POST, "/model//invoke"), None);
+        assert_eq!(Api::from_request(&Method::POST, "/model/m/chat"), None);
         assert_eq!(
             Api::from_request(&Method::POST, "/openai/deployments/d/messages"),
             None

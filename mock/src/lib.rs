@@ -1,12 +1,16 @@
 //! A mock LLM provider speaking OpenAI (`/v1/chat/completions`, `/v1/completions`,
-//! `/v1/embeddings`, `/v1/models`, Azure deployment paths) and Anthropic (`/v1/messages`), with
-//! SSE streaming, fault injection and a record of what it received.
+//! `/v1/embeddings`, `/v1/models`, Azure deployment paths), Anthropic (`/v1/messages`) and
+//! Amazon Bedrock (`/model/{modelId}/converse`, `converse-stream`, `invoke`,
+//! `invoke-with-response-stream`: SigV4 signatures verified against the credentials in
+//! [`bedrock`], event streams), with SSE streaming, fault injection and a record of what it
+//! received.
 //!
 //! Answers are derived from the request (`"echo: " + the last message`) so tests can check them.
 //! Per-request control headers override the instance settings:
 //! `x-mock-status` (+ `x-mock-retry-after`), `x-mock-first-byte-ms`, `x-mock-chunk-ms`,
 //! `x-mock-chunks`, `x-mock-fault: reset-mid-stream | stall | stall-mid-stream`.
 
+pub mod bedrock;
 mod content;
 
 use std::collections::{HashMap, VecDeque};
@@ -321,6 +325,14 @@ async fn handle(
         });
     }
 
+    let api = Api::from_request(&parts.method, parts.uri.path());
+    if api.is_some_and(Api::is_bedrock) {
+        // AWS authenticates a request before anything else.
+        if let Err(denied) = bedrock::verify(&parts.method, &path, &parts.headers, &body) {
+            let api = api.unwrap_or(Api::BedrockConverse);
+            return error_response(api, denied.status, &denied.message, Some(denied.error_type));
+        }
+    }
     let mut plan = Plan::new(&shared.config(), &parts.headers);
     if let Some(fault) = shared.key_fault(&parts.headers) {
         plan.fault = Some(fault);
@@ -337,7 +349,16 @@ async fn handle(
         }
     }
     let mut pending = Pending(Some(shared.clone()));
-    let mut response = respond(&shared, &parts.method, parts.uri.path(), &body, plan, id).await;
+    let mut response = respond(
+        &shared,
+        api,
+        &parts.method,
+        parts.uri.path(),
+        &body,
+        plan,
+        id,
+    )
+    .await;
     pending.0 = None;
     if let Some(request_id) = parts.headers.get("x-request-id") {
         response
@@ -349,18 +370,16 @@ async fn handle(
 
 async fn respond(
     shared: &Arc<Shared>,
+    api: Option<Api>,
     method: &Method,
     path: &str,
     body: &Bytes,
     plan: Plan,
     id: u64,
 ) -> Response {
-    let Some(api) = Api::from_request(method, path) else {
-        let error = Api::Chat.error(
-            StatusCode::NOT_FOUND,
-            &format!("no mock endpoint {method} {path}"),
-        );
-        return json_response(StatusCode::NOT_FOUND, &error);
+    let Some(api) = api else {
+        let message = format!("no mock endpoint {method} {path}");
+        return error_response(Api::Chat, StatusCode::NOT_FOUND, &message, None);
     };
     if plan.fault == Some(Fault::Stall) {
         tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -374,7 +393,7 @@ async fn respond(
     }) = &plan.fault
     {
         let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut response = json_response(status, &api.error(status, "injected by x-mock-status"));
+        let mut response = error_response(api, status, "injected by x-mock-status", None);
         if let Some(value) = retry_after.as_deref().and_then(|v| v.parse().ok()) {
             response.headers_mut().insert("retry-after", value);
         }
@@ -386,34 +405,90 @@ async fn respond(
         match serde_json::from_slice(body) {
             Ok(value) => value,
             Err(e) => {
-                let error = api.error(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}"));
-                return json_response(StatusCode::BAD_REQUEST, &error);
+                let message = format!("invalid JSON body: {e}");
+                return error_response(api, StatusCode::BAD_REQUEST, &message, None);
             }
         }
     };
     let answer = content::Answer::new(api, &request, path, body.len(), plan.chunks, id);
-    let stream = request
+    let asked_to_stream = request
         .get("stream")
         .and_then(|v| v.as_bool())
-        .unwrap_or(false)
-        && api.streams();
-    if !stream {
-        return match plan.fault {
+        .unwrap_or(false);
+    let stream = api.always_streams() || (asked_to_stream && api.streams());
+    let mut response = if !stream {
+        match plan.fault {
             Some(Fault::ResetMidStream) => broken_body(true),
             Some(Fault::StallMidStream) => broken_body(false),
             _ => json_response(StatusCode::OK, &answer.whole()),
-        };
+        }
+    } else if api.is_bedrock() {
+        let frames = answer
+            .bedrock_events()
+            .iter()
+            .map(|(event_type, payload)| bedrock::event_frame(event_type, payload))
+            .collect();
+        streamed_response(
+            shared.clone(),
+            frames,
+            plan,
+            "application/vnd.amazon.eventstream",
+        )
+    } else {
+        let include_usage = request
+            .pointer("/stream_options/include_usage")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let events = answer.events(include_usage);
+        streamed_response(shared.clone(), events, plan, "text/event-stream")
+    };
+    if api.is_bedrock() {
+        let headers = response.headers_mut();
+        headers.insert("x-amzn-requestid", http::HeaderValue::from(id));
+        if api == Api::BedrockInvoke {
+            // InvokeModel reports usage in headers, whatever the model's body says.
+            headers.insert(
+                "x-amzn-bedrock-input-token-count",
+                http::HeaderValue::from(answer.input_tokens()),
+            );
+            headers.insert(
+                "x-amzn-bedrock-output-token-count",
+                http::HeaderValue::from(answer.output_tokens()),
+            );
+            headers.insert(
+                "x-amzn-bedrock-invocation-latency",
+                http::HeaderValue::from_static("1"),
+            );
+        }
     }
-    let include_usage = request
-        .pointer("/stream_options/include_usage")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    let events = answer.events(include_usage);
-    sse_response(shared.clone(), events, plan)
+    response
+}
+
+/// An error in `api`'s provider shape; Bedrock's also names the error in `x-amzn-ErrorType`
+/// (`error_type`, or the one its status stands for).
+fn error_response(
+    api: Api,
+    status: StatusCode,
+    message: &str,
+    error_type: Option<&'static str>,
+) -> Response {
+    let mut response = json_response(status, &api.error(status, message));
+    if api.is_bedrock() {
+        let name = error_type.unwrap_or_else(|| bedrock::error_type(status));
+        response
+            .headers_mut()
+            .insert("x-amzn-errortype", http::HeaderValue::from_static(name));
+    }
+    response
 }
 
 /// Streams `events`, one frame each, `chunk_delay` apart; a reader that leaves early is counted.
-fn sse_response(shared: Arc<Shared>, events: Vec<Bytes>, plan: Plan) -> Response {
+fn streamed_response(
+    shared: Arc<Shared>,
+    events: Vec<Bytes>,
+    plan: Plan,
+    content_type: &'static str,
+) -> Response {
     struct Progress {
         shared: Arc<Shared>,
         events: std::vec::IntoIter<Bytes>,
@@ -468,7 +543,7 @@ fn sse_response(shared: Arc<Shared>, events: Vec<Bytes>, plan: Plan) -> Response
     });
     Response::builder()
         .status(StatusCode::OK)
-        .header("content-type", "text/event-stream")
+        .header("content-type", content_type)
         .header("cache-control", "no-cache")
         .body(Body::from_stream(stream))
         .expect("static response parts are valid")

@@ -369,6 +369,17 @@ pub fn build_request(
     for (name, value) in &upstream.extra_headers {
         let _ = request.insert_header(name.clone(), value.clone());
     }
+    // Last: a signature covers the request exactly as it is sent.
+    upstream.sign(&mut request, &body).map_err(|e| {
+        Rejection::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Internal,
+            format!(
+                "cannot sign the request for upstream `{}`: {e}",
+                upstream.name
+            ),
+        )
+    })?;
     Ok((request, body))
 }
 

@@ -143,8 +143,8 @@ impl SluiceProxy {
             Err(BodyError::CallerGone(e)) => return Err(Close::CallerGone(e)),
         };
 
-        let mut ex = Exchange::new(route.name.clone(), session.req_header().clone(), body);
-        ex.dialect = provider.dialect();
+        let request = session.req_header().clone();
+        let mut ex = Exchange::with_dialect(route.name.clone(), request, body, provider.dialect());
         let result = match route.chain.on_request(&mut ex).await {
             Verdict::Continue => {
                 let injected = ask_for_stream_usage(route, &mut ex);
@@ -380,17 +380,20 @@ impl SluiceProxy {
             return Ok(());
         }
         upstream_session.set_read_timeout(Some(upstream.idle_timeout));
-        let (stream, declared_length) = {
-            let head = upstream_session.response_header();
-            let header = |name| head.and_then(|h| h.headers.get(name));
-            let stream = header(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-            (stream, header(header::CONTENT_LENGTH).is_some())
-        };
+        let stream = upstream_session
+            .response_header()
+            .and_then(|head| head.headers.get(header::CONTENT_TYPE))
+            .is_some_and(|v| {
+                let v = v.as_bytes();
+                v.starts_with(b"text/event-stream")
+                    || v.starts_with(b"application/vnd.amazon.eventstream")
+            });
         let mut meter = route.chain.needs_usage().then(|| {
-            // Cutting an event out of a body of declared length would break its framing.
-            let strip = usage_injected && !declared_length;
-            UsageMeter::new(ex.dialect, stream, strip)
+            UsageMeter::for_response(
+                ex.dialect,
+                upstream_session.response_header(),
+                usage_injected,
+            )
         });
         let end = self
             .stream_body(
@@ -693,7 +696,9 @@ async fn respond_rejection(
     rejection: Rejection,
 ) -> Result<(), Close> {
     let body = provider.error_body(rejection.kind, &rejection.message);
-    write_simple(session, rejection.status, &rejection.headers, body).await
+    let mut headers = rejection.headers;
+    headers.extend(provider.error_header(rejection.kind));
+    write_simple(session, rejection.status, &headers, body).await
 }
 
 async fn respond_local(

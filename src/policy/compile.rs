@@ -20,15 +20,17 @@ use sluice_filters::{Chain, Filter, FilterSpec, Stage};
 use super::error::PolicyError;
 use super::interpolate::interpolate;
 use super::schema::{
-    CircuitBreakerSpec, KeyEntrySpec, KeySpec, KeysFile, PolicyFile, ProviderKind, RouteSpec,
-    StateBackend, TargetSpec, UpstreamSpec,
+    AwsCredentialsSpec, CircuitBreakerSpec, KeyEntrySpec, KeySpec, KeysFile, PolicyFile,
+    ProviderKind, RouteSpec, SecretTemplate, StateBackend, TargetSpec, UpstreamSpec,
 };
 use super::{
     ListenAddrs, ModelTargets, Policy, RedisSettings, RetryPolicy, Route, ServerRuntime,
     SharedState, Target, Targets,
 };
 use crate::upstream::health::{BreakerSettings, RetryBudgetSettings};
-use crate::upstream::{AzureSettings, KeyPool, ProviderKey, Upstream};
+use crate::upstream::{
+    bedrock_base_url, AwsCredentials, AzureSettings, KeyPool, ProviderKey, SigV4Signer, Upstream,
+};
 
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
@@ -254,9 +256,43 @@ fn compile_upstream(
     let at = spec.referenced;
     let spec = &spec.value;
 
+    let is_bedrock = spec.provider == ProviderKind::Bedrock;
+    let region = compile_region(spec, path, at, env, errors);
     let base_url_path = format!("{path}.base_url");
-    let base = resolve(&spec.base_url, &base_url_path, env, errors)
-        .and_then(|url| parse_base_url(&url, &base_url_path, spec.base_url.referenced, errors));
+    let base_url = match (&spec.base_url, &region) {
+        (Some(url), _) => resolve(url, &base_url_path, env, errors).map(|u| (u, url.referenced)),
+        (None, Some(region)) => Some((bedrock_base_url(region), at)),
+        (None, None) => {
+            if !is_bedrock {
+                errors.push(
+                    PolicyError::new(&base_url_path, "is required (only bedrock has a default)")
+                        .at(at),
+                );
+            }
+            None
+        }
+    };
+    let base =
+        base_url.and_then(|(url, url_at)| parse_base_url(&url, &base_url_path, url_at, errors));
+    if is_bedrock && !spec.keys.is_empty() {
+        errors.push(
+            PolicyError::new(
+                format!("{path}.keys"),
+                "bedrock signs its requests with AWS credentials (`aws:`, or the AWS environment variables); `keys` do not apply",
+            )
+            .at(at),
+        );
+    }
+    if !is_bedrock && spec.aws.is_some() {
+        errors.push(
+            PolicyError::new(format!("{path}.aws"), "applies to provider bedrock only").at(at),
+        );
+    }
+    let aws_credentials = if is_bedrock {
+        compile_aws_credentials(spec.aws.as_ref(), path, at, env, errors)
+    } else {
+        None
+    };
 
     let breaker = breaker_settings(
         &spec.circuit_breaker,
@@ -281,7 +317,12 @@ fn compile_upstream(
             .at(at),
         );
     }
-    let identity = format!("{name}\0{}", spec.base_url.value);
+    // Health follows the upstream's name and address (as written: a secret in it stays out).
+    let address = match (&spec.base_url, &region) {
+        (Some(url), _) => url.value.clone(),
+        (None, region) => region.clone().unwrap_or_default(),
+    };
+    let identity = format!("{name}\0{address}");
     let keys = compile_keys(
         spec, path, &identity, &breaker, env, shared, sources, errors,
     );
@@ -348,6 +389,10 @@ fn compile_upstream(
     if errors.len() > before {
         return None;
     }
+    let signer = match (region, aws_credentials) {
+        (Some(region), Some(credentials)) => Some(SigV4Signer::new(region, credentials)),
+        _ => None,
+    };
     let (tls, host, port, base_path) = base?;
     let authority = Upstream::authority_for(tls, &host, port)
         .map_err(|e| errors.push(PolicyError::new(&base_url_path, e.to_string()).at(at)))
@@ -397,6 +442,7 @@ fn compile_upstream(
             api_version,
             deployments: spec.deployments.clone(),
         },
+        signer,
         ca,
     })
 }
@@ -523,6 +569,133 @@ fn compile_keys(
         ));
     }
     (errors.len() == before).then_some(keys)
+}
+
+/// Bedrock's `region` (required there, refused elsewhere).
+fn compile_region(
+    spec: &UpstreamSpec,
+    path: &str,
+    at: serde_saphyr::Location,
+    env: Env,
+    errors: &mut Vec<PolicyError>,
+) -> Option<String> {
+    let region_path = format!("{path}.region");
+    let is_bedrock = spec.provider == ProviderKind::Bedrock;
+    let Some(template) = &spec.region else {
+        if is_bedrock {
+            errors.push(PolicyError::new(&region_path, "is required for provider bedrock").at(at));
+        }
+        return None;
+    };
+    if !is_bedrock {
+        errors.push(
+            PolicyError::new(&region_path, "applies to provider bedrock only")
+                .at(template.referenced),
+        );
+        return None;
+    }
+    let region = resolve(template, &region_path, env, errors)?;
+    let valid = !region.is_empty()
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        errors.push(
+            PolicyError::new(
+                &region_path,
+                format!("`{region}` is not an AWS region like us-east-1"),
+            )
+            .at(template.referenced),
+        );
+        return None;
+    }
+    Some(region)
+}
+
+/// A bedrock upstream's credentials: its `aws:` block, or else the standard AWS environment
+/// variables. Missing ones are an error that names them; values are never shown.
+fn compile_aws_credentials(
+    spec: Option<&Spanned<AwsCredentialsSpec>>,
+    path: &str,
+    at: serde_saphyr::Location,
+    env: Env,
+    errors: &mut Vec<PolicyError>,
+) -> Option<AwsCredentials> {
+    let before = errors.len();
+    let credentials = match spec {
+        Some(block) => {
+            let aws = &block.value;
+            let mut field = |template: &SecretTemplate, name: &str, required: bool| {
+                let field_path = format!("{path}.aws.{name}");
+                let value = resolve(&template.0, &field_path, env, errors)?;
+                credential_value(value, required, &field_path, template.0.referenced, errors)
+            };
+            let access_key_id = field(&aws.access_key_id, "access_key_id", true);
+            let secret_access_key = field(&aws.secret_access_key, "secret_access_key", true);
+            let session_token = aws
+                .session_token
+                .as_ref()
+                .and_then(|token| field(token, "session_token", false));
+            AwsCredentials {
+                access_key_id: access_key_id.unwrap_or_default(),
+                secret_access_key: secret_access_key.unwrap_or_default(),
+                session_token,
+            }
+        }
+        None => {
+            let var = |name: &str| env(name).filter(|value| !value.is_empty());
+            let missing: Vec<&str> = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+                .into_iter()
+                .filter(|name| var(name).is_none())
+                .collect();
+            if !missing.is_empty() {
+                errors.push(
+                    PolicyError::new(
+                        path,
+                        format!(
+                            "no AWS credentials: give the upstream an `aws:` block (access_key_id, secret_access_key) or set {} in Sluice's environment",
+                            missing.join(" and ")
+                        ),
+                    )
+                    .at(at),
+                );
+                return None;
+            }
+            let mut from_env = |name: &str| {
+                credential_value(var(name).unwrap_or_default(), true, name, at, errors)
+            };
+            AwsCredentials {
+                access_key_id: from_env("AWS_ACCESS_KEY_ID").unwrap_or_default(),
+                secret_access_key: from_env("AWS_SECRET_ACCESS_KEY").unwrap_or_default(),
+                session_token: var("AWS_SESSION_TOKEN").and_then(|token| {
+                    credential_value(token, false, "AWS_SESSION_TOKEN", at, errors)
+                }),
+            }
+        }
+    };
+    (errors.len() == before).then_some(credentials)
+}
+
+/// A credential that can travel in a header (the access key id and session token do). An
+/// empty value is an error when `required`, and none at all otherwise (`${TOKEN:-}` unset).
+fn credential_value(
+    value: String,
+    required: bool,
+    path: &str,
+    at: serde_saphyr::Location,
+    errors: &mut Vec<PolicyError>,
+) -> Option<String> {
+    if value.is_empty() {
+        if required {
+            errors.push(PolicyError::new(path, "is empty").at(at));
+        }
+        return None;
+    }
+    if HeaderValue::from_str(&value).is_err() {
+        errors.push(PolicyError::new(path, "has characters not allowed in a header").at(at));
+        return None;
+    }
+    Some(value)
 }
 
 /// The files a policy is made of: the policy itself and the files it names (keys file, JWT key
@@ -766,7 +939,10 @@ fn compile_targets(
         return None;
     }
     let mixed = all.iter().any(|t| t.upstream.provider != first);
-    if let Some(keyless) = all.iter().find(|t| mixed && t.upstream.keys.is_empty()) {
+    if let Some(keyless) = all
+        .iter()
+        .find(|t| mixed && !t.upstream.has_own_credentials())
+    {
         errors.push(
             PolicyError::new(
                 path,
@@ -845,7 +1021,7 @@ fn compile_auth(
         );
         return None;
     }
-    let keyless = targets.all().find(|t| t.upstream.keys.is_empty());
+    let keyless = targets.all().find(|t| !t.upstream.has_own_credentials());
     if let (true, Some(Target { upstream, .. })) = (auth.mode() != AuthMode::Passthrough, keyless) {
         let why = if declared.is_some() {
             ""

@@ -440,6 +440,141 @@ routes:
         );
     }
 
+    fn compile_with(text: &str, vars: &[(&str, &str)]) -> Result<Policy, Vec<PolicyError>> {
+        let env = |name: &str| {
+            vars.iter()
+                .find(|(var, _)| *var == name)
+                .map(|(_, value)| value.to_string())
+        };
+        compile_text(text, Path::new("test.yaml"), &env, &SharedState::default())
+    }
+
+    const BEDROCK: &str = r#"
+upstreams:
+  bedrock:
+    provider: bedrock
+    region: us-west-2
+    aws: { access_key_id: "${AKID}", secret_access_key: "${SECRET}", session_token: "${TOKEN:-}" }
+  local: { provider: bedrock, region: "${REGION}", base_url: "http://127.0.0.1:9900/base" }
+routes:
+  - { name: bedrock, match: { path_prefix: /bedrock }, upstream: bedrock }
+  - { name: local, match: { path_prefix: /local }, upstream: local }
+tiers:
+  t: {}
+tenants:
+  - { name: a, tier: t, keys: [{ hash: "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad" }] }
+"#;
+
+    #[test]
+    fn bedrock_upstreams_sign_with_policy_or_environment_credentials() {
+        let vars = [
+            ("AKID", "AKIDPOLICY"),
+            ("SECRET", "policy-secret-value"),
+            ("REGION", "eu-central-1"),
+            ("AWS_ACCESS_KEY_ID", "AKIDENVIRONMENT"),
+            ("AWS_SECRET_ACCESS_KEY", "environment-secret-value"),
+            ("AWS_SESSION_TOKEN", "environment-session-token"),
+        ];
+        // `auth: required` (the default with tenants) is fine: Sluice signs with its own
+        // credentials, so no Sluice key can reach the provider.
+        let policy = compile_with(BEDROCK, &vars).unwrap();
+        let bedrock = &policy.upstreams["bedrock"];
+        assert_eq!(
+            (bedrock.tls, bedrock.host.as_str(), bedrock.port),
+            (true, "bedrock-runtime.us-west-2.amazonaws.com", 443)
+        );
+        assert!(bedrock.has_own_credentials());
+        let local = &policy.upstreams["local"];
+        assert_eq!(
+            (local.tls, local.port, local.base_path.as_str()),
+            (false, 9900, "/base")
+        );
+        let debug = format!("{policy:?}");
+        let shown = policy.redacted.to_string();
+        for secret in [
+            "AKIDPOLICY",
+            "policy-secret-value",
+            "AKIDENVIRONMENT",
+            "environment-secret-value",
+            "environment-session-token",
+            "${SECRET}",
+        ] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(debug.contains("eu-central-1"), "{debug}");
+    }
+
+    #[test]
+    fn missing_aws_credentials_are_named() {
+        let errors = compile_with(BEDROCK, &[("AKID", "a"), ("REGION", "us-east-1")]).unwrap_err();
+        let joined: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let joined = joined.join("\n");
+        assert!(
+            joined.contains(
+                "upstreams.bedrock.aws.secret_access_key: environment variable `SECRET` is not set"
+            ),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("upstreams.local: no AWS credentials: give the upstream an `aws:` block (access_key_id, secret_access_key) or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in Sluice's environment"),
+            "{joined}"
+        );
+        let only_secret = compile_with(
+            BEDROCK,
+            &[
+                ("AKID", "a"),
+                ("SECRET", "s"),
+                ("REGION", "us-east-1"),
+                ("AWS_ACCESS_KEY_ID", "a"),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(only_secret.len(), 1, "{only_secret:?}");
+        assert!(only_secret[0]
+            .message
+            .ends_with("set AWS_SECRET_ACCESS_KEY in Sluice's environment"));
+        let block_without_secret = "upstreams:\n  b:\n    provider: bedrock\n    region: us-east-1\n    aws: { access_key_id: a }\n";
+        let errors = compile_with(block_without_secret, &[]).unwrap_err();
+        assert!(
+            errors[0].message.contains("secret_access_key"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn bedrock_fields_are_checked() {
+        let errors = compile_with(
+            r#"
+upstreams:
+  a: { provider: bedrock, keys: ["k"], aws: { access_key_id: a, secret_access_key: "" } }
+  b: { provider: bedrock, region: "US East", aws: { access_key_id: a, secret_access_key: s } }
+  c: { provider: openai, base_url: "https://x", region: us-east-1, aws: { access_key_id: a, secret_access_key: s } }
+  d: { provider: openai }
+routes:
+  - { name: r, match: { path_prefix: / }, upstream: a }
+"#,
+            &[],
+        )
+        .unwrap_err();
+        let joined: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let joined = joined.join("\n");
+        for expected in [
+            "upstreams.a.region: is required for provider bedrock",
+            "upstreams.a.keys: bedrock signs its requests with AWS credentials",
+            "upstreams.a.aws.secret_access_key: is empty",
+            "upstreams.b.region: `US East` is not an AWS region",
+            "upstreams.c.region: applies to provider bedrock only",
+            "upstreams.c.aws: applies to provider bedrock only",
+            "upstreams.d.base_url: is required (only bedrock has a default)",
+        ] {
+            assert!(
+                joined.contains(expected),
+                "missing {expected:?} in:\n{joined}"
+            );
+        }
+    }
+
     #[test]
     fn an_empty_policy_is_an_error() {
         let errors = compile("{}").unwrap_err();

@@ -249,6 +249,9 @@ pub enum ProviderKind {
     AzureOpenai,
     Anthropic,
     OpenaiCompatible,
+    /// Amazon Bedrock runtime (Converse, ConverseStream, InvokeModel,
+    /// InvokeModelWithResponseStream), requests signed with SigV4.
+    Bedrock,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -256,7 +259,9 @@ pub enum ProviderKind {
 pub struct UpstreamSpec {
     pub provider: ProviderKind,
     /// `https://host[:port][/base/path]`; `http://` for local servers. `${VAR}` allowed.
-    pub base_url: Spanned<String>,
+    /// Required, except for bedrock (default `https://bedrock-runtime.{region}.amazonaws.com`).
+    #[serde(default)]
+    pub base_url: Option<Spanned<String>>,
     /// Provider keys: `"${VAR}"`, or `{ key | file, name, weight, models, max_concurrent }`.
     /// With none, the caller's own credential passes through unchanged.
     #[serde(default)]
@@ -288,6 +293,25 @@ pub struct UpstreamSpec {
     /// Azure OpenAI only: model name → deployment name (a model not listed is its own deployment).
     #[serde(default)]
     pub deployments: BTreeMap<String, String>,
+    /// Bedrock only (required there): the AWS region requests are signed for. `${VAR}` allowed.
+    #[serde(default)]
+    pub region: Option<Spanned<String>>,
+    /// Bedrock only: the AWS credentials requests are signed with. Without this block, the
+    /// standard environment variables `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
+    /// `AWS_SESSION_TOKEN` (optional).
+    #[serde(default)]
+    pub aws: Option<Spanned<AwsCredentialsSpec>>,
+}
+
+/// An upstream's AWS credentials; each value may be `${VAR}`, and none is ever shown.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsCredentialsSpec {
+    pub access_key_id: SecretTemplate,
+    pub secret_access_key: SecretTemplate,
+    /// For temporary credentials (STS); `${VAR:-}` leaves it out when the variable is unset.
+    #[serde(default)]
+    pub session_token: Option<SecretTemplate>,
 }
 
 fn default_key_cooldown() -> Duration {

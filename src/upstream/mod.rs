@@ -1,5 +1,6 @@
 //! Upstreams: where a route sends its requests, and how each provider's API is spoken.
 
+mod bedrock;
 pub mod health;
 pub mod keys;
 mod provider;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 
 pub use crate::policy::schema::ProviderKind;
+pub use bedrock::{default_base_url as bedrock_base_url, AwsCredentials, SigV4Signer, SignError};
 use health::{BreakerSettings, RetryBudgetSettings, UpstreamHealth};
 pub use keys::{KeyLease, KeyPool, NoKey, ProviderKey};
 pub use provider::CALLER_CREDENTIAL_HEADERS;
@@ -44,6 +46,8 @@ pub struct Upstream {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub azure: AzureSettings,
+    /// Bedrock: signs every request with the upstream's AWS credentials.
+    pub signer: Option<SigV4Signer>,
     /// Trusted CAs replacing the system store, when the policy names a `tls.ca_file`.
     pub ca: Option<Arc<pingora::protocols::tls::CaType>>,
 }
@@ -65,6 +69,7 @@ impl std::fmt::Debug for Upstream {
             .field("base_path", &self.base_path)
             .field("custom_ca", &self.ca.is_some())
             .field("keys", &self.keys.keys())
+            .field("signer", &self.signer)
             .field(
                 "extra_headers",
                 &self
@@ -95,5 +100,24 @@ impl Upstream {
             HeaderValue::from_str(&format!("{host}:{port}"))
         };
         authority.map_err(|_| InvalidHost)
+    }
+
+    /// Whether Sluice authenticates to this upstream itself (keys, or a signature), so the
+    /// caller's credentials need not reach it.
+    pub fn has_own_credentials(&self) -> bool {
+        !self.keys.is_empty() || self.signer.is_some()
+    }
+
+    /// Signs the request, when the upstream authenticates requests by signature (Bedrock);
+    /// the last change made to a request before it is sent.
+    pub fn sign(
+        &self,
+        request: &mut sluice_filters::RequestHeader,
+        body: &[u8],
+    ) -> Result<(), SignError> {
+        match &self.signer {
+            Some(signer) => signer.sign(request, self.tls, body),
+            None => Ok(()),
+        }
     }
 }

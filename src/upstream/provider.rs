@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use sluice_filters::auth::CredentialHeader;
+use sluice_filters::eventstream;
 use sluice_filters::usage::Dialect;
 use sluice_filters::ErrorKind;
 
@@ -25,6 +26,7 @@ impl ProviderKind {
             ProviderKind::Openai | ProviderKind::OpenaiCompatible => CredentialHeader::Bearer,
             ProviderKind::AzureOpenai => CredentialHeader::ApiKey,
             ProviderKind::Anthropic => CredentialHeader::XApiKey,
+            ProviderKind::Bedrock => CredentialHeader::SigV4,
         }
     }
 
@@ -32,7 +34,10 @@ impl ProviderKind {
     pub fn dialect(self) -> Dialect {
         match self {
             ProviderKind::Anthropic => Dialect::Anthropic,
-            _ => Dialect::OpenAi,
+            ProviderKind::Bedrock => Dialect::Bedrock,
+            ProviderKind::Openai | ProviderKind::AzureOpenai | ProviderKind::OpenaiCompatible => {
+                Dialect::OpenAi
+            }
         }
     }
 
@@ -45,7 +50,10 @@ impl ProviderKind {
             ProviderKind::Openai | ProviderKind::OpenaiCompatible => {
                 HeaderValue::from_str(&format!("Bearer {key}"))
             }
-            ProviderKind::AzureOpenai | ProviderKind::Anthropic => HeaderValue::from_str(key),
+            // Bedrock never gets here: it signs requests, and the policy refuses `keys` on it.
+            ProviderKind::AzureOpenai | ProviderKind::Anthropic | ProviderKind::Bedrock => {
+                HeaderValue::from_str(key)
+            }
         }
         .map_err(|_| InvalidKey)?;
         // Sensitive values print as `Sensitive` in Debug and are never indexed by HPACK.
@@ -61,6 +69,8 @@ impl ProviderKind {
                 "type": "error",
                 "error": { "type": anthropic_error_type(kind), "message": message },
             }),
+            // Bedrock (restJson1): the error's name goes in `x-amzn-ErrorType` (error_header).
+            ProviderKind::Bedrock => serde_json::json!({ "message": message }),
             _ => serde_json::json!({
                 "error": {
                     "message": message,
@@ -73,10 +83,28 @@ impl ProviderKind {
         Bytes::from(body.to_string())
     }
 
-    /// An error as the last event of a server-sent-event stream, in the shape this provider's
-    /// SDKs raise on: OpenAI's `data: {"error": …}`, Anthropic's `event: error`.
+    /// A header an error response of Sluice's own carries besides its body: Bedrock names the
+    /// error in `x-amzn-ErrorType`, where AWS SDKs read it to raise the modelled exception.
+    pub fn error_header(self, kind: ErrorKind) -> Option<(HeaderName, HeaderValue)> {
+        (self == ProviderKind::Bedrock).then(|| {
+            (
+                HeaderName::from_static("x-amzn-errortype"),
+                HeaderValue::from_static(bedrock_error_type(kind)),
+            )
+        })
+    }
+
+    /// An error as the last event of a stream, in the shape this provider's SDKs raise on:
+    /// OpenAI's `data: {"error": …}`, Anthropic's `event: error`, Bedrock's event-stream
+    /// exception message.
     pub fn stream_error_event(self, kind: ErrorKind, message: &str) -> Bytes {
         let body = self.error_body(kind, message);
+        if self == ProviderKind::Bedrock {
+            // Encoding fails only for a payload over 4 GiB or a header over 32 KiB; this one is
+            // a short message and constant headers.
+            return eventstream::exception(bedrock_stream_exception(kind), body)
+                .unwrap_or_default();
+        }
         let body = String::from_utf8_lossy(&body);
         Bytes::from(match self {
             ProviderKind::Anthropic => format!("event: error\ndata: {body}\n\n"),
@@ -161,6 +189,37 @@ fn anthropic_error_type(kind: ErrorKind) -> &'static str {
     }
 }
 
+/// The Bedrock exception an error of this kind is named as (AWS's own names).
+fn bedrock_error_type(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::InvalidRequest | ErrorKind::RequestTooLarge => "ValidationException",
+        ErrorKind::Authentication => "UnrecognizedClientException",
+        ErrorKind::PermissionDenied => "AccessDeniedException",
+        ErrorKind::NotFound => "ResourceNotFoundException",
+        ErrorKind::RateLimited => "ThrottlingException",
+        ErrorKind::UpstreamUnavailable => "ServiceUnavailableException",
+        ErrorKind::UpstreamTimeout => "ModelTimeoutException",
+        ErrorKind::Internal => "InternalServerException",
+    }
+}
+
+/// The member of a Bedrock stream's event union that an error of this kind ends the stream
+/// as: one that both ConverseStream's and InvokeModelWithResponseStream's unions have, since an
+/// SDK raises the modelled exception only for a member of the operation's union.
+fn bedrock_stream_exception(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::RateLimited => "throttlingException",
+        ErrorKind::UpstreamUnavailable => "serviceUnavailableException",
+        ErrorKind::UpstreamTimeout => "modelStreamErrorException",
+        ErrorKind::Internal => "internalServerException",
+        ErrorKind::InvalidRequest
+        | ErrorKind::RequestTooLarge
+        | ErrorKind::Authentication
+        | ErrorKind::PermissionDenied
+        | ErrorKind::NotFound => "validationException",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +241,51 @@ mod tests {
         assert_eq!(anthropic["type"], "error");
         assert_eq!(anthropic["error"]["type"], "timeout_error");
         assert_eq!(anthropic["error"]["message"], "slow");
+    }
+
+    #[test]
+    fn bedrock_errors_are_named_in_a_header_and_end_streams_as_exceptions() {
+        let body: serde_json::Value = serde_json::from_slice(
+            &ProviderKind::Bedrock.error_body(ErrorKind::RateLimited, "slow down"),
+        )
+        .unwrap();
+        assert_eq!(body, serde_json::json!({ "message": "slow down" }));
+        let (name, value) = ProviderKind::Bedrock
+            .error_header(ErrorKind::RateLimited)
+            .unwrap();
+        assert_eq!(
+            (name.as_str(), value.to_str().unwrap()),
+            ("x-amzn-errortype", "ThrottlingException")
+        );
+        assert_eq!(
+            ProviderKind::Bedrock
+                .error_header(ErrorKind::Authentication)
+                .unwrap()
+                .1,
+            "UnrecognizedClientException"
+        );
+        assert!(ProviderKind::Openai
+            .error_header(ErrorKind::RateLimited)
+            .is_none());
+
+        let frame = ProviderKind::Bedrock.stream_error_event(ErrorKind::RateLimited, "cut");
+        let mut messages = Vec::new();
+        eventstream::FrameDecoder::default()
+            .feed(&frame, |m| messages.push(m))
+            .unwrap();
+        let [message] = messages.as_slice() else {
+            panic!("one message: {messages:?}");
+        };
+        assert_eq!(
+            eventstream::header(message, ":message-type"),
+            Some("exception")
+        );
+        assert_eq!(
+            eventstream::header(message, ":exception-type"),
+            Some("throttlingException")
+        );
+        let payload: serde_json::Value = serde_json::from_slice(message.payload()).unwrap();
+        assert_eq!(payload["message"], "cut");
     }
 
     #[test]

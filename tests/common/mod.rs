@@ -223,6 +223,25 @@ routes:
     )
 }
 
+/// The `x-ratelimit-remaining-tokens` a response carries.
+pub async fn remaining_tokens(response: &reqwest::Response) -> u64 {
+    response.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Waits (up to 3 s) until the mock has seen a stream's reader go away: the upstream
+/// generation was dropped.
+pub async fn wait_for_a_cancelled_stream(mock: &MockServer) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while mock.cancelled_streams() == 0 {
+        assert!(Instant::now() < deadline, "upstream stream not cancelled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn chat_body(content: &str, stream: bool) -> serde_json::Value {
     serde_json::json!({
         "model": "gpt-4o-mini",

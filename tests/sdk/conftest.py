@@ -1,5 +1,6 @@
 """Starts the mock provider and the real sidecar for the SDK tests."""
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -16,6 +17,9 @@ SLUICE = os.environ.get("SLUICE_BIN", str(ROOT / "target/debug/sluice"))
 MOCK = os.environ.get("SLUICE_MOCK_BIN", str(ROOT / "target/debug/sluice-mock"))
 SLUICE_KEY = "sk-sluice-sdk-test-key"
 SLUICE_KEY_HASH = "sha256:" + hashlib.sha256(SLUICE_KEY.encode()).hexdigest()
+# The mock's AWS account (mock/src/bedrock.rs): it verifies Sluice's signatures with these.
+MOCK_AWS_ACCESS_KEY_ID = "AKIDSLUICEMOCK000001"
+MOCK_AWS_SECRET_ACCESS_KEY = "mock/Secret+Access/Key/0123456789abcdefgh"
 
 
 def free_port() -> int:
@@ -51,31 +55,21 @@ def mock_url():
         process.wait()
 
 
-@pytest.fixture(scope="session")
-def sidecar(mock_url):
-    """The sidecar with provider keys of its own, so the SDK's key must never reach the mock."""
+def bedrock_upstream(mock_url: str) -> str:
+    """A bedrock upstream on the mock, signing with the mock account's credentials."""
+    return (
+        f'{{ provider: bedrock, region: us-east-1, base_url: "{mock_url}", '
+        f'aws: {{ access_key_id: "{MOCK_AWS_ACCESS_KEY_ID}", '
+        f'secret_access_key: "{MOCK_AWS_SECRET_ACCESS_KEY}" }} }}'
+    )
+
+
+@contextlib.contextmanager
+def running_sidecar(policy_body: str):
+    """The real sidecar on free ports with this policy (upstreams, routes, tenants); yields its
+    proxy URL."""
     proxy, admin = free_port(), free_port()
-    policy = f"""
-listen: {{ proxy: 127.0.0.1:{proxy}, admin: 127.0.0.1:{admin} }}
-upstreams:
-  openai: {{ provider: openai, base_url: "{mock_url}", keys: ["sk-upstream-openai"] }}
-  anthropic: {{ provider: anthropic, base_url: "{mock_url}", keys: ["sk-upstream-anthropic"] }}
-  # A key of its own for the rate-limit test: a 429 rests the key it was sent with.
-  limited: {{ provider: openai, base_url: "{mock_url}", keys: ["sk-upstream-limited"] }}
-routes:
-  - {{ name: limited, match: {{ path_prefix: /limited/openai }}, upstream: limited, auth: passthrough }}
-  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough }}
-  - {{ name: anthropic, match: {{ path_prefix: /anthropic }}, upstream: anthropic, auth: passthrough }}
-  # The same upstreams behind Sluice keys (auth: required is the default with tenants).
-  - {{ name: keyed-openai, match: {{ path_prefix: /keyed/openai }}, upstream: openai }}
-  - {{ name: keyed-anthropic, match: {{ path_prefix: /keyed/anthropic }}, upstream: anthropic }}
-tiers:
-  small: {{ models: ["gpt-4o-mini", "claude-haiku-*"] }}
-tenants:
-  - name: sdk-team
-    tier: small
-    keys: [{{ hash: "{SLUICE_KEY_HASH}" }}]
-"""
+    policy = f"listen: {{ proxy: 127.0.0.1:{proxy}, admin: 127.0.0.1:{admin} }}\n{policy_body}"
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "sluice.yaml"
         path.write_text(policy)
@@ -87,6 +81,36 @@ tenants:
         finally:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def sidecar(mock_url):
+    """The sidecar with provider keys of its own, so the SDK's key must never reach the mock."""
+    policy = f"""
+upstreams:
+  openai: {{ provider: openai, base_url: "{mock_url}", keys: ["sk-upstream-openai"] }}
+  anthropic: {{ provider: anthropic, base_url: "{mock_url}", keys: ["sk-upstream-anthropic"] }}
+  bedrock: {bedrock_upstream(mock_url)}
+  # A key of its own for the rate-limit test: a 429 rests the key it was sent with.
+  limited: {{ provider: openai, base_url: "{mock_url}", keys: ["sk-upstream-limited"] }}
+routes:
+  - {{ name: limited, match: {{ path_prefix: /limited/openai }}, upstream: limited, auth: passthrough }}
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough }}
+  - {{ name: anthropic, match: {{ path_prefix: /anthropic }}, upstream: anthropic, auth: passthrough }}
+  # The same upstreams behind Sluice keys (auth: required is the default with tenants).
+  - {{ name: keyed-openai, match: {{ path_prefix: /keyed/openai }}, upstream: openai }}
+  - {{ name: keyed-anthropic, match: {{ path_prefix: /keyed/anthropic }}, upstream: anthropic }}
+  # Bedrock: boto3 signs with the Sluice key as its access key id; Sluice re-signs.
+  - {{ name: bedrock, match: {{ path_prefix: /bedrock }}, upstream: bedrock }}
+tiers:
+  small: {{ models: ["gpt-4o-mini", "claude-haiku-*", "us.anthropic.claude-haiku-*"] }}
+tenants:
+  - name: sdk-team
+    tier: small
+    keys: [{{ hash: "{SLUICE_KEY_HASH}" }}]
+"""
+    with running_sidecar(policy) as url:
+        yield url
 
 
 @pytest.fixture

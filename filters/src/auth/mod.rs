@@ -96,16 +96,35 @@ pub enum CredentialHeader {
     XApiKey,
     /// `api-key: <key>` (Azure OpenAI).
     ApiKey,
+    /// `Authorization: AWS4-HMAC-SHA256 Credential=<key>/<date>/<region>/<service>/aws4_request, …`
+    /// (AWS SDKs, for Bedrock): the key is the access key id the caller signs with. The
+    /// signature is not checked — the secret it was made with is the caller's own, any value —
+    /// so the key is a bearer credential here as everywhere.
+    SigV4,
 }
 
 impl CredentialHeader {
     pub fn name(self) -> HeaderName {
         match self {
-            CredentialHeader::Bearer => http::header::AUTHORIZATION,
+            CredentialHeader::Bearer | CredentialHeader::SigV4 => http::header::AUTHORIZATION,
             CredentialHeader::XApiKey => HeaderName::from_static("x-api-key"),
             CredentialHeader::ApiKey => HeaderName::from_static("api-key"),
         }
     }
+}
+
+/// The access key id of a SigV4 `Authorization` header.
+fn sigv4_access_key(value: &str) -> Option<&str> {
+    let (algorithm, rest) = value.split_once(' ')?;
+    if algorithm != "AWS4-HMAC-SHA256" {
+        return None;
+    }
+    let credential = rest
+        .split(',')
+        .find_map(|part| part.trim().strip_prefix("Credential="))?;
+    // `<key>/<date>/<region>/<service>/aws4_request`
+    let (key, scope) = credential.split_once('/')?;
+    (scope.split('/').count() == 4).then_some(key)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,11 +224,16 @@ impl Auth {
         if values.next().is_some() {
             return Err(unauthorized(format!("more than one `{name}` header")));
         }
-        let malformed = || match self.credential {
+        let malformed = || {
+            match self.credential {
             CredentialHeader::Bearer => {
                 unauthorized("malformed `authorization` header: expected `Bearer <key>`")
             }
+            CredentialHeader::SigV4 => unauthorized(
+                "malformed `authorization` header: expected an AWS SigV4 signature made with your Sluice key as the access key id",
+            ),
             _ => unauthorized(format!("malformed `{name}` header")),
+        }
         };
         let text = value.to_str().map_err(|_| malformed())?.trim();
         let key = match self.credential {
@@ -218,6 +242,7 @@ impl Auth {
                 Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => key.trim(),
                 _ => return Err(malformed()),
             },
+            CredentialHeader::SigV4 => sigv4_access_key(text).ok_or_else(malformed)?,
             _ => text,
         };
         if key.is_empty() || key.contains(char::is_whitespace) {

@@ -162,6 +162,56 @@ async fn each_provider_uses_its_own_header() {
 }
 
 #[tokio::test]
+async fn aws_sdks_present_the_key_as_their_access_key_id() {
+    let bedrock = keys_auth(CredentialHeader::SigV4);
+    let signed = |key: &str| {
+        format!(
+            "AWS4-HMAC-SHA256 Credential={key}/20260101/us-east-1/bedrock/aws4_request, SignedHeaders=host;x-amz-date, Signature=0123abcd"
+        )
+    };
+    let mut ex = exchange(
+        "openai",
+        &[("authorization", &signed("sk-sluice-good"))],
+        "gpt-4o-mini",
+    );
+    assert_eq!(verdict(&bedrock, &mut ex).await, Ok(()));
+    assert_eq!(ex.tenant.as_deref(), Some("search"));
+
+    let cases: &[(String, &str)] = &[
+        (signed("sk-unknown"), "invalid Sluice key"),
+        (signed("sk-revoked"), "revoked"),
+        ("Bearer sk-sluice-good".into(), "malformed"),
+        (
+            "AWS4-HMAC-SHA256 SignedHeaders=host, Signature=00".into(),
+            "malformed",
+        ),
+        (
+            "AWS4-HMAC-SHA256 Credential=sk-sluice-good, Signature=00".into(),
+            "malformed",
+        ),
+        (
+            "AWS4-ECDSA-P256-SHA256 Credential=sk-sluice-good/20260101/bedrock/aws4_request".into(),
+            "malformed",
+        ),
+        (signed(""), "malformed"),
+    ];
+    for (header, says) in cases {
+        let mut ex = exchange("openai", &[("authorization", header)], "gpt-4o-mini");
+        let (status, message) = verdict(&bedrock, &mut ex).await.unwrap_err();
+        assert_eq!(status, 401, "{header}");
+        assert!(message.contains(says), "{header}: {message}");
+        assert!(!message.contains("sk-"), "the key is echoed: {message}");
+    }
+    // The caller's signature, Sluice key inside, never goes upstream.
+    let mut upstream = RequestHeader::build("POST", b"/", None).unwrap();
+    upstream
+        .insert_header("authorization", signed("sk-sluice-good"))
+        .unwrap();
+    bedrock.on_upstream_request(&ex, &mut upstream);
+    assert!(upstream.headers.get("authorization").is_none());
+}
+
+#[tokio::test]
 async fn the_sluice_key_is_removed_from_the_upstream_request() {
     let auth = keys_auth(CredentialHeader::Bearer);
     let ex = exchange("openai", &[], "m");

@@ -275,6 +275,10 @@ impl Limits {
         ex: &mut Exchange,
     ) -> Option<(String, String)> {
         let rule = limits.downgrade.as_ref()?;
+        if ex.dialect == crate::usage::Dialect::Bedrock {
+            // Bedrock names the model in the path, not the body; its routes are not downgraded.
+            return None;
+        }
         let budget = limits.budget_micros()?;
         let asked = ex.facts.model.clone()?;
         let cheaper = rule.models.get(&asked)?;
@@ -558,7 +562,7 @@ impl Filter for Limits {
         let Some(allowance) = slot.0.stream_allowance else {
             return crate::ChunkVerdict::Pass;
         };
-        let events = memchr::memmem::find_iter(chunk, b"data:").count() as u64;
+        let events = ex.dialect.stream_events_in(chunk);
         let total = slot
             .0
             .streamed_events
@@ -614,11 +618,25 @@ impl Filter for Limits {
 /// (each clone would release once), so it sits behind an `Arc`.
 struct AdmissionSlot(Admission);
 
-/// Rewrites the request's `max_tokens` / `max_completion_tokens` down to `max`.
+/// Rewrites the request's `max_tokens` / `max_completion_tokens` (and Bedrock Converse's
+/// `inferenceConfig.maxTokens`) down to `max`.
 fn clamp_max_tokens(body: &Bytes, max: u64) -> Option<Bytes> {
-    let mut edited: Option<Bytes> = None;
-    for field in ["max_tokens", "max_completion_tokens"] {
+    let mut edited = clamp_fields(body, &["max_tokens", "max_completion_tokens"], max)?;
+    if let Some(span) = json_edit::field_span(edited.as_ref().unwrap_or(body), "inferenceConfig") {
         let current = edited.as_ref().unwrap_or(body);
+        let config = &current[span];
+        if let Some(clamped) = clamp_fields(config, &["maxTokens"], max)?.as_ref() {
+            edited = Some(json_edit::with_field(current, "inferenceConfig", clamped)?);
+        }
+    }
+    edited
+}
+
+/// `object` with each of `fields` above `max` set to `max`: `Some(None)` when none was.
+fn clamp_fields(object: &[u8], fields: &[&str], max: u64) -> Option<Option<Bytes>> {
+    let mut edited: Option<Bytes> = None;
+    for field in fields {
+        let current = edited.as_deref().unwrap_or(object);
         let Some(span) = json_edit::field_span(current, field) else {
             continue;
         };
@@ -631,7 +649,7 @@ fn clamp_max_tokens(body: &Bytes, max: u64) -> Option<Bytes> {
             )?);
         }
     }
-    edited
+    Some(edited)
 }
 
 #[cfg(test)]

@@ -275,6 +275,41 @@ async fn output_caps_reject_or_clamp() {
 }
 
 #[tokio::test]
+async fn bedrock_converse_output_is_clamped_inside_inference_config() {
+    let clamp = limits(|l| {
+        l.max_output_tokens = Some(100);
+        l.over_max_output_tokens = OverMax::Clamp;
+    });
+    let (filter, _) = limits_filter(clamp, None);
+    let request = RequestHeader::build(
+        "POST",
+        b"/bedrock/model/amazon.nova-pro-v1%3A0/converse",
+        None,
+    )
+    .unwrap();
+    let body = r#"{"messages":[],"inferenceConfig": {"temperature":0.5,"maxTokens":900}}"#;
+    let mut ex = Exchange::with_dialect(
+        "r".into(),
+        request,
+        Bytes::from(body),
+        crate::usage::Dialect::Bedrock,
+    );
+    ex.tenant = Some("t".into());
+    ex.tier = Some("free".into());
+    assert_eq!(ex.facts.max_tokens, Some(900));
+    assert!(matches!(
+        filter.on_request(&mut ex).await,
+        Verdict::Continue
+    ));
+    assert_eq!(
+        &ex.body[..],
+        br#"{"messages":[],"inferenceConfig": {"temperature":0.5,"maxTokens":100}}"#
+    );
+    assert_eq!(ex.facts.max_tokens, Some(100));
+    assert_eq!(ex.facts.model.as_deref(), Some("amazon.nova-pro-v1:0"));
+}
+
+#[tokio::test]
 async fn prompt_size_is_capped() {
     let (filter, _) = limits_filter(limits(|l| l.max_input_tokens = Some(10)), None);
     let mut ex = exchange(
