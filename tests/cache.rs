@@ -534,20 +534,12 @@ async fn purges_by_tenant_and_route_and_a_rules_change_purges_the_route() {
         "# a comment changes the hash",
     );
     sidecar.write_policy(&same_rules);
-    wait_for_reload(&sidecar, &hash).await;
+    sidecar.wait_for_reload(&hash).await;
     assert_eq!(call(&sidecar, KEY_B, &body, &[]).await.cache, "hit");
     let hash = sidecar.policy_hash().await;
     sidecar.write_policy(&policy(&mock.url(), "{ ttl: 2h }", NO_LIMITS, ""));
-    wait_for_reload(&sidecar, &hash).await;
+    sidecar.wait_for_reload(&hash).await;
     assert_eq!(call(&sidecar, KEY_B, &body, &[]).await.cache, "miss");
-}
-
-async fn wait_for_reload(sidecar: &Sidecar, before: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sidecar.policy_hash().await == before {
-        assert!(std::time::Instant::now() < deadline, "no reload");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
