@@ -66,6 +66,17 @@ routes:
   # The same upstreams behind Sluice keys (auth: required is the default with tenants).
   - {{ name: keyed-openai, match: {{ path_prefix: /keyed/openai }}, upstream: openai }}
   - {{ name: keyed-anthropic, match: {{ path_prefix: /keyed/anthropic }}, upstream: anthropic }}
+  # The response cache in front of both.
+  - name: cached-openai
+    match: {{ path_prefix: /cached/openai }}
+    upstream: openai
+    auth: passthrough
+    filters: [{{ cache: {{ when: always }} }}]
+  - name: cached-anthropic
+    match: {{ path_prefix: /cached/anthropic }}
+    upstream: anthropic
+    auth: passthrough
+    filters: [{{ cache: {{ when: always }} }}]
 tiers:
   small: {{ models: ["gpt-4o-mini", "claude-haiku-*"] }}
 tenants:
