@@ -100,15 +100,18 @@ impl SharedTier {
         command: &redis::Cmd,
         timeout: Duration,
     ) -> Result<T, SharedError> {
-        let mut connection = self
-            .redis
-            .connection()
+        // The whole call is bounded, connecting included: a caller waits `timeout` at most.
+        let call = async {
+            let mut connection = self
+                .redis
+                .connection()
+                .await
+                .map_err(|e| SharedError::Unavailable(e.to_string()))?;
+            Ok(command.query_async(&mut connection).await?)
+        };
+        tokio::time::timeout(timeout, call)
             .await
-            .map_err(|e| SharedError::Unavailable(e.to_string()))?;
-        match tokio::time::timeout(timeout, command.query_async(&mut connection)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(SharedError::Timeout),
-        }
+            .unwrap_or(Err(SharedError::Timeout))
     }
 
     /// The entry for a key, if another replica stored it; `None` on a miss, and at once while
