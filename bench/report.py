@@ -17,8 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-PATHS = ("direct", "sluice", "nginx")
-LABELS = {"direct": "direct to the mock", "sluice": "through Sluice", "nginx": "through nginx"}
+PATHS = ("direct", "sluice", "nginx", "cache-hit", "cache-miss")
+LABELS = {
+    "direct": "direct to the mock",
+    "sluice": "through Sluice",
+    "nginx": "through nginx",
+    "cache-hit": "Sluice, cache hit",
+    "cache-miss": "Sluice, cache miss (no-cache)",
+}
 
 
 def load(path: Path) -> dict:
@@ -164,7 +170,7 @@ def write(args: argparse.Namespace) -> None:
         busy_note = " — **the machine was not quiet: these figures are skewed; rerun on a quiet machine**"
 
     direct = fixed["direct"]
-    added = {p: (fixed[p]["p50"] - direct["p50"], fixed[p]["p99"] - direct["p99"]) for p in ("sluice", "nginx")}
+    added = {p: (fixed[p]["p50"] - direct["p50"], fixed[p]["p99"] - direct["p99"]) for p in PATHS if p != "direct"}
 
     latency_rows = []
     for p in PATHS:
@@ -196,6 +202,12 @@ def write(args: argparse.Namespace) -> None:
         + (" (n/a: nginx's added latency is not above zero, i.e. within the noise)." if min(n50, n99) <= 0 else "."),
         f"- **Throughput** unthrottled with {args.max_connections} connections: Sluice {s_rps:.0f} req/s, "
         f"nginx {n_rps:.0f} req/s, direct {d_rps:.0f} req/s. Sluice ÷ nginx: {ratio(s_rps, n_rps)}.",
+        f"- **Cache**: a hit is answered in {fixed['cache-hit']['p50']:.0f} µs p50 / {fixed['cache-hit']['p99']:.0f} µs p99 "
+        f"at {args.rate} req/s, against {direct['p50']:.0f} / {direct['p99']:.0f} µs for the direct path to the "
+        f"zero-delay mock and {fixed['cache-miss']['p50']:.0f} / {fixed['cache-miss']['p99']:.0f} µs for a miss "
+        f"(upstream call plus recording and storing). Unthrottled: hits {peak['cache-hit']['ok_rate']:.0f} req/s, "
+        f"misses {peak['cache-miss']['ok_rate']:.0f} req/s (hit ÷ miss {ratio(peak['cache-hit']['ok_rate'], peak['cache-miss']['ok_rate'])}), "
+        f"uncached route {s_rps:.0f} req/s.",
         f"- **Sluice memory**: peak RSS (VmHWM) {memory['hwm_kb'] / 1024:.1f} MiB after the run "
         f"(RSS {memory['idle_kb'] / 1024:.1f} MiB when idle before it).",
     ]
@@ -243,13 +255,17 @@ Compare the paths within a run; absolute numbers move from run to run and machin
 
 - **Upstream**: `sluice-mock` (release build, zero delay, `--no-record`) answering
   `POST /v1/chat/completions` with a small non-streaming JSON completion.
-- **Three paths**, measured one after the other in the same run, against the same mock process:
+- **Five paths**, measured one after the other in the same run, against the same mock process:
   1. direct to the mock;
   2. through Sluice (release build, `server.threads: 2`, one route and no filters beyond the
      defaults: `bench/policy.yaml.tmpl`, log level `warn`);
   3. through nginx {host['nginx'].removeprefix('nginx/')} as the reference reverse proxy
      (`bench/nginx.conf.tmpl`: 2 workers, upstream keepalive 64, HTTP/1.1 to the upstream,
-     no access log, no response buffering).
+     no access log, no response buffering);
+  4. through Sluice's response cache, every request a hit (route `/cached`: `cache: {{ when:
+     always }}`; the entry is stored by a first call before the measurements);
+  5. the same route with `Cache-Control: no-cache` on every request: each one a miss that goes
+     upstream and is recorded and stored (the entry replaced), the most a miss costs.
 - **Load**: {load_text}. Every request is
   `POST` with `content-type: application/json` and the body
   `{args.body}`.
@@ -263,7 +279,7 @@ Compare the paths within a run; absolute numbers move from run to run and machin
   ratios divide Sluice's figure by nginx's. A p99 out of {args.rate * args.duration} requests on a
   shared {host['cpus']}-core machine moves by a few hundred µs from run to run with scheduling: read small or
   negative differences there as noise.
-- **Peak memory** is Sluice's `VmHWM` from `/proc/PID/status` after all three paths ran.
+- **Peak memory** is Sluice's `VmHWM` from `/proc/PID/status` after all five paths ran.
 - **Not like for like**: Sluice reads each request body whole and drives the upstream exchange
   itself (route match, filters, upstream request, response filters chunk by chunk: see README.md,
   "How a request goes through"), while nginx only relays the bytes; nginx shows the least a

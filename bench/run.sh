@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # `make bench`: the mock provider (zero delay) reached three ways in one run — directly, through
-# Sluice, through nginx — with the same load generator, then a table on stdout and BENCHMARKS.md.
+# Sluice, through nginx — with the same load generator, then Sluice's response cache: every
+# request a hit, and every request a miss (`Cache-Control: no-cache`: upstream call, recording
+# and storing); a table on stdout and BENCHMARKS.md.
 #
-# Everything runs on 127.0.0.1, every duration is bounded (about 1.5 minutes after the build), and
+# Everything runs on 127.0.0.1, every duration is bounded (about 2.5 minutes after the build), and
 # every process started here is stopped on exit, failure or Ctrl-C included. Progress goes to
 # stderr, the figures to stdout.
 #
@@ -161,35 +163,54 @@ ready mock "http://127.0.0.1:$mock_port/_mock/health" "$mock_pid"
 ready sluice "http://127.0.0.1:$admin_port/readyz" "$sluice_pid"
 ready nginx "http://127.0.0.1:$nginx_port/mock/_mock/health" "$nginx_pid"
 
+paths=(direct sluice nginx cache-hit cache-miss)
 declare -A urls=(
   [direct]="http://127.0.0.1:$mock_port/v1/chat/completions"
   [sluice]="http://127.0.0.1:$proxy_port/mock/v1/chat/completions"
   [nginx]="http://127.0.0.1:$nginx_port/mock/v1/chat/completions"
+  [cache-hit]="http://127.0.0.1:$proxy_port/cached/v1/chat/completions"
+  [cache-miss]="http://127.0.0.1:$proxy_port/cached/v1/chat/completions"
 )
+# The one header a path adds to every request (none for most).
+declare -A extra_header=([cache-miss]="cache-control: no-cache")
+# curl arguments for a path's extra header.
+header_args() { if [ -n "${extra_header[$1]:-}" ]; then printf '%s\n' -H "${extra_header[$1]}"; fi; }
 # One real call on each path first: a misrouted path would otherwise only show as 0 % success.
-for path in direct sluice nginx; do
-  answer=$(curl -sS --max-time 5 -H 'content-type: application/json' -d "$body" "${urls[$path]}") ||
+# On the cached route it also stores the entry every later cache-hit request is served from.
+for path in "${paths[@]}"; do
+  mapfile -t header < <(header_args "$path")
+  answer=$(curl -sS --max-time 5 -H 'content-type: application/json' "${header[@]}" -d "$body" "${urls[$path]}") ||
     die "$path: the first chat completion failed"
   case $answer in
     *'"chat.completion"'*) ;;
     *) die "$path: unexpected answer to the first chat completion: ${answer:0:300}" ;;
   esac
 done
+# And the cache does what each cache path says it measures.
+for path in cache-hit cache-miss; do
+  mapfile -t header < <(header_args "$path")
+  said=$(curl -sS --max-time 5 -o /dev/null -D - -H 'content-type: application/json' "${header[@]}" \
+    -d "$body" "${urls[$path]}" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-sluice-cache" { print $2 }')
+  want=hit
+  if [ "$path" = cache-miss ]; then want=refresh; fi
+  [ "$said" = "$want" ] || die "$path: expected x-sluice-cache: $want, got '$said'"
+done
 sluice_idle_kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/$sluice_pid/status")
 
 # --- 3. the measurements --------------------------------------------------------------------
-# load NAME URL CONNECTIONS SECONDS [RATE]: one run of the load generator -> $work/NAME.json
+# load NAME URL CONNECTIONS SECONDS [RATE [HEADER]]: one run of the load generator -> $work/NAME.json
 load() {
-  local name=$1 url=$2 conns=$3 secs=$4 qps=${5:-}
+  local name=$1 url=$2 conns=$3 secs=$4 qps=${5:-} header=${6:-}
   local limit=$((secs + 30))   # hard bound on one run, whatever the servers do
   if [ "$tool" = oha ]; then
-    local pace=()
+    local pace=() extra=()
     if [ -n "$qps" ]; then pace=(-q "$qps" --latency-correction); fi
+    if [ -n "$header" ]; then extra=(-H "$header"); fi
     timeout "$limit" oha --no-tui "${oha_json[@]}" -w -t 5s -m POST \
-      -H 'content-type: application/json' -d "$body" \
+      -H 'content-type: application/json' "${extra[@]}" -d "$body" \
       -c "$conns" -z "${secs}s" "${pace[@]}" "$url" >"$work/$name.json"
   else
-    BENCH_BODY=$body BENCH_RATE=$qps BENCH_CONNECTIONS=$conns BENCH_WRK_OUT="$work/$name.json" \
+    BENCH_BODY=$body BENCH_HEADER=$header BENCH_RATE=$qps BENCH_CONNECTIONS=$conns BENCH_WRK_OUT="$work/$name.json" \
       timeout "$limit" wrk -t 2 -c "$conns" -d "${secs}s" --timeout 5s -s bench/wrk.lua "$url" \
       >"$work/$name.txt"
   fi
@@ -198,19 +219,20 @@ load() {
 # CPU use of the whole machine and of this script's process tree, before and after: the report
 # says how much CPU other processes took meanwhile (the bench's figures are only as good as that).
 python3 bench/report.py cpu $$ >"$work/cpu-start.json"
-for path in direct sluice nginx; do
+for path in "${paths[@]}"; do
   url=${urls[$path]}
+  header=${extra_header[$path]:-}
   log "$path: warm-up ${warmup} s"
-  load "$path-warmup" "$url" "$connections" "$warmup"
+  load "$path-warmup" "$url" "$connections" "$warmup" "" "$header"
   log "$path: $rate req/s for ${duration} s, $connections connections"
-  load "$path-fixed" "$url" "$connections" "$duration" "$rate"
+  load "$path-fixed" "$url" "$connections" "$duration" "$rate" "$header"
   log "$path: unthrottled for ${duration} s, $max_connections connections"
-  load "$path-max" "$url" "$max_connections" "$duration"
+  load "$path-max" "$url" "$max_connections" "$duration" "" "$header"
   status=0
   python3 bench/report.py check "$work/$path-max.json" || status=$?
   if [ "$status" -eq 3 ]; then
     log "$path: not every request succeeded; once more with $step_connections connections"
-    load "$path-step" "$url" "$step_connections" "$duration"
+    load "$path-step" "$url" "$step_connections" "$duration" "" "$header"
     python3 bench/report.py check "$work/$path-step.json" || [ $? -eq 3 ]
   elif [ "$status" -ne 0 ]; then
     die "$path: could not read the results"

@@ -1,10 +1,16 @@
 -- Fallback load script for bench/run.sh when oha is not available (wrk from Debian).
--- Environment: BENCH_BODY (request body), BENCH_RATE and BENCH_CONNECTIONS (optional: pace
+-- Environment: BENCH_BODY (request body), BENCH_HEADER (one more header), BENCH_RATE and BENCH_CONNECTIONS (optional: pace
 -- each connection so the whole run approximates that total rate), BENCH_WRK_OUT (where done()
 -- writes a JSON summary that bench/report.py reads).
 wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY")
 wrk.headers["Content-Type"] = "application/json"
+-- BENCH_HEADER (optional): one more header, "name: value".
+local extra = os.getenv("BENCH_HEADER") or ""
+local name, value = extra:match("^([^:]+):%s*(.*)$")
+if name then
+  wrk.headers[name] = value
+end
 
 local rate = tonumber(os.getenv("BENCH_RATE") or "")
 local connections = tonumber(os.getenv("BENCH_CONNECTIONS") or "")

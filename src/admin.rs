@@ -10,6 +10,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
+use sluice_filters::cache::Purge;
 use sluice_filters::limits::OnError;
 
 use crate::policy::{PolicyStore, ReloadOutcome};
@@ -139,6 +140,57 @@ impl AdminApp {
         json!({ "upstreams": upstreams })
     }
 
+    /// `GET /admin/cache`: the cache's size, counters and hit ratio, and the routes that use it.
+    fn cache(&self) -> serde_json::Value {
+        let policy = self.store.current();
+        let routes: Vec<&str> = policy
+            .routes
+            .iter()
+            .filter(|route| route.cache_rules.is_some())
+            .map(|route| &*route.name)
+            .collect();
+        json!({
+            "stats": policy.cache.stats(),
+            "store": policy.cache.config(),
+            "routes": routes,
+        })
+    }
+
+    /// `POST /admin/cache/purge` with `{}` or no body (everything), `{"tenant": "t"}`,
+    /// `{"route": "r"}` or both (the entries of that tenant on that route).
+    async fn purge_cache(&self, body: &[u8]) -> (StatusCode, serde_json::Value) {
+        let purge: Purge = if body.iter().all(u8::is_ascii_whitespace) {
+            Purge::default()
+        } else {
+            match serde_json::from_slice(body) {
+                Ok(purge) => purge,
+                Err(e) => {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        json!({"error": format!("expected {{\"tenant\": …, \"route\": …}} (both optional): {e}")}),
+                    )
+                }
+            }
+        };
+        let policy = self.store.current();
+        let purged = policy.cache.purge(&purge);
+        let shared = match policy.cache.shared() {
+            None => serde_json::Value::Null,
+            Some(tier) => {
+                match tokio::time::timeout(SHARED_PURGE_LIMIT, tier.purge(&purge)).await {
+                    Ok(Ok(deleted)) => json!({"purged": deleted}),
+                    Ok(Err(e)) => json!({"error": e.to_string()}),
+                    Err(_) => json!({"error": "timed out; the purge goes on in Redis' own time"}),
+                }
+            }
+        };
+        tracing::info!(target: "sluice::cache", tenant = ?purge.tenant, route = ?purge.route, purged, "cache purged");
+        (
+            StatusCode::OK,
+            json!({"purged": purged, "shared": shared, "tenant": purge.tenant, "route": purge.route}),
+        )
+    }
+
     fn policy(&self) -> serde_json::Value {
         let policy = self.store.current();
         let loaded_at = humantime::format_rfc3339_seconds(policy.loaded_at).to_string();
@@ -164,28 +216,43 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        // Admin requests carry no meaningful body; drain it so the connection stays usable.
-        let _ = session.drain_request_body().await;
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
-        if (&method, path.as_str()) == (&Method::GET, "/metrics") {
-            let policy = self.store.current();
-            return respond(
-                StatusCode::OK,
-                PROMETHEUS_TEXT,
-                self.store.metrics().render(&policy),
-            );
-        }
+        // Only a purge reads its body; others are drained so the connection stays usable.
+        let request_body = if method == Method::POST && path == "/admin/cache/purge" {
+            match read_small_body(session).await {
+                Ok(body) => body,
+                Err(status) => {
+                    return json_response(
+                        status,
+                        &json!({"error": "request body too large or unreadable"}),
+                    )
+                }
+            }
+        } else {
+            let _ = session.drain_request_body().await;
+            Vec::new()
+        };
         let (status, body) = match (method, path.as_str()) {
+            (Method::GET, "/metrics") => {
+                let policy = self.store.current();
+                return respond(
+                    StatusCode::OK,
+                    PROMETHEUS_TEXT,
+                    self.store.metrics().render(&policy),
+                );
+            }
             (Method::GET, "/healthz") => (StatusCode::OK, json!({"status": "ok"})),
             (Method::GET, "/readyz") => self.readiness(),
             (Method::POST, "/admin/reload") => self.reload().await,
             (Method::GET, "/admin/policy") => (StatusCode::OK, self.policy()),
             (Method::GET, "/admin/upstreams") => (StatusCode::OK, self.upstreams()),
+            (Method::GET, "/admin/cache") => (StatusCode::OK, self.cache()),
+            (Method::POST, "/admin/cache/purge") => self.purge_cache(&request_body).await,
             (
                 _,
                 "/healthz" | "/readyz" | "/metrics" | "/admin/reload" | "/admin/policy"
-                | "/admin/upstreams",
+                | "/admin/upstreams" | "/admin/cache" | "/admin/cache/purge",
             ) => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 json!({"error": "method not allowed"}),
@@ -195,9 +262,16 @@ impl ServeHttp for AdminApp {
                 json!({"error": format!("no admin endpoint {path}")}),
             ),
         };
-        let body = serde_json::to_vec_pretty(&body).unwrap_or_default();
-        respond(status, "application/json", body)
+        json_response(status, &body)
     }
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Vec<u8>> {
+    respond(
+        status,
+        "application/json",
+        serde_json::to_vec_pretty(body).unwrap_or_default(),
+    )
 }
 
 fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -207,4 +281,23 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Ve
         .header(header::CONTENT_LENGTH, body.len())
         .body(body)
         .unwrap_or_default()
+}
+
+/// Largest admin request body read (a purge's JSON).
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+/// How long a purge waits for the shared tier before answering.
+const SHARED_PURGE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn read_small_body(session: &mut ServerSession) -> Result<Vec<u8>, StatusCode> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_ADMIN_BODY => {
+                body.extend_from_slice(&chunk)
+            }
+            Ok(Some(_)) => return Err(StatusCode::PAYLOAD_TOO_LARGE),
+            Ok(None) => return Ok(body),
+            Err(_) => return Err(StatusCode::BAD_REQUEST),
+        }
+    }
 }

@@ -138,24 +138,16 @@ async fn counters_survive_reloads_and_new_limits_apply_to_them() {
     // A reload that leaves the tier's limits as they were keeps the count: one left.
     let before = sidecar.policy_hash().await;
     sidecar.write_policy(&policy(&mock.url(), "{ requests_per_day: 3 }", true));
-    wait_for_reload(&sidecar, &before).await;
+    sidecar.wait_for_reload(&before).await;
     assert_eq!(call(&sidecar, KEY_A, false).await.status(), 200);
     assert_eq!(call(&sidecar, KEY_A, false).await.status(), 429);
     // Raising the limit applies to the usage already counted: 3 used of 5.
     let before = sidecar.policy_hash().await;
     sidecar.write_policy(&policy(&mock.url(), "{ requests_per_day: 5 }", true));
-    wait_for_reload(&sidecar, &before).await;
+    sidecar.wait_for_reload(&before).await;
     assert_eq!(call(&sidecar, KEY_A, false).await.status(), 200);
     assert_eq!(call(&sidecar, KEY_A, false).await.status(), 200);
     assert_eq!(call(&sidecar, KEY_A, false).await.status(), 429);
-}
-
-async fn wait_for_reload(sidecar: &Sidecar, old: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while sidecar.policy_hash().await == old {
-        assert!(std::time::Instant::now() < deadline, "reload not applied");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

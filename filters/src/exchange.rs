@@ -42,6 +42,9 @@ pub struct Exchange {
     /// Response body bytes sent downstream so far.
     pub response_bytes: u64,
     pub outcome: Outcome,
+    /// What the `cache` filter did, on routes that have it. A hit was answered from memory:
+    /// no provider call, no provider tokens (see the limits filter's settlement).
+    pub cache: Option<CacheStatus>,
     /// Per-exchange state a filter keeps for its later phases, by type (e.g. a limits
     /// admission that must be released when the exchange ends, whatever the outcome).
     pub extensions: http::Extensions,
@@ -77,6 +80,7 @@ impl Exchange {
             status: None,
             response_bytes: 0,
             outcome: Outcome::InProgress,
+            cache: None,
             extensions: http::Extensions::new(),
         }
     }
@@ -97,6 +101,30 @@ pub enum Outcome {
     Cut,
     /// The caller went away before the response was complete.
     CallerGone,
+}
+
+/// What the cache did with a request (the `x-sluice-cache` response header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Answered from the cache.
+    Hit,
+    /// Not in the cache: answered upstream, and stored if cacheable.
+    Miss,
+    /// Not cacheable (by policy or `Cache-Control: no-store`): the cache stayed out of it.
+    Bypass,
+    /// `Cache-Control: no-cache`: answered upstream, the entry replaced.
+    Refresh,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Bypass => "bypass",
+            CacheStatus::Refresh => "refresh",
+        }
+    }
 }
 
 /// The kinds of error Sluice itself produces; each provider renders them in its own error shape.

@@ -11,6 +11,7 @@
 //! 5. [`Filter::on_done`] — once, when the exchange is over, whatever its outcome.
 
 pub mod auth;
+pub mod cache;
 mod chain;
 pub mod eventstream;
 mod exchange;
@@ -21,12 +22,13 @@ pub mod limits;
 pub mod metrics;
 pub mod request_id;
 mod spec;
+pub mod units;
 pub mod usage;
 
 pub use chain::{Chain, ChunkVerdict, Filter, Verdict};
-pub use exchange::{ErrorKind, Exchange, LocalResponse, Outcome, Rejection};
+pub use exchange::{CacheStatus, ErrorKind, Exchange, LocalResponse, Outcome, Rejection};
 pub use facts::{BedrockOperation, BodyFacts};
-pub use spec::{FilterSpec, SpecError, Stage};
+pub use spec::{BuildContext, FilterSpec, SpecError, Stage};
 
 /// Re-exported so filters and the process name the same header types.
 pub use pingora_http::{RequestHeader, ResponseHeader};

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::{Cache, CacheConfig, CacheStore, RouteFacts};
 use crate::chain::Filter;
 use crate::request_id::{RequestId, RequestIdConfig};
 
@@ -13,6 +14,14 @@ use crate::request_id::{RequestId, RequestIdConfig};
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum FilterSpec {
     RequestId(RequestIdConfig),
+    Cache(CacheConfig),
+}
+
+/// What a route's filters are built with: state that outlives the policy (handed in by the
+/// process) and facts about the route.
+pub struct BuildContext<'a> {
+    pub cache: &'a Arc<CacheStore>,
+    pub route: RouteFacts,
 }
 
 /// Where a filter must sit in a chain. A chain's stages never go backwards: a request must be
@@ -30,6 +39,8 @@ pub enum Stage {
 pub enum SpecError {
     #[error("invalid header name {name:?}")]
     HeaderName { name: String },
+    #[error("{}", problems.join("; "))]
+    Invalid { problems: Vec<String> },
     #[error("filter `{filter}` is listed twice")]
     Duplicate { filter: &'static str },
     #[error("filter `{later}` ({later_stage:?} stage) must come before `{earlier}` ({earlier_stage:?} stage)")]
@@ -45,19 +56,30 @@ impl FilterSpec {
     pub fn name(&self) -> &'static str {
         match self {
             FilterSpec::RequestId(_) => "request_id",
+            FilterSpec::Cache(_) => "cache",
         }
     }
 
     pub fn stage(&self) -> Stage {
         match self {
             FilterSpec::RequestId(_) => Stage::Identify,
+            FilterSpec::Cache(_) => Stage::Cache,
         }
     }
 
-    /// Builds the filter. State that must outlive a reload is not created here but handed in by
-    /// the process (none yet).
-    pub fn build(&self) -> Result<Arc<dyn Filter>, SpecError> {
+    /// Builds the filter. State that must outlive a reload (the cache's store) is not created
+    /// here but handed in by the process.
+    pub fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Filter>, SpecError> {
         match self {
+            FilterSpec::Cache(config) => {
+                let problems = config.problems(context.cache.config());
+                if !problems.is_empty() {
+                    return Err(SpecError::Invalid { problems });
+                }
+                let cache =
+                    Cache::new(config.clone(), context.cache.clone(), context.route.clone());
+                Ok(Arc::new(cache))
+            }
             FilterSpec::RequestId(config) => RequestId::new(config)
                 .map(|filter| Arc::new(filter) as Arc<dyn Filter>)
                 .map_err(|_| SpecError::HeaderName {
@@ -127,7 +149,27 @@ mod tests {
             header: "bad header".into(),
             trust_incoming: true,
         });
-        assert!(spec.build().is_err());
-        assert!(FilterSpec::defaults()[0].build().is_ok());
+        let store = Arc::new(CacheStore::new(
+            Default::default(),
+            Default::default(),
+            None,
+        ));
+        let context = BuildContext {
+            cache: &store,
+            route: RouteFacts {
+                route: "r".into(),
+                upstream: "u".into(),
+                api: "openai".into(),
+                credential_scoped: false,
+            },
+        };
+        assert!(spec.build(&context).is_err());
+        assert!(FilterSpec::defaults()[0].build(&context).is_ok());
+        let oversized = FilterSpec::Cache(CacheConfig {
+            max_entry: crate::units::ByteSize(1 << 40),
+            ..CacheConfig::default()
+        });
+        let error = oversized.build(&context).err().unwrap().to_string();
+        assert!(error.contains("larger than the store's"), "{error}");
     }
 }

@@ -800,6 +800,8 @@ fn log_exchange(ex: &Exchange) {
         output_tokens = ex.usage.map(|u| u.output_tokens),
         response_bytes = ex.response_bytes,
         outcome = ?ex.outcome,
+        // hit | miss | bypass | refresh: hit durations are the cache's, not the upstream's.
+        cache = ex.cache.map_or("-", |status| status.as_str()),
         duration_ms = ex.started.elapsed().as_secs_f64() * 1000.0,
         request_id = ex.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
     );

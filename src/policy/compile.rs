@@ -13,9 +13,10 @@ use sha2::{Digest, Sha256};
 use sluice_filters::auth::jwt::JwtMaterial;
 use sluice_filters::auth::keys::{KeyHash, KEY_PREFIX};
 use sluice_filters::auth::{Auth, AuthMode, AuthSpec, Directory};
+use sluice_filters::cache::{CacheStore, RouteFacts};
 use sluice_filters::glob::Glob;
 use sluice_filters::limits::{warm_up_tokenizers, Backend, LimitTable, Limits, RedisCounters};
-use sluice_filters::{Chain, Filter, FilterSpec, Stage};
+use sluice_filters::{BuildContext, Chain, Filter, FilterSpec, Stage};
 
 use super::error::PolicyError;
 use super::interpolate::interpolate;
@@ -76,11 +77,13 @@ pub fn compile_text(
 
     let redis = compile_state(&file, env, shared, &mut errors);
     let limits = compile_limits(&file, shared, redis.clone(), &mut errors);
+    let cache = compile_cache_store(&file, redis.as_ref(), shared, &mut errors);
     let context = RouteContext {
         upstreams: &upstreams,
         declared: &file.upstreams,
         directory: &directory,
         limits,
+        cache: &cache,
     };
     let mut routes = Vec::with_capacity(file.routes.len());
     let mut names = HashSet::new();
@@ -123,6 +126,7 @@ pub fn compile_text(
         directory,
         watched,
         redis,
+        cache,
     })
 }
 
@@ -804,6 +808,38 @@ fn compile_limits(
     ))
 }
 
+/// The cache store: the process's, kept across reloads while the top-level `cache` block (and
+/// the Redis connection of its shared tier) stays the same.
+fn compile_cache_store(
+    file: &PolicyFile,
+    redis: Option<&Arc<RedisCounters>>,
+    shared: &SharedState,
+    errors: &mut Vec<PolicyError>,
+) -> Arc<CacheStore> {
+    let config = file
+        .cache
+        .as_ref()
+        .map(|spec| spec.value.clone())
+        .unwrap_or_default();
+    let at = file
+        .cache
+        .as_ref()
+        .map_or(serde_saphyr::Location::UNKNOWN, |spec| spec.referenced);
+    for problem in config.problems() {
+        errors.push(PolicyError::new("cache", problem).at(at));
+    }
+    if config.shared.enabled && file.state.backend != StateBackend::Redis {
+        errors.push(
+            PolicyError::new(
+                "cache.shared.enabled",
+                "the shared tier lives in Redis: it needs `state: { backend: redis, url: … }`",
+            )
+            .at(at),
+        );
+    }
+    shared.cache(&config, redis)
+}
+
 /// The shared Redis counters when `state.backend` is `redis`.
 fn compile_state(
     file: &PolicyFile,
@@ -1266,6 +1302,7 @@ struct RouteContext<'a> {
     directory: &'a Arc<Directory>,
     /// The limits filter, shared by all routes, when the policy sets any limit.
     limits: Option<Arc<dyn Filter>>,
+    cache: &'a Arc<CacheStore>,
 }
 
 fn compile_route(
@@ -1311,14 +1348,36 @@ fn compile_route(
     }
     // Filters run by stage; the ones a route declares keep their order within it.
     let mut staged: Vec<(Stage, Arc<dyn Filter>)> = Vec::with_capacity(specs.len() + 2);
+    // The cache keys a request by its route's first target (whichever target answers).
+    let first = targets.as_ref().and_then(|targets| targets.all().next());
+    let build = BuildContext {
+        cache: context.cache,
+        route: RouteFacts {
+            route: spec.name.as_str().into(),
+            upstream: first.map_or("-", |t| &*t.upstream.name).into(),
+            api: first.map_or("-", |t| t.upstream.provider.as_str()).into(),
+            // A caller's own provider key is part of the key when it reaches the provider.
+            credential_scoped: targets
+                .as_ref()
+                .is_none_or(|targets| targets.all().any(|t| !t.upstream.has_own_credentials())),
+        },
+    };
     for (i, filter) in specs.iter().enumerate() {
-        match filter.build() {
+        match filter.build(&build) {
             Ok(built) => staged.push((filter.stage(), built)),
-            Err(e) => {
-                errors.push(PolicyError::new(format!("{path}.filters[{i}]"), e.to_string()).at(at))
-            }
+            Err(e) => errors.push(
+                PolicyError::new(
+                    format!("{path}.filters[{i}].{}", filter.name()),
+                    e.to_string(),
+                )
+                .at(at),
+            ),
         }
     }
+    let cache_rules = specs.iter().find_map(|filter| match filter {
+        FilterSpec::Cache(rules) => Some(rules.clone()),
+        _ => None,
+    });
     let auth = targets.as_ref().and_then(|targets| {
         compile_auth(spec, path, targets, context.directory, sources, at, errors)
     });
@@ -1350,5 +1409,6 @@ fn compile_route(
         hedge: spec.hedge.map(|hedge| hedge.after),
         max_body: spec.max_body.0,
         chain: Chain::new(filters),
+        cache_rules,
     })
 }

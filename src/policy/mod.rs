@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sluice_filters::auth::Directory;
+use sluice_filters::cache::{CacheConfig, CacheCounters, CacheStore, SharedTier, StoreConfig};
 use sluice_filters::limits::{LimitStore, OnError, RedisCounters};
 use sluice_filters::Chain;
 
@@ -49,6 +50,8 @@ pub struct Policy {
     pub watched: Vec<PathBuf>,
     /// The shared counters, when `state.backend` is `redis`.
     pub redis: Option<Arc<RedisCounters>>,
+    /// The response cache (it outlives the policy: see [`SharedState::cache`]).
+    pub cache: Arc<CacheStore>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +84,9 @@ pub struct Route {
     pub hedge: Option<HedgeAfter>,
     pub max_body: u64,
     pub chain: Chain,
+    /// The route's cache rules, when it has a `cache` filter: a reload that changes them
+    /// purges the route's entries.
+    pub cache_rules: Option<CacheConfig>,
 }
 
 /// Where a route sends, in fallback order.
@@ -254,6 +260,11 @@ pub struct SharedState {
     /// The Redis counters in use, by the settings that made them (a reload that keeps the
     /// settings keeps the connection).
     redis: std::sync::Mutex<Option<(RedisSettings, Arc<RedisCounters>)>>,
+    /// The response cache, by the settings that made it: a reload that keeps the top-level
+    /// `cache` block (and the Redis connection) keeps every entry.
+    cache: std::sync::Mutex<Option<(StoreConfig, Arc<CacheStore>)>>,
+    /// The cache's counters, kept even when the store is rebuilt, so they only go up.
+    pub cache_counters: Arc<CacheCounters>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,6 +295,42 @@ impl SharedState {
         let counters = Arc::new(counters);
         *slot = Some((settings.clone(), counters.clone()));
         Ok(counters)
+    }
+}
+
+impl SharedState {
+    /// The cache store for these settings: the existing one (entries and all) if unchanged.
+    pub fn cache(
+        &self,
+        config: &StoreConfig,
+        redis: Option<&Arc<RedisCounters>>,
+    ) -> Arc<CacheStore> {
+        let mut slot = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let tier_redis = redis.filter(|_| config.shared.enabled);
+        if let Some((current, store)) = slot.as_ref() {
+            let same_redis = match (store.shared(), tier_redis) {
+                (Some(tier), Some(redis)) => tier.uses(redis),
+                (None, None) => true,
+                _ => false,
+            };
+            if current == config && same_redis {
+                return store.clone();
+            }
+        }
+        let shared = tier_redis.map(|redis| {
+            Arc::new(SharedTier::new(
+                redis.clone(),
+                config.shared.read_timeout,
+                self.cache_counters.clone(),
+            ))
+        });
+        let store = Arc::new(CacheStore::new(
+            config.clone(),
+            self.cache_counters.clone(),
+            shared,
+        ));
+        *slot = Some((config.clone(), store.clone()));
+        store
     }
 }
 

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use serde_saphyr::Spanned;
 use sluice_filters::auth::AuthSpec;
+use sluice_filters::cache::StoreConfig as CacheStoreSpec;
 use sluice_filters::limits::{OnError, Price, RequestLimits};
+pub use sluice_filters::units::ByteSize;
 use sluice_filters::FilterSpec;
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -43,6 +45,10 @@ pub struct PolicyFile {
     /// Exact names win; patterns (`claude-*`) are tried in alphabetical order.
     #[serde(default)]
     pub prices: BTreeMap<String, Price>,
+    /// The response cache's store, shared by every route with a `cache` filter (defaults apply
+    /// when absent).
+    #[serde(default)]
+    pub cache: Option<Spanned<CacheStoreSpec>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -252,6 +258,19 @@ pub enum ProviderKind {
     /// Amazon Bedrock runtime (Converse, ConverseStream, InvokeModel,
     /// InvokeModelWithResponseStream), requests signed with SigV4.
     Bedrock,
+}
+
+impl ProviderKind {
+    /// The name the policy writes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::AzureOpenai => "azure_openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::OpenaiCompatible => "openai_compatible",
+            ProviderKind::Bedrock => "bedrock",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -845,71 +864,5 @@ impl<'de> Deserialize<'de> for Duration {
 impl Serialize for Duration {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(&humantime::format_duration(self.0))
-    }
-}
-
-/// A size written as `8MiB`, `512KiB`, `1MB` or a plain number of bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    fn parse(text: &str) -> Option<u64> {
-        let text = text.trim();
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
-        let (digits, unit) = text.split_at(split);
-        let number: u64 = digits.parse().ok()?;
-        let factor: u64 = match unit.trim() {
-            "" | "B" => 1,
-            "KB" | "kB" => 1_000,
-            "MB" => 1_000_000,
-            "GB" => 1_000_000_000,
-            "KiB" => 1 << 10,
-            "MiB" => 1 << 20,
-            "GiB" => 1 << 30,
-            _ => return None,
-        };
-        number.checked_mul(factor)
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        match Raw::deserialize(deserializer)? {
-            Raw::Number(n) => Ok(ByteSize(n)),
-            Raw::Text(text) => ByteSize::parse(&text).map(ByteSize).ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "invalid size {text:?}: use a number of bytes or a unit (KiB, MiB, GiB, KB, MB, GB)"
-                ))
-            }),
-        }
-    }
-}
-
-impl Serialize for ByteSize {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_u64(self.0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(ByteSize::parse("8MiB"), Some(8 << 20));
-        assert_eq!(ByteSize::parse("512 KiB"), Some(512 << 10));
-        assert_eq!(ByteSize::parse("1MB"), Some(1_000_000));
-        assert_eq!(ByteSize::parse("42"), Some(42));
-        assert_eq!(ByteSize::parse("8 parsecs"), None);
-        assert_eq!(ByteSize::parse("MiB"), None);
     }
 }

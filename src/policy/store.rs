@@ -2,6 +2,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use sluice_filters::cache::{CacheConfig, Purge};
 
 use super::{load, Policy, PolicyErrors, SharedState};
 use crate::telemetry::Metrics;
@@ -96,6 +97,7 @@ impl PolicyStore {
                     );
                 }
                 let hash = policy.hash.clone();
+                purge_changed_cache_rules(&active, &policy);
                 tracing::info!(summary = %policy.summary(), "policy reloaded");
                 self.current.store(Arc::new(policy));
                 self.count_reload("applied");
@@ -111,6 +113,41 @@ impl PolicyStore {
                 *last = Some(errors.clone());
                 Err(errors)
             }
+        }
+    }
+}
+
+/// Entries made under a route's old cache rules must not be served under its new ones: a
+/// reload that changes (adds, removes) a route's rules purges that route, here and in the
+/// shared tier.
+fn purge_changed_cache_rules(active: &Policy, next: &Policy) {
+    let rules = |policy: &Policy| -> std::collections::BTreeMap<String, Option<CacheConfig>> {
+        policy
+            .routes
+            .iter()
+            .map(|route| (route.name.to_string(), route.cache_rules.clone()))
+            .collect()
+    };
+    let (before, after) = (rules(active), rules(next));
+    let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    for name in names {
+        let old = before.get(name).cloned().flatten();
+        let new = after.get(name).cloned().flatten();
+        if old == new {
+            continue;
+        }
+        let purge = Purge::route(name);
+        let removed = next.cache.purge(&purge);
+        tracing::info!(target: "sluice::cache", route = %name, removed, "cache rules changed: route purged");
+        if let (Some(shared), Ok(runtime)) =
+            (next.cache.shared(), tokio::runtime::Handle::try_current())
+        {
+            let shared = shared.clone();
+            runtime.spawn(async move {
+                if let Err(e) = shared.purge(&purge).await {
+                    tracing::warn!(target: "sluice::cache", "shared cache purge of route failed: {e}");
+                }
+            });
         }
     }
 }

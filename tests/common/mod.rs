@@ -157,6 +157,15 @@ impl Sidecar {
         Metrics(prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text"))
     }
 
+    /// Waits until the active policy's hash is no longer `before` (a reload was applied).
+    pub async fn wait_for_reload(&self, before: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.policy_hash().await == before {
+            assert!(Instant::now() < deadline, "reload not applied");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn policy_hash(&self) -> String {
         let policy: serde_json::Value = reqwest::get(format!("{}/admin/policy", self.admin))
             .await

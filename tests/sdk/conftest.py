@@ -102,6 +102,17 @@ routes:
   - {{ name: keyed-anthropic, match: {{ path_prefix: /keyed/anthropic }}, upstream: anthropic }}
   # Bedrock: boto3 signs with the Sluice key as its access key id; Sluice re-signs.
   - {{ name: bedrock, match: {{ path_prefix: /bedrock }}, upstream: bedrock }}
+  # The response cache in front of both.
+  - name: cached-openai
+    match: {{ path_prefix: /cached/openai }}
+    upstream: openai
+    auth: passthrough
+    filters: [{{ cache: {{ when: always }} }}]
+  - name: cached-anthropic
+    match: {{ path_prefix: /cached/anthropic }}
+    upstream: anthropic
+    auth: passthrough
+    filters: [{{ cache: {{ when: always }} }}]
 tiers:
   small: {{ models: ["gpt-4o-mini", "claude-haiku-*", "us.anthropic.claude-haiku-*"] }}
 tenants:

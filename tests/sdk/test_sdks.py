@@ -137,3 +137,30 @@ def test_sdks_with_a_sluice_key(sidecar, mock_requests):
         claude.messages.create(model="claude-opus-4", max_tokens=16, messages=[{"role": "user", "content": "x"}])
     for seen in mock_requests():
         assert SLUICE_KEY not in str(seen)
+
+
+def test_cache_hits_look_like_provider_answers_to_the_sdks(sidecar, mock_requests):
+    """A replayed answer — a stream included — reads the same to the SDKs as the original."""
+    client = openai.OpenAI(base_url=f"{sidecar}/cached/openai/v1", api_key="sk-caller", max_retries=0)
+    ask = dict(model="gpt-4o-mini", messages=[{"role": "user", "content": "cache this"}], temperature=0)
+    outcomes, texts = [], []
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(**ask)
+        outcomes.append(raw.headers["x-sluice-cache"])
+        texts.append(raw.parse().choices[0].message.content)
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(**ask, stream=True)
+        outcomes.append(raw.headers["x-sluice-cache"])
+        texts.append("".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices))
+    assert outcomes == ["miss", "hit", "miss", "hit"]
+    assert texts == ["echo: cache this"] * 4
+
+    claude = anthropic.Anthropic(base_url=f"{sidecar}/cached/anthropic", api_key="sk-ant-caller", max_retries=0)
+    replies = []
+    for _ in range(2):
+        with claude.messages.stream(
+            model="claude-haiku-4-5", max_tokens=32, messages=[{"role": "user", "content": "cache claude"}]
+        ) as stream:
+            replies.append(("".join(stream.text_stream), stream.get_final_message().usage.output_tokens))
+    assert replies[0] == replies[1] and replies[0][0] == "echo: cache claude"
+    assert len(mock_requests()) == 3, "each hit was answered without the provider"

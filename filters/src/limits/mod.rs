@@ -588,11 +588,14 @@ impl Filter for Limits {
             return;
         };
         // What was used: the provider's figures; nothing if no successful response came (the
-        // provider charges nothing either); the reservation if one came without figures.
+        // provider charges nothing either) or the cache answered (no provider call; a route
+        // with `charge_hits` puts the original usage on the exchange instead); the reservation
+        // if a success came without figures.
         let succeeded = ex.status.is_some_and(|status| status.is_success());
+        let cache_hit = ex.cache == Some(crate::CacheStatus::Hit);
         let used = match &ex.usage {
             Some(usage) => Some(usage.total()),
-            None if !succeeded => Some(0),
+            None if !succeeded || cache_hit => Some(0),
             None => None,
         };
         let model = ex.served_model.as_deref().or(ex.facts.model.as_deref());

@@ -15,26 +15,11 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct QueueSettings {
     /// Longest time a request waits for capacity before it is refused.
-    #[serde(with = "humantime_text")]
+    #[serde(with = "crate::units::duration_text")]
     pub max_wait: Duration,
     /// Higher goes first.
     #[serde(default)]
     pub priority: u32,
-}
-
-mod humantime_text {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
-    }
-
-    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&humantime::format_duration(*duration))
-    }
 }
 
 type Place = (u32, Reverse<u64>);

@@ -112,6 +112,11 @@ impl RedisCounters {
         })
     }
 
+    /// The key prefix of this deployment (`state.prefix`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
@@ -137,7 +142,8 @@ impl RedisCounters {
         }
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, Unavailable> {
+    /// The multiplexed connection (shared with the cache's shared tier), made on first use.
+    pub(crate) async fn connection(&self) -> Result<ConnectionManager, Unavailable> {
         let mut slot = self.connection.lock().await;
         if let Some(connection) = slot.as_ref() {
             return Ok(connection.clone());
