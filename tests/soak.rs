@@ -37,7 +37,7 @@ fn open_fds(pid: u32) -> usize {
 
 /// One request of the mix: `n` picks streamed or not, and every hundredth a fault.
 async fn one(client: &reqwest::Client, proxy: &str, n: usize) -> Result<(), String> {
-    let stream = n % 3 == 0;
+    let stream = n.is_multiple_of(3);
     let fault = match n % 100 {
         17 => Some("reset-mid-stream"),
         51 => Some("reset-before-head"),
@@ -89,7 +89,7 @@ async fn a_long_run_does_not_grow_or_leak() {
                 let mut n = i * 1000 + 1;
                 while Instant::now() < until {
                     n += 1;
-                    if n % 3 == 0 || n % 100 == 17 || n % 100 == 51 || n % 100 == 83 {
+                    if n.is_multiple_of(3) || n % 100 == 17 || n % 100 == 51 || n % 100 == 83 {
                         continue;
                     }
                     one(&client, &proxy, n).await.unwrap();
