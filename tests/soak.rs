@@ -86,7 +86,7 @@ async fn a_long_run_does_not_grow_or_leak() {
         .map(|i| {
             let (client, proxy, done) = (client.clone(), proxy.clone(), done.clone());
             tokio::spawn(async move {
-                let mut n = i * 1000 + 1;
+                let mut n: usize = i * 1000 + 1;
                 while Instant::now() < until {
                     n += 1;
                     if n.is_multiple_of(3) || n % 100 == 17 || n % 100 == 51 || n % 100 == 83 {
