@@ -1,5 +1,5 @@
 //! Soak: steady load at 70 % of the saturation measured at the start of the run, a third of it
-//! streamed, 1 % of requests with an injected upstream fault. After warm-up, RSS grows by no
+//! streamed, 3 % of requests with an injected upstream fault. After warm-up, RSS grows by no
 //! more than `SLUICE_SOAK_RSS_GROWTH` percent (default 5), open descriptors stay flat, and
 //! nothing panics. Requests without a fault all succeed.
 //!
@@ -35,7 +35,7 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// One request of the mix: `n` picks streamed or not, and every hundredth a fault.
+/// One request of the mix: `n` picks streamed or not (a third), and three in a hundred a fault.
 async fn one(client: &reqwest::Client, proxy: &str, n: usize) -> Result<(), String> {
     let stream = n.is_multiple_of(3);
     let fault = match n % 100 {
