@@ -2,6 +2,7 @@
 
 mod admin;
 mod exchange;
+mod forward;
 mod policy;
 mod server;
 mod telemetry;

@@ -33,6 +33,9 @@ use crate::upstream::{
     bedrock_base_url, AwsCredentials, AzureSettings, KeyPool, ProviderKey, SigV4Signer, Upstream,
 };
 
+mod forward;
+pub use forward::MissingCa;
+
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 pub fn compile_text(
@@ -49,6 +52,11 @@ pub fn compile_text(
     let listen = ListenAddrs {
         proxy: socket_addr(&file.listen.proxy, "listen.proxy", &mut errors),
         admin: socket_addr(&file.listen.admin, "listen.admin", &mut errors),
+        forward: file
+            .listen
+            .forward
+            .as_ref()
+            .map(|addr| socket_addr(addr, "listen.forward", &mut errors)),
     };
     if listen.proxy == listen.admin && listen.proxy.port() != 0 {
         errors.push(
@@ -56,6 +64,19 @@ pub fn compile_text(
                 .at(file.listen.admin.referenced),
         );
     }
+    if let (Some(forward), Some(spec)) = (listen.forward, &file.listen.forward) {
+        if forward.port() != 0 && (forward == listen.proxy || forward == listen.admin) {
+            errors.push(
+                PolicyError::new(
+                    "listen.forward",
+                    "must differ from listen.proxy and listen.admin",
+                )
+                .at(spec.referenced),
+            );
+        }
+    }
+    let resolve = forward::compile_resolve(&file, &mut errors);
+    let forward = forward::compile_forward(&file, shared, &mut sources, &mut errors);
     let server = ServerRuntime {
         threads: file.server.threads,
         drain_timeout: file.server.drain_timeout.0,
@@ -70,7 +91,8 @@ pub fn compile_text(
     for (name, spec) in &file.upstreams {
         let path = format!("upstreams.{name}");
         let upstream = compile_upstream(name, spec, &path, env, shared, &mut sources, &mut errors);
-        if let Some(upstream) = upstream {
+        if let Some(mut upstream) = upstream {
+            upstream.address_override = resolve.get(&upstream.host, upstream.port);
             upstreams.insert(name.clone(), Arc::new(upstream));
         }
     }
@@ -127,6 +149,8 @@ pub fn compile_text(
         watched,
         redis,
         cache,
+        forward,
+        resolve,
     })
 }
 
@@ -448,6 +472,7 @@ fn compile_upstream(
         },
         signer,
         ca,
+        address_override: None,
     })
 }
 
