@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -64,12 +65,27 @@ def bedrock_upstream(mock_url: str) -> str:
     )
 
 
+@dataclass
+class RunningSidecar:
+    proxy: str
+    """The forward listener (HTTPS_PROXY mode), when started with one."""
+    forward: str | None
+    folder: Path
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate the sidecar made at startup (`forward.ca.cert_file`'s default)."""
+        return self.folder / "sluice-ca.pem"
+
+
 @contextlib.contextmanager
-def running_sidecar(policy_body: str):
-    """The real sidecar on free ports with this policy (upstreams, routes, tenants); yields its
-    proxy URL."""
+def started_sidecar(policy_body: str, forward: bool = False):
+    """The real sidecar on free ports with this policy (upstreams, routes, tenants), and the
+    forward listener when asked."""
     proxy, admin = free_port(), free_port()
-    policy = f"listen: {{ proxy: 127.0.0.1:{proxy}, admin: 127.0.0.1:{admin} }}\n{policy_body}"
+    forward_port = free_port() if forward else None
+    forward_listen = f", forward: 127.0.0.1:{forward_port}" if forward else ""
+    policy = f"listen: {{ proxy: 127.0.0.1:{proxy}, admin: 127.0.0.1:{admin}{forward_listen} }}\n{policy_body}"
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "sluice.yaml"
         path.write_text(policy)
@@ -77,10 +93,21 @@ def running_sidecar(policy_body: str):
         process = subprocess.Popen([SLUICE, "run", "-c", str(path)], env=env)
         try:
             wait_http(f"http://127.0.0.1:{admin}/readyz")
-            yield f"http://127.0.0.1:{proxy}"
+            yield RunningSidecar(
+                proxy=f"http://127.0.0.1:{proxy}",
+                forward=f"http://127.0.0.1:{forward_port}" if forward else None,
+                folder=Path(folder),
+            )
         finally:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def running_sidecar(policy_body: str):
+    """The real sidecar on free ports with this policy; yields its proxy URL."""
+    with started_sidecar(policy_body) as running:
+        yield running.proxy
 
 
 @pytest.fixture(scope="session")
@@ -124,8 +151,7 @@ tenants:
         yield url
 
 
-@pytest.fixture
-def mock_requests(mock_url):
+def recorded_requests(mock_url: str):
     """Clears the mock's record, then returns a function that reads it."""
     urllib.request.urlopen(urllib.request.Request(f"{mock_url}/_mock/requests", method="DELETE"))
 
@@ -136,3 +162,58 @@ def mock_requests(mock_url):
             return json.load(response)
 
     return read
+
+
+@pytest.fixture
+def mock_requests(mock_url):
+    """Clears the mock's record, then returns a function that reads it."""
+    return recorded_requests(mock_url)
+
+
+def make_certificates(folder: Path, names: list[str]) -> None:
+    """A test CA (ca.pem) and a certificate for `names` signed by it (leaf.pem, leaf.key), made
+    with the openssl CLI as tests/common does for the Rust tests."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Sluice SDK Test CA")
+    openssl("req", *ec, "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", f"/CN={names[0]}")
+    (folder / "ext").write_text("subjectAltName=" + ",".join(f"DNS:{name}" for name in names) + "\n")
+    openssl("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "leaf.pem", "-days", "2", "-extfile", "ext")
+
+
+@dataclass
+class HttpsMock:
+    """The mock provider serving HTTPS as the providers' real names (through Sluice's
+    `resolve`), and plain HTTP for the tests' look at what it received."""
+    url: str
+    tls_port: int
+    ca_file: Path
+
+
+@pytest.fixture(scope="session")
+def https_mock(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("https-mock")
+    make_certificates(folder, ["api.openai.com", "api.anthropic.com"])
+    port, tls_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [MOCK, "--listen", f"127.0.0.1:{port}", "--tls-listen", f"127.0.0.1:{tls_port}",
+         "--tls-cert", str(folder / "leaf.pem"), "--tls-key", str(folder / "leaf.key")],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/_mock/health")
+        yield HttpsMock(url=url, tls_port=tls_port, ca_file=folder / "ca.pem")
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def https_mock_requests(https_mock):
+    """As `mock_requests`, for the HTTPS mock."""
+    return recorded_requests(https_mock.url)
