@@ -7,15 +7,15 @@ VENV      := .venv
 # together keeps dependency features identical, so none of them rebuilds the others' work.
 RELEASE   := $(CARGO) build --release -p sluice -p sluice-mock
 
-.PHONY: run test deps build release lint unit sdk demo bench check fmt clean
+.PHONY: run test deps build release lint unit sdk manifests demo bench check fmt clean
 
 ## run: build (release) and start the sidecar with $(POLICY), state in memory.
 run: deps
 	$(RELEASE)
 	./target/release/sluice run -c $(POLICY)
 
-## test: install what is missing, then lint, unit/integration tests and SDK tests.
-test: deps lint unit sdk
+## test: install what is missing, then lint, unit/integration tests, SDK tests and manifests.
+test: deps lint unit sdk manifests
 
 ## deps: install missing system packages, Rust components and the Python venv.
 deps:
@@ -32,6 +32,12 @@ unit:
 sdk:
 	$(CARGO) build --workspace --bins
 	$(VENV)/bin/python -m pytest -q tests/sdk
+
+## manifests: render deploy/kubernetes (base, overlays) and check it without a cluster:
+## Kubernetes schemas, references, `sluice check` on its policies, and deploy/Dockerfile.
+manifests:
+	$(CARGO) build --workspace --bins
+	$(VENV)/bin/python deploy/kubernetes/validate.py target/debug/sluice
 
 ## check: validate a policy file (POLICY=...).
 check:
