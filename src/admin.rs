@@ -15,6 +15,8 @@ use sluice_filters::limits::OnError;
 
 use crate::policy::{PolicyStore, ReloadOutcome};
 use crate::telemetry::rolling::now_ms;
+use crate::telemetry::sla::Judgement;
+use crate::telemetry::stats::Series;
 use crate::upstream::health::CircuitState;
 
 pub struct AdminApp {
@@ -79,6 +81,51 @@ impl AdminApp {
             StatusCode::OK,
             json!({"status": "ready", "policy_hash": policy.hash, "limits_store": limits_store}),
         )
+    }
+
+    /// Rolling percentiles and success rates per route and upstream, and the SLA rules' state.
+    fn stats(&self) -> serde_json::Value {
+        let policy = self.store.current();
+        let windows = &policy.telemetry.stats_windows;
+        let by_window = |series: &Series| {
+            let mut out = serde_json::Map::new();
+            for window in windows {
+                if let Some(summary) = series.summary(*window) {
+                    let name = humantime::format_duration(*window).to_string();
+                    out.insert(name, json!(summary));
+                }
+            }
+            serde_json::Value::Object(out)
+        };
+        let routes: serde_json::Map<String, serde_json::Value> = policy
+            .routes
+            .iter()
+            .map(|route| (route.name.to_string(), by_window(&route.stats)))
+            .collect();
+        let upstreams: serde_json::Map<String, serde_json::Value> = policy
+            .upstreams
+            .values()
+            .map(|upstream| (upstream.name.to_string(), by_window(&upstream.stats)))
+            .collect();
+        let sla: Vec<serde_json::Value> = policy
+            .sla
+            .iter()
+            .map(|rule| {
+                let (state, reasons) = match rule.judge() {
+                    Judgement::Unjudged => ("unjudged", Vec::new()),
+                    Judgement::Met => ("met", Vec::new()),
+                    Judgement::Broken(reasons) => ("broken", reasons),
+                };
+                json!({
+                    "name": &*rule.name,
+                    "subject": rule.subject,
+                    "window": humantime::format_duration(rule.window).to_string(),
+                    "state": state,
+                    "reasons": reasons,
+                })
+            })
+            .collect();
+        json!({ "routes": routes, "upstreams": upstreams, "sla": sla })
     }
 
     /// Every upstream's circuit, latency and keys (by name; never their values).
@@ -247,12 +294,13 @@ impl ServeHttp for AdminApp {
             (Method::POST, "/admin/reload") => self.reload().await,
             (Method::GET, "/admin/policy") => (StatusCode::OK, self.policy()),
             (Method::GET, "/admin/upstreams") => (StatusCode::OK, self.upstreams()),
+            (Method::GET, "/admin/stats") => (StatusCode::OK, self.stats()),
             (Method::GET, "/admin/cache") => (StatusCode::OK, self.cache()),
             (Method::POST, "/admin/cache/purge") => self.purge_cache(&request_body).await,
             (
                 _,
                 "/healthz" | "/readyz" | "/metrics" | "/admin/reload" | "/admin/policy"
-                | "/admin/upstreams" | "/admin/cache" | "/admin/cache/purge",
+                | "/admin/upstreams" | "/admin/stats" | "/admin/cache" | "/admin/cache/purge",
             ) => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 json!({"error": "method not allowed"}),

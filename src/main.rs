@@ -106,18 +106,26 @@ fn main() -> ExitCode {
 
 /// Logs go to stderr through a writer thread, so a request never waits on a log write (lines are
 /// dropped rather than block if the writer falls far behind).
+///
+/// Other crates' debug and trace events are never written, whatever `SLUICE_LOG` says: some of
+/// them (Pingora's request dumps, HTTP clients') print whole header maps, credentials included.
 fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{filter, fmt, EnvFilter, Layer};
+    let wanted = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let safe = filter::filter_fn(|meta| {
+        meta.target().starts_with("sluice") || *meta.level() <= tracing::Level::INFO
+    });
     let json = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f == "json");
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    if json {
-        builder.json().init();
+    let layer = if json {
+        fmt::layer().json().with_writer(writer).boxed()
     } else {
-        builder.with_ansi(false).init();
-    }
+        fmt::layer().with_ansi(false).with_writer(writer).boxed()
+    };
+    tracing_subscriber::registry()
+        .with(layer.with_filter(wanted).with_filter(safe))
+        .init();
     guard
 }

@@ -22,6 +22,8 @@ use crate::forward::ForwardApp;
 use crate::policy::{
     self, MissingCa, PolicyError, PolicyErrors, PolicyStore, PolicyWatcher, SharedState,
 };
+use crate::telemetry::sla::SlaMonitor;
+use crate::telemetry::traces::Tracer;
 
 /// Starts the sidecar and serves until a signal ends it; never returns on success.
 pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
@@ -49,6 +51,21 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let conf = server.configuration.clone();
+    // After bootstrap: the exporter runs on a thread of its own, which a fork would lose.
+    let tracer = match &store.current().telemetry.otlp {
+        Some(settings) => {
+            let counters = store.metrics().spans.clone();
+            match Tracer::start(settings, counters) {
+                Ok(tracer) => tracer,
+                Err(e) => {
+                    tracing::error!("tracing off: {e}");
+                    Tracer::default()
+                }
+            }
+        }
+        None => Tracer::default(),
+    };
+    let _ = store.shared().tracer.set(tracer.clone());
 
     let proxy = SluiceProxy::new(store.clone(), inflight.clone(), settings.upstream_pool_size);
     let mut server_options = HttpServerOptions::default();
@@ -80,11 +97,19 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
     server.add_service(admin);
     server.add_service(background_service(
         "policy watcher",
-        PolicyWatcher::new(store),
+        PolicyWatcher::new(store.clone()),
+    ));
+    server.add_service(background_service(
+        "sla monitor",
+        SlaMonitor::new(store.clone()),
     ));
     server.add_service(background_service(
         "drain monitor",
-        DrainMonitor { inflight, draining },
+        DrainMonitor {
+            inflight,
+            draining,
+            tracer,
+        },
     ));
     tracing::info!(proxy = %listen.proxy, forward = ?listen.forward, admin = %listen.admin, "sluice listening");
     server.run_forever();
@@ -95,6 +120,8 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
 struct DrainMonitor {
     inflight: Arc<Inflight>,
     draining: Arc<AtomicBool>,
+    /// Spans still queued are sent before the process exits.
+    tracer: Tracer,
 }
 
 #[async_trait]
@@ -112,6 +139,7 @@ impl BackgroundService for DrainMonitor {
         loop {
             if self.inflight.count() == 0 {
                 tracing::info!("drained; exiting");
+                self.tracer.flush();
                 // Give the log writer thread a moment to write the last access lines.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 std::process::exit(0);

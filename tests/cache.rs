@@ -165,6 +165,17 @@ async fn two_tenants_with_identical_prompts_never_get_each_others_answers() {
     );
     assert_eq!(stats["entries"], 2);
     assert!((stats["hit_ratio"].as_f64().unwrap() - 0.6).abs() < 1e-9);
+
+    // The same figures at /metrics, and a second scrape does not count them twice.
+    for _ in 0..2 {
+        let metrics = sidecar.metrics().await;
+        let lookups = |result| metrics.value("sluice_cache_lookups_total", &[("result", result)]);
+        assert_eq!((lookups("hit"), lookups("miss")), (Some(3.0), Some(2.0)));
+        assert_eq!(metrics.value("sluice_cache_entries", &[]), Some(2.0));
+        assert!(metrics.value("sluice_cache_bytes", &[]) > Some(0.0));
+        let hits = |cache| metrics.value("sluice_requests_total", &[("cache", cache)]);
+        assert_eq!(hits("hit"), Some(3.0));
+    }
 }
 
 /// The body of a streamed response, as bytes received.

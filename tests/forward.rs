@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -402,24 +400,11 @@ async fn other_hosts_are_tunnelled_untouched_when_the_policy_says_so() {
         .any(|(name, _)| name.starts_with("proxy-")));
 }
 
-/// A listener that counts the connections it is offered: the proof that nothing dialled it.
-async fn sinkhole() -> (u16, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen = Arc::new(AtomicUsize::new(0));
-    let counter = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((_stream, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-        }
-    });
-    (port, seen)
-}
-
 #[tokio::test]
 async fn forbidden_targets_are_refused_and_never_dialled() {
     let provider = TlsMock::start(&MOCK_NAMES).await;
-    let (sink, connections) = sinkhole().await;
+    let sinkhole = Sinkhole::start().await;
+    let sink = sinkhole.addr.port();
     // `localhost` is allowed by name, but resolves to loopback, which the policy did not name.
     let forward = format!(
         "forward:\n  tunnel: {{ hosts: [tunnel.example, localhost, \"*.public.example\"], ports: [80, 443, {sink}] }}\n"
@@ -489,23 +474,20 @@ async fn forbidden_targets_are_refused_and_never_dialled() {
         "{answer}"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        connections.load(Ordering::SeqCst),
-        0,
-        "a refused target was dialled"
-    );
+    assert_eq!(sinkhole.accepted(), 0, "a refused target was dialled");
 
     // The sinkhole does see a tunnel the policy allows (`tunnel.example` is named in `resolve`).
     let request = format!("CONNECT tunnel.example:{sink} HTTP/1.1\r\nHost: x\r\n\r\n");
     let answer = raw_exchange(listener, request.as_bytes(), Duration::from_millis(500)).await;
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
-    assert_eq!(connections.load(Ordering::SeqCst), 1);
+    assert_eq!(sinkhole.accepted(), 1);
 }
 
 #[tokio::test]
 async fn without_tunnel_rules_other_hosts_are_refused() {
     let provider = TlsMock::start(&MOCK_NAMES).await;
-    let (sink, connections) = sinkhole().await;
+    let sinkhole = Sinkhole::start().await;
+    let sink = sinkhole.addr.port();
     // `tunnel.example` resolves to the sinkhole, but no tunnel rule lets it through.
     let policy = policy(&provider, "{ requests_per_minute: 1000 }", "").replace(
         "tunnel.example: \"127.0.0.1\"",
@@ -520,7 +502,7 @@ async fn without_tunnel_rules_other_hosts_are_refused() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(connections.load(Ordering::SeqCst), 0);
+    assert_eq!(sinkhole.accepted(), 0);
 }
 
 /// A test CA's certificate and key (PEM), made by openssl as a platform team's would be.

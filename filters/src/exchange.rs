@@ -1,5 +1,5 @@
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
@@ -29,7 +29,10 @@ pub struct Exchange {
     /// Set by the `auth` filter: who is calling, and the tier that decides what they may do.
     pub tenant: Option<Arc<str>>,
     pub tier: Option<Arc<str>>,
+    /// When the request arrived (before its body was read).
     pub started: Instant,
+    /// When the later steps happened: latency metrics, `server-timing` and spans read them.
+    pub timings: Timings,
     /// The upstream that served the response, once one did.
     pub upstream: Option<Arc<str>>,
     /// The model that upstream was asked for (a fallback target may map the caller's to
@@ -74,6 +77,7 @@ impl Exchange {
             tenant: None,
             tier: None,
             started: Instant::now(),
+            timings: Timings::default(),
             upstream: None,
             served_model: None,
             attempts: 0,
@@ -83,6 +87,50 @@ impl Exchange {
             cache: None,
             extensions: http::Extensions::new(),
         }
+    }
+}
+
+/// When the steps of an exchange happened, beyond its start.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Timings {
+    /// Time spent waiting in a limits queue (set by the limits filter).
+    pub queued: Duration,
+    /// The first upstream attempt went out.
+    pub upstream_start: Option<Instant>,
+    /// The chosen attempt's response head arrived.
+    pub upstream_head: Option<Instant>,
+    /// The response head went to the caller.
+    pub head_sent: Option<Instant>,
+    /// The first and latest streamed events that carried content (text, tool arguments).
+    pub first_content: Option<Instant>,
+    pub last_content: Option<Instant>,
+    pub content_events: u32,
+    /// The chosen attempt's connection: reused from the pool, or new (and how long it took).
+    pub connection_reused: Option<bool>,
+    pub connect: Option<Duration>,
+}
+
+impl Timings {
+    /// Sluice's own share of the time to the response head: before the first attempt (the
+    /// queue excepted) and between the upstream's head and the caller's. For an answer made
+    /// without the upstream, everything up to the head.
+    pub fn overhead(&self, started: Instant) -> Option<Duration> {
+        let head_sent = self.head_sent?;
+        let own = match (self.upstream_start, self.upstream_head) {
+            (Some(start), Some(head)) => {
+                start.saturating_duration_since(started) + head_sent.saturating_duration_since(head)
+            }
+            _ => head_sent.saturating_duration_since(started),
+        };
+        Some(own.saturating_sub(self.queued))
+    }
+
+    /// From the first attempt to the chosen attempt's head (retries and backoff included).
+    pub fn upstream(&self) -> Option<Duration> {
+        Some(
+            self.upstream_head?
+                .saturating_duration_since(self.upstream_start?),
+        )
     }
 }
 

@@ -26,7 +26,7 @@ pub mod units;
 pub mod usage;
 
 pub use chain::{Chain, ChunkVerdict, Filter, Verdict};
-pub use exchange::{CacheStatus, ErrorKind, Exchange, LocalResponse, Outcome, Rejection};
+pub use exchange::{CacheStatus, ErrorKind, Exchange, LocalResponse, Outcome, Rejection, Timings};
 pub use facts::{BedrockOperation, BodyFacts};
 pub use spec::{BuildContext, FilterSpec, SpecError, Stage};
 

@@ -36,6 +36,30 @@ impl Dialect {
     }
 }
 
+/// The JSON string fields that carry generated content in stream events: OpenAI's delta
+/// `content` and tool-call `arguments`, Anthropic's `text_delta`, `input_json_delta` and
+/// `thinking_delta`, Bedrock's `text`.
+const CONTENT_FIELDS: [&[u8]; 5] = [
+    b"\"content\":\"",
+    b"\"arguments\":\"",
+    b"\"text\":\"",
+    b"\"partial_json\":\"",
+    b"\"thinking\":\"",
+];
+
+/// Whether a streamed chunk carries generated content: one of the content fields with a
+/// non-empty value (a role-only first event or an empty delta is not a token yet). For time
+/// to first token and the gaps between tokens; a field split across chunks may be missed.
+pub fn carries_content(chunk: &[u8]) -> bool {
+    CONTENT_FIELDS.iter().any(|field| {
+        memchr::memmem::find_iter(chunk, field).any(|at| {
+            chunk
+                .get(at + field.len())
+                .is_some_and(|next| *next != b'"')
+        })
+    })
+}
+
 /// Bedrock's InvokeModel reports its usage in these response headers.
 const BEDROCK_INPUT_TOKENS: &str = "x-amzn-bedrock-input-token-count";
 const BEDROCK_OUTPUT_TOKENS: &str = "x-amzn-bedrock-output-token-count";
@@ -343,6 +367,24 @@ pub fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_is_told_from_empty_deltas() {
+        assert!(!carries_content(
+            br#"data: {"choices":[{"delta":{"role":"assistant","content":""}}]}"#
+        ));
+        assert!(carries_content(
+            br#"data: {"choices":[{"delta":{"content":"Hel"}}]}"#
+        ));
+        assert!(carries_content(
+            br#"data: {"type":"content_block_delta","delta":{"type":"text_delta","text":"Hi"}}"#
+        ));
+        assert!(carries_content(
+            br#"data: {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"a"}}]}}]}"#
+        ));
+        assert!(!carries_content(br#"data: {"type":"message_stop"}"#));
+        assert!(!carries_content(b"data: [DONE]"));
+    }
 
     fn feed_all(meter: &mut UsageMeter, chunks: &[&str]) -> String {
         let mut out = String::new();

@@ -23,10 +23,14 @@ use super::headers;
 use crate::policy::schema::{HedgeAfter, RetryOn};
 use crate::policy::{Route, Target};
 use crate::telemetry::rolling::now_ms;
+use crate::telemetry::stats::Sample;
+use crate::telemetry::traces::{Span, Tracer};
 use crate::telemetry::Metrics;
 use crate::upstream::health::Permit;
 use crate::upstream::keys::backoff_asked;
 use crate::upstream::{KeyLease, NoKey, Resolver, Upstream};
+use opentelemetry::trace::{Span as _, SpanContext, Status};
+use opentelemetry::KeyValue;
 
 /// How long an idle upstream connection stays in the pool.
 pub const POOL_IDLE: Duration = Duration::from_secs(60);
@@ -45,12 +49,19 @@ pub struct Launched<'r> {
     pub model: Option<Arc<str>>,
     pub hedge: bool,
     pub started: Instant,
+    /// Its client span, when the request is traced; ends when this is dropped.
+    pub span: Option<Span>,
 }
 
 /// An attempt that got a response head.
 pub struct Answered {
     pub session: HttpSession,
     pub peer: HttpPeer,
+    /// When the head arrived.
+    pub head_at: Instant,
+    /// Whether the connection came from the pool; if not, how long opening it took.
+    pub reused: bool,
+    pub connect: Duration,
 }
 
 /// How an attempt failed before any response head.
@@ -77,6 +88,8 @@ pub struct Plan<'r> {
     pub made: u32,
     /// Why targets could not be tried, for the answer if none could.
     unavailable: Option<Unavailable>,
+    /// The request's span, parent of every attempt's.
+    pub trace: Option<SpanContext>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -111,6 +124,7 @@ impl<'r> Plan<'r> {
             round: 0,
             made: 0,
             unavailable: None,
+            trace: None,
         }
     }
 
@@ -146,6 +160,7 @@ impl<'r> Plan<'r> {
                                 model,
                                 hedge: false,
                                 started: Instant::now(),
+                                span: None,
                             })
                         }
                         // The permit is dropped unused: the upstream was not asked.
@@ -309,6 +324,7 @@ pub fn build_request(
     route: &Route,
     ex: &Exchange,
     launched: &Launched,
+    tracer: &Tracer,
 ) -> Result<(RequestHeader, Bytes), Rejection> {
     let upstream = &launched.target.upstream;
     let body = match (&launched.target.model, ex.facts.model.as_deref()) {
@@ -360,6 +376,10 @@ pub fn build_request(
         if !request.headers.contains_key("anthropic-version") {
             let _ = request.insert_header("anthropic-version", version.clone());
         }
+    }
+    // The caller's trace continues through this attempt's span.
+    if let Some(span) = &launched.span {
+        tracer.inject(span.span_context(), &mut request);
     }
     // Filters first, Sluice's own credentials last: no filter can remove or replace them.
     route.chain.on_upstream_request(ex, &mut request);
@@ -428,10 +448,12 @@ async fn send_untimed(
     let mut fresh_retry = true;
     let mut request = Some(request);
     loop {
+        let asked = Instant::now();
         let (mut session, reused) = connector
             .get_http_session(&peer)
             .await
             .map_err(|e| AttemptError::Connect(e.etype().as_str().to_owned()))?;
+        let connect = asked.elapsed();
         // Keep a copy only when a retry is possible.
         let head = if reused && fresh_retry {
             request.clone()
@@ -444,7 +466,15 @@ async fn send_untimed(
             Err(e) => Err(e),
         };
         match answered {
-            Ok(()) => return Ok(Answered { session, peer }),
+            Ok(()) => {
+                return Ok(Answered {
+                    session,
+                    peer,
+                    head_at: Instant::now(),
+                    reused,
+                    connect,
+                })
+            }
             Err(_) if reused && fresh_retry => fresh_retry = false,
             Err(e) => return Err(AttemptError::Broken(e.etype().as_str().to_owned())),
         }
@@ -509,6 +539,15 @@ pub fn judge(
             };
             count(outcome);
             tracing::info!(upstream = %upstream.name, key = key_name, route = %plan.route.name, "attempt failed: {error}");
+            upstream.stats.record(Sample {
+                first_byte: None,
+                total: elapsed,
+                failed: true,
+            });
+            if let Some(span) = launched.span.as_mut() {
+                span.set_attribute(KeyValue::new("error.type", outcome));
+                span.set_status(Status::error(error.to_string()));
+            }
             fail_circuits(launched, metrics);
             let failure = Failure {
                 key_specific: false,
@@ -523,6 +562,31 @@ pub fn judge(
     };
     upstream.health.first_byte.record(elapsed, now_ms());
     let status = head.status.as_u16();
+    upstream.stats.record(Sample {
+        first_byte: Some(elapsed),
+        total: elapsed,
+        failed: status >= 500,
+    });
+    upstream.first_byte_seconds.observe(elapsed.as_secs_f64());
+    let reused = if answered.reused { "true" } else { "false" };
+    metrics
+        .upstream_connections
+        .with_label_values(&[&upstream.name, reused])
+        .inc();
+    if !answered.reused {
+        upstream
+            .connect_seconds
+            .observe(answered.connect.as_secs_f64());
+    }
+    if let Some(span) = launched.span.as_mut() {
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+        if status >= 400 {
+            span.set_status(Status::error(format!("HTTP {status}")));
+        }
+    }
     let judged = match status {
         429 => {
             count("rate_limited");

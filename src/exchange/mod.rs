@@ -7,9 +7,10 @@
 mod attempts;
 mod headers;
 mod inflight;
+mod record;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -23,13 +24,16 @@ use sluice_filters::{
     ErrorKind, Exchange, LocalResponse, Outcome, Rejection, RequestHeader, ResponseHeader, Verdict,
 };
 
-use sluice_filters::usage::{inject_include_usage, Dialect, UsageMeter};
+use http::HeaderValue;
+use opentelemetry::trace::{Span as _, SpanContext};
+use sluice_filters::usage::{carries_content, inject_include_usage, Dialect, UsageMeter};
 use sluice_filters::ChunkVerdict;
 
 use attempts::{Answered, AttemptError, Judged, Launched, Next, Plan, POOL_IDLE};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::policy::{Policy, PolicyStore, Route, Target};
+use crate::telemetry::Metrics;
 use crate::upstream::{ProviderKind, Resolver};
 pub use inflight::Inflight;
 
@@ -113,6 +117,8 @@ impl ProxyHttp for SluiceProxy {
 
 impl SluiceProxy {
     async fn exchange(&self, session: &mut Session, policy: &Policy) -> Result<(), Close> {
+        let arrived = (Instant::now(), SystemTime::now());
+        let metrics = self.policies.metrics();
         let request = session.req_header();
         let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
         let host = request_host(request);
@@ -120,8 +126,8 @@ impl SluiceProxy {
             // The path only: a query string may carry something the caller would not want echoed.
             let message = format!("no route for {}", request.uri.path());
             let rejection = Rejection::new(StatusCode::NOT_FOUND, ErrorKind::NotFound, message);
-            log_early_rejection(session, "-", &rejection);
-            return respond_rejection(session, ProviderKind::Openai, rejection).await;
+            log_early_rejection(session, "-", &rejection, metrics);
+            return respond_rejection(session, ProviderKind::Openai, rejection, arrived.0).await;
         };
         let provider = route.provider;
         if has_conflicting_framing(session) {
@@ -131,34 +137,33 @@ impl SluiceProxy {
                 ErrorKind::InvalidRequest,
                 "a request may not carry both Content-Length and Transfer-Encoding",
             );
-            log_early_rejection(session, &route.name, &rejection);
-            return respond_rejection(session, provider, rejection).await;
+            log_early_rejection(session, &route.name, &rejection, metrics);
+            return respond_rejection(session, provider, rejection, arrived.0).await;
         }
         let body = match read_body(session, route, policy.server.client_body_timeout).await {
             Ok(body) => body,
             Err(BodyError::Refused(rejection)) => {
-                log_early_rejection(session, &route.name, &rejection);
-                return respond_rejection(session, provider, rejection).await;
+                log_early_rejection(session, &route.name, &rejection, metrics);
+                return respond_rejection(session, provider, rejection, arrived.0).await;
             }
             Err(BodyError::CallerGone(e)) => return Err(Close::CallerGone(e)),
         };
 
         let request = session.req_header().clone();
         let mut ex = Exchange::with_dialect(route.name.clone(), request, body, provider.dialect());
+        ex.started = arrived.0;
+        let span = record::start_span(self.policies.tracer(), &ex, route, arrived.1);
         let result = match route.chain.on_request(&mut ex).await {
             Verdict::Continue => {
-                let injected = ask_for_stream_usage(route, &mut ex);
-                self.forward(session, route, &mut ex, injected).await
+                let injected = ask_for_stream_usage(&mut ex);
+                let trace = span.as_ref().map(|span| span.span_context().clone());
+                self.forward(session, route, &mut ex, injected, trace).await
             }
-            Verdict::Reject(rejection) => {
-                ex.status = Some(rejection.status);
-                ex.outcome = Outcome::Refused;
-                respond_rejection(session, provider, rejection).await
-            }
+            Verdict::Reject(rejection) => refuse(session, provider, &mut ex, rejection).await,
             Verdict::Respond(local) => respond_local(session, route, &mut ex, *local).await,
         };
         route.chain.on_done(&ex);
-        log_exchange(&ex);
+        record::finish(policy, route, &ex, span, metrics);
         result
     }
 
@@ -173,11 +178,14 @@ impl SluiceProxy {
         route: &Route,
         ex: &mut Exchange,
         usage_injected: bool,
+        trace: Option<SpanContext>,
     ) -> Result<(), Close> {
         let metrics = self.policies.metrics();
         let targets = route.targets.for_model(ex.facts.model.as_deref());
         let mut plan = Plan::new(route, targets);
+        plan.trace = trace;
         plan.budget_upstream().health.retry_budget.request();
+        ex.timings.upstream_start = Some(Instant::now());
         let mut running = FuturesUnordered::new();
         // The last failed answer with a response head: relayed if no attempt does better.
         let mut relay: Option<(Launched, Answered)> = None;
@@ -287,7 +295,10 @@ impl SluiceProxy {
             return Ok(None);
         };
         launched.hedge = hedge;
-        let (request, body) = attempts::build_request(plan.route, ex, &launched)?;
+        let tracer = self.policies.tracer();
+        launched.span =
+            record::attempt_span(tracer, plan.trace.as_ref(), ex, plan.made + 1, &launched);
+        let (request, body) = attempts::build_request(plan.route, ex, &launched, tracer)?;
         let upstream = &launched.target.upstream;
         if plan.made > 0 {
             let kind = if hedge { "hedge" } else { "retry" };
@@ -329,7 +340,13 @@ impl SluiceProxy {
         let Answered {
             session: mut upstream_session,
             peer,
+            head_at,
+            reused,
+            connect,
         } = answered;
+        ex.timings.upstream_head = Some(head_at);
+        ex.timings.connection_reused = Some(reused);
+        ex.timings.connect = (!reused).then_some(connect);
         let upstream = &launched.target.upstream;
         let metrics = self.policies.metrics();
         if launched.hedge {
@@ -364,11 +381,16 @@ impl SluiceProxy {
         ex.served_model = launched.model.clone();
         ex.attempts = attempts_made;
         route.chain.on_response_head(ex, &mut response);
+        let stream = is_event_stream(&response);
+        if let Some(timing) = record::server_timing(ex, stream) {
+            let _ = response.insert_header("server-timing", timing);
+        }
         let head_only = upstream_session.response_done() || ex.request.method == Method::HEAD;
-        if let Err(e) = session
+        let written = session
             .write_response_header(Box::new(response), head_only)
-            .await
-        {
+            .await;
+        ex.timings.head_sent = Some(Instant::now());
+        if let Err(e) = written {
             ex.outcome = Outcome::CallerGone;
             return Err(Close::CallerGone(e));
         }
@@ -380,35 +402,25 @@ impl SluiceProxy {
             return Ok(());
         }
         upstream_session.set_read_timeout(Some(upstream.idle_timeout));
-        let stream = upstream_session
-            .response_header()
-            .and_then(|head| head.headers.get(header::CONTENT_TYPE))
-            .is_some_and(|v| {
-                let v = v.as_bytes();
-                v.starts_with(b"text/event-stream")
-                    || v.starts_with(b"application/vnd.amazon.eventstream")
-            });
-        let mut meter = route.chain.needs_usage().then(|| {
-            UsageMeter::for_response(
-                ex.dialect,
-                upstream_session.response_header(),
-                usage_injected,
-            )
-        });
+        // Always metered: the limits settle on it, and telemetry reports tokens and cost for
+        // every route, limited or not.
+        let mut meter = UsageMeter::for_response(
+            ex.dialect,
+            upstream_session.response_header(),
+            usage_injected,
+        );
         let end = self
             .stream_body(
                 session,
                 route,
                 ex,
                 &mut upstream_session,
-                meter.as_mut(),
+                &mut meter,
                 stream,
             )
             .await;
-        if let Some(meter) = meter.as_mut() {
-            meter.finish();
-            ex.usage = meter.usage();
-        }
+        meter.finish();
+        ex.usage = meter.usage();
         match end? {
             // Already finished downstream; the upstream session is dropped, not pooled.
             StreamEnd::Cut => return Ok(()),
@@ -438,8 +450,44 @@ impl SluiceProxy {
         route: &Route,
         ex: &mut Exchange,
         upstream_session: &mut HttpSession,
-        mut meter: Option<&mut UsageMeter>,
+        meter: &mut UsageMeter,
         event_stream: bool,
+    ) -> Result<StreamEnd, Close> {
+        // The response text for the access log, when the policy logs bodies.
+        let mut logged = self
+            .policies
+            .current()
+            .telemetry
+            .log_bodies
+            .then(BytesMut::new);
+        let end = self
+            .copy_body(
+                session,
+                route,
+                ex,
+                upstream_session,
+                meter,
+                event_stream,
+                &mut logged,
+            )
+            .await;
+        if let Some(logged) = logged {
+            ex.extensions
+                .insert(record::LoggedResponse(logged.freeze()));
+        }
+        end
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_body(
+        &self,
+        session: &mut Session,
+        route: &Route,
+        ex: &mut Exchange,
+        upstream_session: &mut HttpSession,
+        meter: &mut UsageMeter,
+        event_stream: bool,
+        logged: &mut Option<BytesMut>,
     ) -> Result<StreamEnd, Close> {
         loop {
             let chunk = tokio::select! {
@@ -452,11 +500,9 @@ impl SluiceProxy {
             };
             match chunk {
                 Ok(Some(mut chunk)) => {
-                    if let Some(meter) = meter.as_deref_mut() {
-                        chunk = meter.feed(chunk);
-                        if chunk.is_empty() {
-                            continue;
-                        }
+                    chunk = meter.feed(chunk);
+                    if chunk.is_empty() {
+                        continue;
                     }
                     if let ChunkVerdict::Cut(rejection) = route.chain.on_response_chunk(ex, &chunk)
                     {
@@ -472,6 +518,21 @@ impl SluiceProxy {
                         };
                     }
                     ex.response_bytes += chunk.len() as u64;
+                    if event_stream && carries_content(&chunk) {
+                        let now = Instant::now();
+                        let timings = &mut ex.timings;
+                        if let Some(last) = timings.last_content {
+                            let gap = now.saturating_duration_since(last);
+                            route.metrics.inter_token_gap.observe(gap.as_secs_f64());
+                        }
+                        timings.first_content.get_or_insert(now);
+                        timings.last_content = Some(now);
+                        timings.content_events += 1;
+                    }
+                    if let Some(logged) = logged.as_mut() {
+                        let room = record::LOGGED_BODY_LIMIT.saturating_sub(logged.len());
+                        logged.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    }
                     if let Err(e) = session.write_response_body(Some(chunk), false).await {
                         ex.outcome = Outcome::CallerGone;
                         return Err(Close::CallerGone(e));
@@ -556,10 +617,11 @@ fn caller_gone(result: pingora::Result<Option<Bytes>>) -> Box<Error> {
     }
 }
 
-/// Makes an OpenAI stream report its usage when a filter needs it and the caller did not ask;
-/// returns whether the body was changed.
-fn ask_for_stream_usage(route: &Route, ex: &mut Exchange) -> bool {
-    if !(route.chain.needs_usage() && ex.facts.stream && ex.dialect == Dialect::OpenAi) {
+/// Makes an OpenAI stream report its usage when the caller did not ask, so limits settle and
+/// telemetry counts tokens on every stream; the added usage chunk is stripped before the caller
+/// sees it. Returns whether the body was changed.
+fn ask_for_stream_usage(ex: &mut Exchange) -> bool {
+    if !(ex.facts.stream && ex.dialect == Dialect::OpenAi) {
         return false;
     }
     match inject_include_usage(&ex.body) {
@@ -676,14 +738,17 @@ pub(crate) fn request_host(request: &RequestHeader) -> Option<&str> {
     })
 }
 
-/// Answers with an error of Sluice's own in the provider's shape (the forward listener's
-/// checks, before the exchange).
+/// Answers with an error of Sluice's own in the provider's shape, logged and counted as the
+/// exchange's own early refusals are (the forward listener's checks, before the exchange).
 pub(crate) async fn reject(
     session: &mut Session,
     provider: ProviderKind,
     rejection: Rejection,
+    metrics: &Metrics,
 ) -> pingora::Result<()> {
-    respond_rejection(session, provider, rejection)
+    let started = Instant::now();
+    log_early_rejection(session, "-", &rejection, metrics);
+    respond_rejection(session, provider, rejection, started)
         .await
         .map_err(Close::into_pingora)
 }
@@ -697,7 +762,9 @@ async fn refuse(
     ex.status = Some(rejection.status);
     ex.outcome = Outcome::Refused;
     tracing::debug!(route = %ex.route, status = rejection.status.as_u16(), "{}", rejection.message);
-    respond_rejection(session, provider, rejection).await
+    let result = respond_rejection(session, provider, rejection, ex.started).await;
+    ex.timings.head_sent = Some(Instant::now());
+    result
 }
 
 /// Answers with an error of Sluice's own in the provider's shape. The connection is closed
@@ -706,20 +773,26 @@ async fn respond_rejection(
     session: &mut Session,
     provider: ProviderKind,
     rejection: Rejection,
+    started: Instant,
 ) -> Result<(), Close> {
     let body = provider.error_body(rejection.kind, &rejection.message);
     let mut headers = rejection.headers;
     headers.extend(provider.error_header(rejection.kind));
+    let own = started.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(timing) = HeaderValue::from_str(&format!("sluice;dur={own:.3}")) {
+        headers.push((http::HeaderName::from_static("server-timing"), timing));
+    }
     write_simple(session, rejection.status, &headers, body).await
 }
 
+/// Answers with a response a filter made (a cache hit).
 async fn respond_local(
     session: &mut Session,
     route: &Route,
     ex: &mut Exchange,
     local: LocalResponse,
 ) -> Result<(), Close> {
-    let mut response = ResponseHeader::build(local.status, Some(local.headers.len() + 2))
+    let mut response = ResponseHeader::build(local.status, Some(local.headers.len() + 3))
         .map_err(Close::CallerGone)?;
     for (name, value) in local.headers {
         let _ = response.append_header(name, value);
@@ -727,16 +800,18 @@ async fn respond_local(
     let _ = response.insert_header(header::CONTENT_LENGTH, local.body.len());
     ex.status = Some(local.status);
     route.chain.on_response_head(ex, &mut response);
-    let written = async {
-        session
-            .write_response_header(Box::new(response), local.body.is_empty())
-            .await?;
-        if !local.body.is_empty() {
-            session.write_response_body(Some(local.body), true).await?;
-        }
-        Ok::<(), Box<Error>>(())
+    if let Some(timing) = record::server_timing(ex, is_event_stream(&response)) {
+        let _ = response.insert_header("server-timing", timing);
     }
-    .await;
+    let head_only = local.body.is_empty();
+    let written = session
+        .write_response_header(Box::new(response), head_only)
+        .await;
+    ex.timings.head_sent = Some(Instant::now());
+    let written = match (written, head_only) {
+        (Ok(()), false) => session.write_response_body(Some(local.body), true).await,
+        (other, _) => other,
+    };
     match written {
         Ok(()) => {
             ex.outcome = Outcome::Completed;
@@ -747,6 +822,14 @@ async fn respond_local(
             Err(Close::CallerGone(e))
         }
     }
+}
+
+/// Whether a response is a stream of events (SSE, or Bedrock's event stream).
+fn is_event_stream(response: &ResponseHeader) -> bool {
+    response.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.starts_with(b"text/event-stream") || v.starts_with(b"application/vnd.amazon.eventstream")
+    })
 }
 
 async fn write_simple(
@@ -777,9 +860,10 @@ async fn write_simple(
         .map_err(Close::CallerGone)
 }
 
-/// The access line for a request refused before its exchange began (no route, bad framing,
-/// body too large or too slow).
-fn log_early_rejection(session: &Session, route: &str, rejection: &Rejection) {
+/// The access line (and request count) for a request refused before its exchange began (no
+/// route, bad framing, body too large or too slow).
+fn log_early_rejection(session: &Session, route: &str, rejection: &Rejection, metrics: &Metrics) {
+    record::count_early_rejection(metrics, route, rejection.status);
     let request = session.req_header();
     tracing::info!(
         target: "sluice::access",
@@ -789,33 +873,6 @@ fn log_early_rejection(session: &Session, route: &str, rejection: &Rejection) {
         status = rejection.status.as_u16(),
         outcome = "Refused",
         reason = %rejection.message,
-    );
-}
-
-/// One access log line per exchange, on the `sluice::access` target.
-fn log_exchange(ex: &Exchange) {
-    tracing::info!(
-        target: "sluice::access",
-        route = %ex.route,
-        method = %ex.request.method,
-        path = ex.request.uri.path(),
-        status = ex.status.map_or(0, |s| s.as_u16()),
-        upstream = ex.upstream.as_deref().unwrap_or("-"),
-        attempts = ex.attempts,
-        model = ex.facts.model.as_deref().unwrap_or("-"),
-        served_model = ex.served_model.as_deref().unwrap_or("-"),
-        tenant = ex.tenant.as_deref().unwrap_or("-"),
-        tier = ex.tier.as_deref().unwrap_or("-"),
-        stream = ex.facts.stream,
-        request_bytes = ex.body.len(),
-        input_tokens = ex.usage.map(|u| u.input_tokens),
-        output_tokens = ex.usage.map(|u| u.output_tokens),
-        response_bytes = ex.response_bytes,
-        outcome = ?ex.outcome,
-        // hit | miss | bypass | refresh: hit durations are the cache's, not the upstream's.
-        cache = ex.cache.map_or("-", |status| status.as_str()),
-        duration_ms = ex.started.elapsed().as_secs_f64() * 1000.0,
-        request_id = ex.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
     );
 }
 

@@ -157,7 +157,7 @@ impl ProxyHttp for ForwardedExchange {
                         ErrorKind::InvalidRequest,
                         message,
                     );
-                    exchange::reject(session, provider, rejection).await?;
+                    exchange::reject(session, provider, rejection, self.policies.metrics()).await?;
                     return Ok(true);
                 }
             }

@@ -15,7 +15,9 @@ use sluice_filters::auth::keys::{KeyHash, KEY_PREFIX};
 use sluice_filters::auth::{Auth, AuthMode, AuthSpec, Directory};
 use sluice_filters::cache::{CacheStore, RouteFacts};
 use sluice_filters::glob::Glob;
-use sluice_filters::limits::{warm_up_tokenizers, Backend, LimitTable, Limits, RedisCounters};
+use sluice_filters::limits::{
+    warm_up_tokenizers, Backend, LimitTable, Limits, Prices, RedisCounters,
+};
 use sluice_filters::{BuildContext, Chain, Filter, FilterSpec, Stage};
 
 use super::error::PolicyError;
@@ -25,9 +27,11 @@ use super::schema::{
     ProviderKind, RouteSpec, SecretTemplate, StateBackend, TargetSpec, UpstreamSpec,
 };
 use super::{
-    ListenAddrs, ModelTargets, Policy, RedisSettings, RetryPolicy, Route, ServerRuntime,
-    SharedState, Target, Targets,
+    ListenAddrs, ModelLabels, ModelTargets, Policy, RedisSettings, RetryPolicy, Route,
+    ServerRuntime, SharedState, Target, Targets, TelemetryPolicy,
 };
+use crate::telemetry::sla::SlaRule;
+use crate::telemetry::traces::OtlpSettings;
 use crate::upstream::health::{BreakerSettings, RetryBudgetSettings};
 use crate::upstream::{
     bedrock_base_url, AwsCredentials, AzureSettings, KeyPool, ProviderKey, SigV4Signer, Upstream,
@@ -87,10 +91,16 @@ pub fn compile_text(
         errors.push(PolicyError::new("server.threads", "must be at least 1"));
     }
 
+    let telemetry = compile_telemetry(&file, env, &mut errors);
     let mut upstreams = BTreeMap::new();
     for (name, spec) in &file.upstreams {
         let path = format!("upstreams.{name}");
-        let upstream = compile_upstream(name, spec, &path, env, shared, &mut sources, &mut errors);
+        let context = UpstreamContext {
+            env,
+            shared,
+            stats_windows: &telemetry.stats_windows,
+        };
+        let upstream = compile_upstream(name, spec, &path, &context, &mut sources, &mut errors);
         if let Some(mut upstream) = upstream {
             upstream.address_override = resolve.get(&upstream.host, upstream.port);
             upstreams.insert(name.clone(), Arc::new(upstream));
@@ -98,7 +108,8 @@ pub fn compile_text(
     }
 
     let redis = compile_state(&file, env, shared, &mut errors);
-    let limits = compile_limits(&file, shared, redis.clone(), &mut errors);
+    let prices = compile_prices(&file, &mut errors);
+    let limits = compile_limits(&file, &prices, shared, redis.clone(), &mut errors);
     let cache = compile_cache_store(&file, redis.as_ref(), shared, &mut errors);
     let context = RouteContext {
         upstreams: &upstreams,
@@ -106,6 +117,8 @@ pub fn compile_text(
         directory: &directory,
         limits,
         cache: &cache,
+        shared,
+        stats_windows: &telemetry.stats_windows,
     };
     let mut routes = Vec::with_capacity(file.routes.len());
     let mut names = HashSet::new();
@@ -131,6 +144,7 @@ pub fn compile_text(
         ));
     }
 
+    let sla = compile_sla(&file, &routes, &upstreams, shared, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -151,7 +165,216 @@ pub fn compile_text(
         cache,
         forward,
         resolve,
+        telemetry,
+        sla,
+        prices,
     })
+}
+
+/// The price table (USD per million tokens), for budgets and the cost metrics.
+fn compile_prices(file: &PolicyFile, errors: &mut Vec<PolicyError>) -> Arc<Prices> {
+    let mut prices = Prices::default();
+    for (model, price) in &file.prices {
+        let valid = |usd: f64| usd.is_finite() && usd >= 0.0;
+        if !(valid(price.input) && valid(price.output)) {
+            errors.push(PolicyError::new(
+                format!("prices.{model}"),
+                "prices are non-negative USD per million tokens",
+            ));
+        }
+        prices.add(model, *price);
+    }
+    Arc::new(prices)
+}
+
+/// `telemetry`: stats windows, the access log, OTLP settings, and the models metrics name.
+fn compile_telemetry(
+    file: &PolicyFile,
+    env: Env,
+    errors: &mut Vec<PolicyError>,
+) -> TelemetryPolicy {
+    let spec = &file.telemetry;
+    let mut stats_windows: Vec<std::time::Duration> =
+        spec.stats.windows.iter().map(|w| w.0).collect();
+    if stats_windows.is_empty() || stats_windows.iter().any(|w| w.as_millis() < 10) {
+        errors.push(PolicyError::new(
+            "telemetry.stats.windows",
+            "list at least one window, each at least 10ms",
+        ));
+    }
+    // SLA rules are judged over their own windows: those are kept too.
+    for rule in &spec.sla {
+        if !stats_windows.contains(&rule.value.window.0) {
+            stats_windows.push(rule.value.window.0);
+        }
+    }
+    let otlp = spec.otlp.as_ref().and_then(|otlp| {
+        let at = otlp.referenced;
+        let otlp = &otlp.value;
+        let endpoint = resolve(&otlp.endpoint.0, "telemetry.otlp.endpoint", env, errors)?;
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            errors.push(
+                PolicyError::new(
+                    "telemetry.otlp.endpoint",
+                    "must start with http:// or https://",
+                )
+                .at(at),
+            );
+        }
+        let mut headers = Vec::with_capacity(otlp.headers.len());
+        for (name, value) in &otlp.headers {
+            let path = format!("telemetry.otlp.headers.{name}");
+            if let Some(value) = resolve(&value.0, &path, env, errors) {
+                headers.push((name.clone(), value));
+            }
+        }
+        if !(0.0..=1.0).contains(&otlp.sampling_ratio) {
+            errors.push(
+                PolicyError::new("telemetry.otlp.sampling_ratio", "must be from 0 to 1").at(at),
+            );
+        }
+        if otlp.queue_size == 0 || otlp.batch_size == 0 {
+            errors.push(
+                PolicyError::new(
+                    "telemetry.otlp",
+                    "`queue_size` and `batch_size` must be at least 1",
+                )
+                .at(at),
+            );
+        }
+        Some(OtlpSettings {
+            endpoint,
+            protocol: otlp.protocol,
+            headers,
+            sampling_ratio: otlp.sampling_ratio,
+            queue_size: otlp.queue_size,
+            batch_size: otlp.batch_size,
+            export_interval: otlp.export_interval.0,
+            timeout: otlp.timeout.0,
+            service_name: otlp.service_name.clone(),
+        })
+    });
+    TelemetryPolicy {
+        tenant_labels: spec.metrics.tenant_labels,
+        stats_windows,
+        log_bodies: spec.access_log.bodies,
+        otlp,
+        models: model_labels(file),
+    }
+}
+
+/// Every model name or pattern the policy mentions: the only model labels metrics use.
+fn model_labels(file: &PolicyFile) -> ModelLabels {
+    let mut labels = ModelLabels::default();
+    for model in file.prices.keys() {
+        labels.add(model);
+    }
+    for tier in file.tiers.values() {
+        for model in &tier.value.models {
+            if model != "*" {
+                labels.add(model);
+            }
+        }
+        if let Some(downgrade) = &tier.value.limits.downgrade {
+            for (from, to) in &downgrade.models {
+                labels.add(from);
+                labels.add(to);
+            }
+        }
+    }
+    for upstream in file.upstreams.values() {
+        for model in upstream.value.deployments.keys() {
+            labels.add(model);
+        }
+    }
+    for route in &file.routes {
+        for (model, targets) in &route.value.model_targets {
+            labels.add(model);
+            for target in targets.iter().chain(&route.value.targets) {
+                if let Some(mapped) = &target.value.model {
+                    labels.add(mapped);
+                }
+            }
+        }
+        for target in &route.value.targets {
+            if let Some(mapped) = &target.value.model {
+                labels.add(mapped);
+            }
+        }
+    }
+    labels
+}
+
+/// SLA rules, each over the series of the route or upstream it names.
+fn compile_sla(
+    file: &PolicyFile,
+    routes: &[Route],
+    upstreams: &BTreeMap<String, Arc<Upstream>>,
+    shared: &SharedState,
+    errors: &mut Vec<PolicyError>,
+) -> Vec<SlaRule> {
+    let mut rules = Vec::with_capacity(file.telemetry.sla.len());
+    let mut names = HashSet::new();
+    for (i, spec) in file.telemetry.sla.iter().enumerate() {
+        let path = format!("telemetry.sla[{i}]");
+        let at = spec.referenced;
+        let spec = &spec.value;
+        let mut error = |message: String| errors.push(PolicyError::new(&path, message).at(at));
+        if !names.insert(spec.name.as_str()) {
+            error(format!("rule name `{}` is used twice", spec.name));
+        }
+        let series = match (&spec.route, &spec.upstream) {
+            (Some(route), None) => match routes.iter().find(|r| &*r.name == route) {
+                Some(route) => Some((route.stats.clone(), format!("route {}", route.name))),
+                None => {
+                    error(format!("unknown route `{route}`"));
+                    None
+                }
+            },
+            (None, Some(name)) => match upstreams.get(name) {
+                Some(upstream) => Some((
+                    upstream.stats.clone(),
+                    format!("upstream {}", upstream.name),
+                )),
+                None => {
+                    error(format!("unknown upstream `{name}`"));
+                    None
+                }
+            },
+            _ => {
+                error("name exactly one of `route` and `upstream`".to_owned());
+                None
+            }
+        };
+        let ceilings: Vec<(u8, std::time::Duration)> =
+            [(50, spec.p50), (95, spec.p95), (99, spec.p99)]
+                .into_iter()
+                .filter_map(|(p, ceiling)| ceiling.map(|c| (p, c.0)))
+                .collect();
+        if ceilings.is_empty() && spec.success_rate.is_none() {
+            error("sets no limit: give p50, p95, p99 or success_rate".to_owned());
+        }
+        if spec
+            .success_rate
+            .is_some_and(|rate| !(0.0..=100.0).contains(&rate))
+        {
+            error("`success_rate` is a percentage, 0 to 100".to_owned());
+        }
+        let _ = shared;
+        if let Some((series, subject)) = series {
+            rules.push(SlaRule {
+                name: spec.name.as_str().into(),
+                subject,
+                series,
+                window: spec.window.0,
+                latency: spec.latency,
+                ceilings,
+                success_rate: spec.success_rate,
+                min_requests: spec.min_requests,
+            });
+        }
+    }
+    rules
 }
 
 /// A parse error with the YAML path of its line, when the document's layout shows it.
@@ -271,15 +494,22 @@ fn resolve(
     }
 }
 
+/// What every upstream is compiled with.
+struct UpstreamContext<'a> {
+    env: Env<'a>,
+    shared: &'a SharedState,
+    stats_windows: &'a [std::time::Duration],
+}
+
 fn compile_upstream(
     name: &str,
     spec: &Spanned<UpstreamSpec>,
     path: &str,
-    env: Env,
-    shared: &SharedState,
+    context: &UpstreamContext,
     sources: &mut Sources,
     errors: &mut Vec<PolicyError>,
 ) -> Option<Upstream> {
+    let (env, shared) = (context.env, context.shared);
     let before = errors.len();
     let at = spec.referenced;
     let spec = &spec.value;
@@ -448,7 +678,14 @@ fn compile_upstream(
         (None, _) => None,
     };
     let health = shared.health.upstream(&identity, &breaker, &retry_budget);
+    let stats = shared
+        .stats
+        .series(&format!("upstream:{name}"), context.stats_windows);
+    let metrics = &shared.metrics;
     Some(Upstream {
+        stats,
+        first_byte_seconds: metrics.upstream_first_byte.with_label_values(&[name]),
+        connect_seconds: metrics.upstream_connect.with_label_values(&[name]),
         name: name.into(),
         provider: spec.provider,
         tls,
@@ -769,6 +1006,7 @@ impl Sources {
 /// none when the policy sets no limit (so routes pay nothing for it).
 fn compile_limits(
     file: &PolicyFile,
+    prices: &Arc<Prices>,
     shared: &SharedState,
     redis: Option<Arc<RedisCounters>>,
     errors: &mut Vec<PolicyError>,
@@ -790,16 +1028,7 @@ fn compile_limits(
         }
         table.system = Some(system.value.clone());
     }
-    for (model, price) in &file.prices {
-        let valid = |usd: f64| usd.is_finite() && usd >= 0.0;
-        if !(valid(price.input) && valid(price.output)) {
-            errors.push(PolicyError::new(
-                format!("prices.{model}"),
-                "prices are non-negative USD per million tokens",
-            ));
-        }
-        table.prices.add(model, *price);
-    }
+    table.prices = prices.clone();
     let budgets = file
         .tiers
         .values()
@@ -1328,6 +1557,8 @@ struct RouteContext<'a> {
     /// The limits filter, shared by all routes, when the policy sets any limit.
     limits: Option<Arc<dyn Filter>>,
     cache: &'a Arc<CacheStore>,
+    shared: &'a SharedState,
+    stats_windows: &'a [std::time::Duration],
 }
 
 fn compile_route(
@@ -1418,6 +1649,11 @@ fn compile_route(
         return None;
     }
     Some(Route {
+        metrics: context.shared.metrics.for_route(&spec.name),
+        stats: context
+            .shared
+            .stats
+            .series(&format!("route:{}", spec.name), context.stats_windows),
         name: spec.name.as_str().into(),
         hosts: spec
             .matcher

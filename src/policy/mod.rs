@@ -16,11 +16,15 @@ use std::time::{Duration, SystemTime};
 
 use sluice_filters::auth::Directory;
 use sluice_filters::cache::{CacheConfig, CacheCounters, CacheStore, SharedTier, StoreConfig};
-use sluice_filters::limits::{LimitStore, OnError, RedisCounters};
+use sluice_filters::limits::{LimitStore, OnError, Prices, RedisCounters};
 use sluice_filters::Chain;
 
 use crate::forward::ca::CertificateAuthority;
 use crate::forward::rules::ForwardPolicy;
+use crate::telemetry::metrics::RouteMetrics;
+use crate::telemetry::sla::SlaRule;
+use crate::telemetry::stats::{Series, StatsRegistry};
+use crate::telemetry::traces::{OtlpSettings, Tracer};
 use crate::telemetry::Metrics;
 use crate::upstream::health::HealthRegistry;
 use crate::upstream::{ProviderKind, ResolveOverrides, Upstream};
@@ -59,6 +63,53 @@ pub struct Policy {
     pub forward: Option<Arc<ForwardPolicy>>,
     /// `resolve:`: addresses used instead of DNS for upstreams and tunnels.
     pub resolve: ResolveOverrides,
+    pub telemetry: TelemetryPolicy,
+    pub sla: Vec<SlaRule>,
+    /// USD per million tokens, by model (also the limits filter's).
+    pub prices: Arc<Prices>,
+}
+
+/// What the exchange needs of `telemetry` on every request.
+#[derive(Debug)]
+pub struct TelemetryPolicy {
+    pub tenant_labels: bool,
+    /// The windows of `/admin/stats`.
+    pub stats_windows: Vec<Duration>,
+    /// Log request bodies and response text in the access log.
+    pub log_bodies: bool,
+    pub otlp: Option<OtlpSettings>,
+    pub models: ModelLabels,
+}
+
+/// Model names as metric labels: the ones the policy names, patterns it names for the rest
+/// (`claude-*`), and `other` — never whatever a caller wrote.
+#[derive(Debug, Default)]
+pub struct ModelLabels {
+    exact: std::collections::HashSet<String>,
+    patterns: Vec<(Glob, Arc<str>)>,
+}
+
+impl ModelLabels {
+    pub fn add(&mut self, model: &str) {
+        if model.contains(['*', '?']) {
+            if !self.patterns.iter().any(|(_, p)| &**p == model) {
+                self.patterns.push((Glob::new(model), model.into()));
+            }
+        } else {
+            self.exact.insert(model.to_owned());
+        }
+    }
+
+    pub fn label<'a>(&'a self, model: Option<&'a str>) -> &'a str {
+        let Some(model) = model else { return "" };
+        if self.exact.contains(model) {
+            return model;
+        }
+        self.patterns
+            .iter()
+            .find(|(glob, _)| glob.matches(model))
+            .map_or("other", |(_, pattern)| pattern)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +147,9 @@ pub struct Route {
     /// The route's cache rules, when it has a `cache` filter: a reload that changes them
     /// purges the route's entries.
     pub cache_rules: Option<CacheConfig>,
+    pub metrics: RouteMetrics,
+    /// Rolling latency and success, for `/admin/stats` and SLA rules.
+    pub stats: Arc<Series>,
 }
 
 /// Where a route sends, in fallback order.
@@ -275,6 +329,10 @@ pub struct SharedState {
     pub metrics: Arc<Metrics>,
     /// Circuit breakers, retry budgets, key cooldowns: a reload keeps them.
     pub health: HealthRegistry,
+    /// Rolling statistics of routes and upstreams.
+    pub stats: StatsRegistry,
+    /// Set once, when the server starts (`telemetry.otlp` applies at a restart).
+    pub tracer: std::sync::OnceLock<Tracer>,
     /// The Redis counters in use, by the settings that made them (a reload that keeps the
     /// settings keeps the connection).
     redis: std::sync::Mutex<Option<(RedisSettings, Arc<RedisCounters>)>>,

@@ -207,6 +207,155 @@ fn default_state_prefix() -> String {
 pub struct TelemetrySpec {
     #[serde(default)]
     pub metrics: MetricsSpec,
+    /// Rolling percentiles and success rates at `GET /admin/stats`.
+    #[serde(default)]
+    pub stats: StatsSpec,
+    /// Service-level rules: an alert when one breaks, a recovery when it heals.
+    #[serde(default)]
+    pub sla: Vec<Spanned<SlaSpec>>,
+    /// Traces to an OpenTelemetry collector. Changes apply at the next restart.
+    #[serde(default)]
+    pub otlp: Option<Spanned<OtlpSpec>>,
+    /// The access log (one line per request on `sluice::access`).
+    #[serde(default)]
+    pub access_log: AccessLogSpec,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsSpec {
+    /// The windows percentiles are computed over.
+    #[serde(default = "default_stats_windows")]
+    pub windows: Vec<Duration>,
+}
+
+impl Default for StatsSpec {
+    fn default() -> Self {
+        Self {
+            windows: default_stats_windows(),
+        }
+    }
+}
+
+fn default_stats_windows() -> Vec<Duration> {
+    vec![
+        Duration(std::time::Duration::from_secs(60)),
+        Duration(std::time::Duration::from_secs(300)),
+    ]
+}
+
+/// One SLA rule over a route or an upstream.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlaSpec {
+    pub name: String,
+    /// The route it watches (end-to-end latency as callers see it), or
+    #[serde(default)]
+    pub route: Option<String>,
+    /// the upstream (its attempts' latency and failures).
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default = "default_sla_window")]
+    pub window: Duration,
+    /// Latency ceilings: `p50`, `p95`, `p99`.
+    #[serde(default)]
+    pub p50: Option<Duration>,
+    #[serde(default)]
+    pub p95: Option<Duration>,
+    #[serde(default)]
+    pub p99: Option<Duration>,
+    /// `total` (the whole exchange, default) or `first_byte` (until the response head).
+    #[serde(default)]
+    pub latency: LatencyKind,
+    /// Floor, in percent of requests that did not fail (5xx, broken streams).
+    #[serde(default)]
+    pub success_rate: Option<f64>,
+    /// Fewer requests than this in the window: not judged.
+    #[serde(default = "default_sla_min_requests")]
+    pub min_requests: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LatencyKind {
+    #[default]
+    Total,
+    FirstByte,
+}
+
+fn default_sla_window() -> Duration {
+    Duration(std::time::Duration::from_secs(300))
+}
+
+fn default_sla_min_requests() -> u64 {
+    20
+}
+
+/// `otlp:` — where traces go.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpSpec {
+    /// `http://collector:4318` (http/protobuf: `/v1/traces` is added) or
+    /// `http://collector:4317` (grpc). `${VAR}` allowed.
+    pub endpoint: SecretTemplate,
+    #[serde(default)]
+    pub protocol: OtlpProtocol,
+    /// Sent with every export (e.g. an API key); values may hold secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, SecretTemplate>,
+    /// Share of requests traced (a caller's sampled `traceparent` is always followed).
+    #[serde(default = "default_sampling_ratio")]
+    pub sampling_ratio: f64,
+    /// Finished spans waiting for export at most; beyond it spans are dropped (and counted),
+    /// never waited for.
+    #[serde(default = "default_otlp_queue")]
+    pub queue_size: usize,
+    #[serde(default = "default_otlp_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_otlp_interval")]
+    pub export_interval: Duration,
+    #[serde(default = "default_otlp_timeout")]
+    pub timeout: Duration,
+    /// `service.name` of the spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum OtlpProtocol {
+    #[default]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "grpc")]
+    Grpc,
+}
+
+fn default_sampling_ratio() -> f64 {
+    1.0
+}
+fn default_otlp_queue() -> usize {
+    4096
+}
+fn default_otlp_batch() -> usize {
+    512
+}
+fn default_otlp_interval() -> Duration {
+    Duration(std::time::Duration::from_secs(1))
+}
+fn default_otlp_timeout() -> Duration {
+    Duration(std::time::Duration::from_secs(5))
+}
+fn default_service_name() -> String {
+    "sluice".to_owned()
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogSpec {
+    /// Also log request bodies and the responses' text (at most 64 KiB each). Off by default:
+    /// prompts and completions are the callers' data.
+    #[serde(default)]
+    pub bodies: bool,
 }
 
 /// `/metrics` on the admin listener (Prometheus text).

@@ -5,6 +5,7 @@ use arc_swap::ArcSwap;
 use sluice_filters::cache::{CacheConfig, Purge};
 
 use super::{load, Policy, PolicyErrors, SharedState};
+use crate::telemetry::traces::Tracer;
 use crate::telemetry::Metrics;
 
 /// Holds the active policy. A request takes an `Arc` once and keeps it to the end, so a reload
@@ -51,6 +52,20 @@ impl PolicyStore {
         &self.shared.metrics
     }
 
+    /// The process's tracer (off until the server sets it).
+    pub fn tracer(&self) -> &Tracer {
+        static OFF: std::sync::OnceLock<Tracer> = std::sync::OnceLock::new();
+        self.shared
+            .tracer
+            .get()
+            .unwrap_or_else(|| OFF.get_or_init(Tracer::default))
+    }
+
+    /// State every policy shares.
+    pub fn shared(&self) -> &SharedState {
+        &self.shared
+    }
+
     /// Reloads so far with this result (`applied`, `unchanged`, `rejected`).
     pub fn reloads(&self, result: &str) -> u64 {
         self.shared
@@ -94,6 +109,11 @@ impl PolicyStore {
                 {
                     tracing::warn!(
                         "policy changes `listen` or `server.threads`; they take effect at the next restart"
+                    );
+                }
+                if policy.telemetry.otlp != active.telemetry.otlp {
+                    tracing::warn!(
+                        "policy changes `telemetry.otlp`; it takes effect at the next restart"
                     );
                 }
                 let hash = policy.hash.clone();

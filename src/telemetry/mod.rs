@@ -1,7 +1,10 @@
 //! What Sluice tells operators about itself: Prometheus metrics at the admin listener's
-//! `/metrics` (and, with later work, traces and latency statistics).
+//! `/metrics`, rolling percentiles at `/admin/stats`, SLA alerts, OTLP traces.
 
-mod metrics;
+pub mod metrics;
 pub mod rolling;
+pub mod sla;
+pub mod stats;
+pub mod traces;
 
 pub use metrics::Metrics;

@@ -39,6 +39,12 @@ pub struct Upstream {
     pub retry_budget: RetryBudgetSettings,
     /// Its circuit, retry budget and latency, kept across reloads.
     pub health: Arc<UpstreamHealth>,
+    /// Rolling first-byte latency and failures of its attempts (`/admin/stats`, SLA rules).
+    pub stats: Arc<crate::telemetry::stats::Series>,
+    /// Its histograms (`sluice_upstream_first_byte_seconds`, `…_connect_seconds`), resolved
+    /// once per policy.
+    pub first_byte_seconds: prometheus::Histogram,
+    pub connect_seconds: prometheus::Histogram,
     /// Anthropic only: `anthropic-version` for callers that send none.
     pub anthropic_version: Option<HeaderValue>,
     pub extra_headers: Vec<(HeaderName, HeaderValue)>,

@@ -18,6 +18,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `N` distinct free ports: all held at once while they are chosen, so no two are the same
+/// (separate `free_port` calls may return one port twice).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
 /// A running sidecar with its own policy file in a temporary folder.
 pub struct Sidecar {
     pub proxy: String,
@@ -100,8 +109,8 @@ impl Sidecar {
         forward: bool,
     ) -> Sidecar {
         let policy_path = dir.path().join("sluice.yaml");
-        let (proxy_port, admin_port) = (free_port(), free_port());
-        let forward_port = forward.then(free_port);
+        let [proxy_port, admin_port, spare_port] = free_ports();
+        let forward_port = forward.then_some(spare_port);
         let text = policy_with_forward(proxy_port, admin_port, forward_port, body);
         std::fs::write(&policy_path, text).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
@@ -512,7 +521,8 @@ pub fn run_expecting_failure(body: &str, files: &[(&str, &[u8])]) -> String {
         std::fs::write(dir.path().join(name), bytes).unwrap();
     }
     let path = dir.path().join("sluice.yaml");
-    let text = policy_with_forward(free_port(), free_port(), Some(free_port()), body);
+    let [proxy_port, admin_port, forward_port] = free_ports();
+    let text = policy_with_forward(proxy_port, admin_port, Some(forward_port), body);
     std::fs::write(&path, text).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["run", "-c"])
@@ -536,4 +546,36 @@ pub fn run_expecting_failure(body: &str, files: &[(&str, &[u8])]) -> String {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(!status.success(), "sluice exited 0: {stderr}");
     stderr
+}
+
+/// A TCP listener that accepts connections, counts them and never answers: a collector or
+/// upstream that hangs, or a target that must see no connection at all.
+pub struct Sinkhole {
+    pub addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Sinkhole {
+    pub async fn start() -> Sinkhole {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(stream);
+            }
+        });
+        Sinkhole { addr, accepted }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }

@@ -29,6 +29,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: all held at once while they are chosen (separate
+    `free_port` calls may return one port twice)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def wait_http(url: str, limit: float = 20.0) -> None:
     deadline = time.monotonic() + limit
     while True:
@@ -82,8 +92,7 @@ class RunningSidecar:
 def started_sidecar(policy_body: str, forward: bool = False):
     """The real sidecar on free ports with this policy (upstreams, routes, tenants), and the
     forward listener when asked."""
-    proxy, admin = free_port(), free_port()
-    forward_port = free_port() if forward else None
+    proxy, admin, forward_port = free_ports(3)
     forward_listen = f", forward: 127.0.0.1:{forward_port}" if forward else ""
     policy = f"listen: {{ proxy: 127.0.0.1:{proxy}, admin: 127.0.0.1:{admin}{forward_listen} }}\n{policy_body}"
     with tempfile.TemporaryDirectory() as folder:
@@ -198,7 +207,7 @@ class HttpsMock:
 def https_mock(tmp_path_factory):
     folder = tmp_path_factory.mktemp("https-mock")
     make_certificates(folder, ["api.openai.com", "api.anthropic.com"])
-    port, tls_port = free_port(), free_port()
+    port, tls_port = free_ports(2)
     process = subprocess.Popen(
         [MOCK, "--listen", f"127.0.0.1:{port}", "--tls-listen", f"127.0.0.1:{tls_port}",
          "--tls-cert", str(folder / "leaf.pem"), "--tls-key", str(folder / "leaf.key")],

@@ -40,8 +40,9 @@ use crate::ResponseHeader;
 pub struct LimitTable {
     pub tiers: HashMap<Arc<str>, RequestLimits>,
     pub system: Option<RequestLimits>,
-    /// Model prices: exact names first, then patterns in the order given.
-    pub prices: Prices,
+    /// Model prices: exact names first, then patterns in the order given. Shared with the
+    /// process, which prices every response for its metrics.
+    pub prices: Arc<Prices>,
 }
 
 #[derive(Debug, Default)]
@@ -472,7 +473,11 @@ impl Filter for Limits {
             return Verdict::Continue;
         }
         let queue = tier.and_then(|limits| limits.queue.as_ref());
+        let asked = Instant::now();
         let admitted = self.admit_or_wait(&checks, reserve, queue).await;
+        if queue.is_some() {
+            ex.timings.queued = asked.elapsed();
+        }
         drop(checks);
         let admitted = match admitted {
             Ok(admitted) => admitted,

@@ -170,7 +170,7 @@ fn limits_filter(tier: RequestLimits, system: Option<RequestLimits>) -> (Limits,
     let table = LimitTable {
         tiers: [(Arc::<str>::from("free"), tier)].into(),
         system,
-        prices: Prices::default(),
+        prices: Arc::default(),
     };
     let store = Arc::new(LimitStore::default());
     (
@@ -434,26 +434,27 @@ async fn budgets_count_spend_alert_once_and_downgrade() {
             models: [("big".to_owned(), "small".to_owned())].into(),
         });
     });
-    let mut table = LimitTable {
-        tiers: [(Arc::<str>::from("free"), tier)].into(),
-        system: None,
-        prices: Prices::default(),
-    };
+    let mut prices = Prices::default();
     // A dollar a token.
-    table.prices.add(
+    prices.add(
         "big",
         Price {
             input: 1e6,
             output: 1e6,
         },
     );
-    table.prices.add(
+    prices.add(
         "sm*",
         Price {
             input: 0.0,
             output: 0.0,
         },
     );
+    let table = LimitTable {
+        tiers: [(Arc::<str>::from("free"), tier)].into(),
+        system: None,
+        prices: Arc::new(prices),
+    };
     let store = Arc::new(LimitStore::default());
     let metrics = crate::metrics::FilterMetrics::default();
     let filter = Limits::new(Arc::new(table), Backend::Memory(store.clone()))
@@ -551,7 +552,7 @@ async fn queued_requests_wait_for_capacity_higher_priority_first() {
         ]
         .into(),
         system: Some(limits(|l| l.concurrent = Some(1))),
-        prices: Prices::default(),
+        prices: Arc::default(),
     };
     let filter = Arc::new(Limits::new(
         Arc::new(table),

@@ -1,0 +1,399 @@
+//! What an exchange leaves behind: its request span (GenAI attributes), the `server-timing`
+//! header, Prometheus metrics, rolling statistics and the access log line.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use opentelemetry::trace::{Span as _, SpanContext, Status};
+use opentelemetry::KeyValue;
+use sluice_filters::{CacheStatus, Exchange, Outcome};
+
+use crate::policy::{Policy, Route};
+use crate::telemetry::stats::Sample;
+use crate::telemetry::traces::{Span, Tracer};
+use crate::telemetry::Metrics;
+use crate::upstream::ProviderKind;
+
+/// The most of a request or response body the access log keeps, when it logs bodies.
+pub const LOGGED_BODY_LIMIT: usize = 64 * 1024;
+
+/// The response text kept for the access log (`telemetry.access_log.bodies`).
+#[derive(Clone)]
+pub struct LoggedResponse(pub Bytes);
+
+/// The GenAI operation a request path names (`gen_ai.operation.name`).
+pub fn operation(path: &str) -> Option<&'static str> {
+    let path = path.split('?').next().unwrap_or(path).trim_end_matches('/');
+    if path.ends_with("/chat/completions")
+        || path.ends_with("/messages")
+        || path.ends_with("/converse")
+        || path.ends_with("/converse-stream")
+        || path.ends_with("/responses")
+    {
+        Some("chat")
+    } else if path.ends_with("/completions")
+        || path.ends_with("/invoke")
+        || path.ends_with("/invoke-with-response-stream")
+    {
+        Some("text_completion")
+    } else if path.ends_with("/embeddings") {
+        Some("embeddings")
+    } else {
+        None
+    }
+}
+
+/// `gen_ai.system` for a provider.
+pub fn gen_ai_system(provider: ProviderKind) -> &'static str {
+    match provider {
+        ProviderKind::Openai | ProviderKind::OpenaiCompatible => "openai",
+        ProviderKind::AzureOpenai => "azure.ai.openai",
+        ProviderKind::Anthropic => "anthropic",
+        ProviderKind::Bedrock => "aws.bedrock",
+    }
+}
+
+/// A span's name after the GenAI conventions: `{operation} {model}`, else method and route.
+pub fn span_name(ex: &Exchange) -> String {
+    match (operation(ex.request.uri.path()), ex.facts.model.as_deref()) {
+        (Some(operation), Some(model)) => format!("{operation} {model}"),
+        (Some(operation), None) => operation.to_owned(),
+        (None, _) => format!("{} {}", ex.request.method, ex.route),
+    }
+}
+
+/// The request's server span, started when the request arrived.
+pub fn start_span(
+    tracer: &Tracer,
+    ex: &Exchange,
+    route: &Route,
+    arrived: SystemTime,
+) -> Option<Span> {
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", ex.request.method.to_string()),
+        KeyValue::new("url.path", ex.request.uri.path().to_owned()),
+        KeyValue::new("sluice.route", route.name.to_string()),
+        KeyValue::new("gen_ai.system", gen_ai_system(route.provider)),
+    ];
+    if let Some(operation) = operation(ex.request.uri.path()) {
+        attributes.push(KeyValue::new("gen_ai.operation.name", operation));
+    }
+    if let Some(model) = &ex.facts.model {
+        attributes.push(KeyValue::new("gen_ai.request.model", model.clone()));
+    }
+    if let Some(max_tokens) = ex.facts.max_tokens {
+        attributes.push(KeyValue::new(
+            "gen_ai.request.max_tokens",
+            max_tokens as i64,
+        ));
+    }
+    tracer.request_span(&ex.request, span_name(ex), arrived, attributes)
+}
+
+/// An upstream attempt's client span, under the request's.
+pub fn attempt_span(
+    tracer: &Tracer,
+    parent: Option<&SpanContext>,
+    ex: &Exchange,
+    attempt: u32,
+    launched: &super::attempts::Launched,
+) -> Option<Span> {
+    let parent = parent?;
+    let upstream = &launched.target.upstream;
+    let mut attributes = vec![
+        KeyValue::new("gen_ai.system", gen_ai_system(upstream.provider)),
+        KeyValue::new("server.address", upstream.host.clone()),
+        KeyValue::new("server.port", i64::from(upstream.port)),
+        KeyValue::new("sluice.upstream", upstream.name.to_string()),
+        KeyValue::new("sluice.attempt", i64::from(attempt)),
+        KeyValue::new("sluice.hedge", launched.hedge),
+    ];
+    if let Some(operation) = operation(ex.request.uri.path()) {
+        attributes.push(KeyValue::new("gen_ai.operation.name", operation));
+    }
+    if let Some(model) = &launched.model {
+        attributes.push(KeyValue::new("gen_ai.request.model", model.to_string()));
+    }
+    if let Some(lease) = &launched.lease {
+        attributes.push(KeyValue::new(
+            "sluice.key",
+            upstream.keys.get(lease.index).name.to_string(),
+        ));
+    }
+    let name = match (operation(ex.request.uri.path()), launched.model.as_deref()) {
+        (Some(operation), Some(model)) => format!("{operation} {model}"),
+        _ => format!("{} {}", ex.request.method, upstream.name),
+    };
+    tracer.attempt_span(parent, name, attributes)
+}
+
+/// `server-timing` for a response head about to go out: Sluice's own time, the upstream's
+/// and, when the answer comes whole, the time to its first token.
+pub fn server_timing(ex: &Exchange, streamed: bool) -> Option<HeaderValue> {
+    let mut timings = ex.timings;
+    timings.head_sent = Some(Instant::now());
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let sluice = ms(timings.overhead(ex.started)?);
+    let text = match timings.upstream() {
+        Some(upstream) if !streamed => {
+            let upstream = ms(upstream);
+            format!("sluice;dur={sluice:.3}, upstream;dur={upstream:.3}, ttft;dur={upstream:.3}")
+        }
+        Some(upstream) => format!("sluice;dur={sluice:.3}, upstream;dur={:.3}", ms(upstream)),
+        None => match ex.cache {
+            Some(status) => format!("sluice;dur={sluice:.3}, cache;desc={}", status.as_str()),
+            None => format!("sluice;dur={sluice:.3}"),
+        },
+    };
+    HeaderValue::from_str(&text).ok()
+}
+
+/// Everything the exchange leaves behind once it is over.
+pub fn finish(
+    policy: &Policy,
+    route: &Route,
+    ex: &Exchange,
+    span: Option<Span>,
+    metrics: &Metrics,
+) {
+    let telemetry = &policy.telemetry;
+    let ended = Instant::now();
+    let total = ended.saturating_duration_since(ex.started);
+    let timings = &ex.timings;
+    let model = ex.served_model.as_deref().or(ex.facts.model.as_deref());
+    let model_label = telemetry.models.label(model);
+    let tenant_label = if telemetry.tenant_labels {
+        ex.tenant.as_deref().unwrap_or("")
+    } else {
+        ""
+    };
+    let status = ex.status.map_or(0, |s| s.as_u16());
+    let cache = ex.cache.map_or("", |c| c.as_str());
+    metrics
+        .requests
+        .with_label_values(&[
+            &*route.name,
+            ex.upstream.as_deref().unwrap_or(""),
+            model_label,
+            ex.status.as_ref().map_or("0", http::StatusCode::as_str),
+            cache,
+            ex.tier.as_deref().unwrap_or(""),
+            tenant_label,
+        ])
+        .inc();
+    let route_metrics = &route.metrics;
+    route_metrics.duration.observe(total.as_secs_f64());
+    if let Some(overhead) = timings.overhead(ex.started) {
+        route_metrics.overhead.observe(overhead.as_secs_f64());
+    }
+    if !timings.queued.is_zero() {
+        route_metrics
+            .queue_wait
+            .observe(timings.queued.as_secs_f64());
+    }
+    let ttft = timings
+        .first_content
+        .map(|first| first.saturating_duration_since(ex.started));
+    if let Some(ttft) = ttft {
+        route_metrics
+            .time_to_first_token
+            .observe(ttft.as_secs_f64());
+    }
+    let generation = match (timings.first_content, timings.last_content) {
+        (Some(first), Some(last)) if timings.content_events > 1 => Some(last - first),
+        _ => None,
+    };
+    let tokens_per_second = match (generation, ex.usage) {
+        (Some(generation), Some(usage)) if !generation.is_zero() && usage.output_tokens > 0 => {
+            Some(usage.output_tokens as f64 / generation.as_secs_f64())
+        }
+        _ => None,
+    };
+    if let Some(rate) = tokens_per_second {
+        route_metrics.output_tokens_per_second.observe(rate);
+    }
+    let cost_usd = match (ex.usage, model) {
+        (Some(usage), Some(model)) if ex.cache != Some(CacheStatus::Hit) => policy
+            .prices
+            .cost_micros(model, &usage)
+            .map(|m| m as f64 / 1e6),
+        _ => None,
+    };
+    // A hit costs the provider nothing: its tokens are not counted again.
+    if let Some(usage) = ex.usage.filter(|_| ex.cache != Some(CacheStatus::Hit)) {
+        for (kind, count) in [
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+        ] {
+            metrics
+                .tokens
+                .with_label_values(&[&route.name, model_label, kind, tenant_label])
+                .inc_by(count);
+        }
+        if let Some(cost) = cost_usd {
+            metrics
+                .cost_usd
+                .with_label_values(&[&route.name, model_label, tenant_label])
+                .inc_by(cost);
+        }
+    }
+    let failed = status >= 500 || ex.outcome == Outcome::UpstreamBroke;
+    route.stats.record(Sample {
+        first_byte: timings
+            .head_sent
+            .map(|head| head.saturating_duration_since(ex.started)),
+        total,
+        failed,
+    });
+    if let Some(mut span) = span {
+        annotate(&mut span, ex, model, cost_usd, status, failed);
+        span.end();
+    }
+    log_exchange(policy, ex, total, ttft, cost_usd);
+}
+
+/// The request span's closing attributes: who answered, what it cost, how it ended.
+fn annotate(
+    span: &mut Span,
+    ex: &Exchange,
+    model: Option<&str>,
+    cost_usd: Option<f64>,
+    status: u16,
+    failed: bool,
+) {
+    let mut attributes = vec![
+        KeyValue::new("http.response.status_code", i64::from(status)),
+        KeyValue::new("sluice.attempts", i64::from(ex.attempts)),
+        KeyValue::new("sluice.outcome", format!("{:?}", ex.outcome)),
+        KeyValue::new("gen_ai.request.stream", ex.facts.stream),
+    ];
+    if let Some(model) = model.filter(|_| ex.upstream.is_some() || ex.cache.is_some()) {
+        attributes.push(KeyValue::new("gen_ai.response.model", model.to_owned()));
+    }
+    if let Some(upstream) = &ex.upstream {
+        attributes.push(KeyValue::new("sluice.upstream", upstream.to_string()));
+    }
+    if let Some(tenant) = &ex.tenant {
+        attributes.push(KeyValue::new("sluice.tenant", tenant.to_string()));
+    }
+    if let Some(tier) = &ex.tier {
+        attributes.push(KeyValue::new("sluice.tier", tier.to_string()));
+    }
+    if let Some(cache) = ex.cache {
+        attributes.push(KeyValue::new("sluice.cache", cache.as_str()));
+    }
+    if let Some(usage) = ex.usage {
+        attributes.push(KeyValue::new(
+            "gen_ai.usage.input_tokens",
+            usage.input_tokens as i64,
+        ));
+        attributes.push(KeyValue::new(
+            "gen_ai.usage.output_tokens",
+            usage.output_tokens as i64,
+        ));
+    }
+    if let Some(cost) = cost_usd {
+        attributes.push(KeyValue::new("sluice.cost_usd", cost));
+    }
+    if !ex.timings.queued.is_zero() {
+        attributes.push(KeyValue::new(
+            "sluice.queued_ms",
+            ex.timings.queued.as_secs_f64() * 1000.0,
+        ));
+    }
+    if let Some(first) = ex.timings.first_content {
+        span.add_event_with_timestamp(
+            "gen_ai.first_token",
+            SystemTime::now() - first.elapsed(),
+            Vec::new(),
+        );
+    }
+    if ex.outcome == Outcome::Refused && status == 429 {
+        span.add_event("sluice.limited", Vec::new());
+    }
+    span.set_attributes(attributes);
+    if failed {
+        span.set_status(Status::error(format!("{:?}", ex.outcome)));
+    }
+}
+
+/// One access log line per exchange, on the `sluice::access` target. Prompts and completions
+/// only when the policy asks (`telemetry.access_log.bodies`).
+fn log_exchange(
+    policy: &Policy,
+    ex: &Exchange,
+    total: Duration,
+    ttft: Option<Duration>,
+    cost_usd: Option<f64>,
+) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let timings = &ex.timings;
+    let logged = |bytes: &[u8]| {
+        String::from_utf8_lossy(&bytes[..bytes.len().min(LOGGED_BODY_LIMIT)]).into_owned()
+    };
+    let (request_body, response_body) = if policy.telemetry.log_bodies {
+        let response = ex
+            .extensions
+            .get::<LoggedResponse>()
+            .map(|logged_response| logged(&logged_response.0));
+        (Some(logged(&ex.body)), response)
+    } else {
+        (None, None)
+    };
+    tracing::info!(
+        target: "sluice::access",
+        route = %ex.route,
+        method = %ex.request.method,
+        path = ex.request.uri.path(),
+        status = ex.status.map_or(0, |s| s.as_u16()),
+        upstream = ex.upstream.as_deref().unwrap_or("-"),
+        attempts = ex.attempts,
+        model = ex.facts.model.as_deref().unwrap_or("-"),
+        served_model = ex.served_model.as_deref().unwrap_or("-"),
+        tenant = ex.tenant.as_deref().unwrap_or("-"),
+        tier = ex.tier.as_deref().unwrap_or("-"),
+        stream = ex.facts.stream,
+        request_bytes = ex.body.len(),
+        input_tokens = ex.usage.map(|u| u.input_tokens),
+        output_tokens = ex.usage.map(|u| u.output_tokens),
+        cost_usd,
+        response_bytes = ex.response_bytes,
+        outcome = ?ex.outcome,
+        // hit | miss | bypass | refresh: hit durations are the cache's, not the upstream's.
+        cache = ex.cache.map_or("-", |status| status.as_str()),
+        duration_ms = ms(total),
+        sluice_ms = timings.overhead(ex.started).map(ms),
+        queued_ms = (!timings.queued.is_zero()).then(|| ms(timings.queued)),
+        upstream_ms = timings.upstream().map(ms),
+        ttft_ms = ttft.map(ms),
+        connection_reused = timings.connection_reused,
+        request_id = ex.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        request_body,
+        response_body,
+    );
+}
+
+/// Counts a request refused before its exchange began (no route, bad framing, body too large
+/// or too slow).
+pub fn count_early_rejection(metrics: &Metrics, route: &str, status: http::StatusCode) {
+    metrics
+        .requests
+        .with_label_values(&[route, "", "", status.as_str(), "", "", ""])
+        .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operations_follow_the_path() {
+        assert_eq!(operation("/v1/chat/completions"), Some("chat"));
+        assert_eq!(operation("/v1/messages?beta=true"), Some("chat"));
+        assert_eq!(operation("/model/x/converse-stream"), Some("chat"));
+        assert_eq!(operation("/v1/completions"), Some("text_completion"));
+        assert_eq!(operation("/v1/embeddings"), Some("embeddings"));
+        assert_eq!(operation("/v1/models"), None);
+    }
+}

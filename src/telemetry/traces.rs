@@ -1,0 +1,431 @@
+//! OTLP traces: a server span per request, a client span per upstream attempt (so retries,
+//! fallbacks and hedges show), OpenTelemetry GenAI attributes, W3C `traceparent` continued
+//! from the caller and passed upstream.
+//!
+//! Export never holds a request: finished spans go into a bounded queue (a full queue drops
+//! the span and counts it in `sluice_otlp_spans_dropped_total`), and one thread of their own
+//! batches them to the collector. With no `telemetry.otlp`, every call here does nothing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
+};
+use opentelemetry_sdk::Resource;
+use prometheus::IntCounter;
+use sluice_filters::RequestHeader;
+
+use super::sla::SlaRule;
+use crate::policy::schema::OtlpProtocol;
+
+pub use opentelemetry_sdk::trace::Span;
+
+/// The compiled `telemetry.otlp`.
+#[derive(Clone, PartialEq)]
+pub struct OtlpSettings {
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+    /// Values may be secrets: never shown.
+    pub headers: Vec<(String, String)>,
+    pub sampling_ratio: f64,
+    pub queue_size: usize,
+    pub batch_size: usize,
+    pub export_interval: Duration,
+    pub timeout: Duration,
+    pub service_name: String,
+}
+
+impl std::fmt::Debug for OtlpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtlpSettings")
+            .field("protocol", &self.protocol)
+            .field(
+                "headers",
+                &format_args!("<{} redacted>", self.headers.len()),
+            )
+            .field("sampling_ratio", &self.sampling_ratio)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceSetupError {
+    #[error("cannot build the OTLP exporter: {0}")]
+    Exporter(String),
+    #[error("cannot start the span export thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Counters for what became of finished spans.
+#[derive(Clone)]
+pub struct ExportCounters {
+    pub dropped: IntCounter,
+    pub exported: IntCounter,
+    pub failed: IntCounter,
+}
+
+/// The process's tracer: on or off for its lifetime (changing `telemetry.otlp` needs a
+/// restart).
+#[derive(Clone, Default)]
+pub struct Tracer {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    propagator: TraceContextPropagator,
+}
+
+impl std::fmt::Debug for Tracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracer")
+            .field("enabled", &self.inner.is_some())
+            .finish()
+    }
+}
+
+impl Tracer {
+    /// Starts exporting to the collector (a thread of its own; call after Pingora's
+    /// bootstrap, so a daemonising fork does not lose it).
+    pub fn start(
+        settings: &OtlpSettings,
+        counters: ExportCounters,
+    ) -> Result<Self, TraceSetupError> {
+        let processor = QueuedExport::start(settings, counters)?;
+        let ratio = settings.sampling_ratio.clamp(0.0, 1.0);
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                ratio,
+            ))))
+            .with_resource(
+                Resource::builder()
+                    .with_service_name(settings.service_name.clone())
+                    .build(),
+            )
+            .build();
+        let tracer = provider.tracer("sluice");
+        Ok(Self {
+            inner: Some(Arc::new(Inner {
+                provider,
+                tracer,
+                propagator: TraceContextPropagator::new(),
+            })),
+        })
+    }
+
+    /// Exports what is queued; on shutdown.
+    pub fn flush(&self) {
+        if let Some(inner) = &self.inner {
+            let _ = inner.provider.force_flush();
+        }
+    }
+
+    /// The server span of a request, continuing the caller's `traceparent` if it sent one.
+    pub fn request_span(
+        &self,
+        request: &RequestHeader,
+        name: String,
+        started: SystemTime,
+        attributes: Vec<KeyValue>,
+    ) -> Option<Span> {
+        let inner = self.inner.as_ref()?;
+        let parent = inner.propagator.extract(&HeaderReader(request));
+        let span = inner
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Server)
+            .with_start_time(started)
+            .with_attributes(attributes)
+            .start_with_context(&inner.tracer, &parent);
+        Some(span)
+    }
+
+    /// A client span for an upstream attempt, under the request's span.
+    pub fn attempt_span(
+        &self,
+        parent: &SpanContext,
+        name: String,
+        attributes: Vec<KeyValue>,
+    ) -> Option<Span> {
+        let inner = self.inner.as_ref()?;
+        let parent = Context::new().with_remote_span_context(parent.clone());
+        Some(
+            inner
+                .tracer
+                .span_builder(name)
+                .with_kind(SpanKind::Client)
+                .with_attributes(attributes)
+                .start_with_context(&inner.tracer, &parent),
+        )
+    }
+
+    /// Writes `traceparent` (and `tracestate`) for `span` into an upstream request.
+    pub fn inject(&self, span: &SpanContext, request: &mut RequestHeader) {
+        let Some(inner) = &self.inner else { return };
+        let context = Context::new().with_remote_span_context(span.clone());
+        inner
+            .propagator
+            .inject_context(&context, &mut HeaderWriter(request));
+    }
+
+    /// An SLA rule broke or healed: a span of its own with the event.
+    pub fn sla_event(&self, rule: &SlaRule, event: &'static str, why: &str) {
+        let Some(inner) = &self.inner else { return };
+        let mut span = inner
+            .tracer
+            .span_builder(format!("sla {}", rule.name))
+            .with_kind(SpanKind::Internal)
+            .start_with_context(&inner.tracer, &Context::new());
+        span.add_event(
+            event,
+            vec![
+                KeyValue::new("sluice.sla.rule", rule.name.to_string()),
+                KeyValue::new("sluice.sla.subject", rule.subject.clone()),
+                KeyValue::new("sluice.sla.reason", why.to_owned()),
+            ],
+        );
+        if event == "sla.broken" {
+            span.set_status(Status::error(why.to_owned()));
+        }
+        span.end();
+    }
+}
+
+struct HeaderReader<'a>(&'a RequestHeader);
+
+impl Extractor for HeaderReader<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.headers.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.headers.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct HeaderWriter<'a>(&'a mut RequestHeader);
+
+impl Injector for HeaderWriter<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let Ok(name) = http::HeaderName::from_bytes(key.as_bytes()) {
+            let _ = self.0.insert_header(name, value);
+        }
+    }
+}
+
+/// The OTLP exporter for the protocol asked.
+fn build_exporter(
+    settings: &OtlpSettings,
+) -> Result<opentelemetry_otlp::SpanExporter, TraceSetupError> {
+    let failed =
+        |e: opentelemetry_otlp::ExporterBuildError| TraceSetupError::Exporter(e.to_string());
+    match settings.protocol {
+        OtlpProtocol::HttpProtobuf => {
+            let endpoint = format!("{}/v1/traces", settings.endpoint.trim_end_matches('/'));
+            let headers: HashMap<String, String> = settings.headers.iter().cloned().collect();
+            let client = reqwest::Client::builder()
+                .timeout(settings.timeout)
+                .build()
+                .map_err(|e| TraceSetupError::Exporter(e.to_string()))?;
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_http_client(client)
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(endpoint)
+                .with_timeout(settings.timeout)
+                .with_headers(headers)
+                .build()
+                .map_err(failed)
+        }
+        OtlpProtocol::Grpc => {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            for (name, value) in &settings.headers {
+                let name =
+                    tonic::metadata::MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())
+                        .map_err(|e| TraceSetupError::Exporter(e.to_string()))?;
+                let value = value.parse().map_err(|_| {
+                    TraceSetupError::Exporter(format!("header `{name}`: invalid value"))
+                })?;
+                metadata.insert(name, value);
+            }
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(settings.endpoint.clone())
+                .with_timeout(settings.timeout)
+                .with_metadata(metadata)
+                .build()
+                .map_err(failed)
+        }
+    }
+}
+
+/// A span processor that never makes the request wait: a bounded queue, drained in batches
+/// by a thread with its own small runtime (the exporter's HTTP or gRPC client needs one).
+struct QueuedExport {
+    queue: SyncSender<Command>,
+    counters: ExportCounters,
+    stopped: AtomicBool,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+enum Command {
+    Span(Box<SpanData>),
+    Flush(std::sync::mpsc::Sender<()>),
+    Stop,
+}
+
+impl std::fmt::Debug for QueuedExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueuedExport")
+    }
+}
+
+impl QueuedExport {
+    /// Starts the export thread, which builds the exporter inside its own runtime (gRPC's
+    /// channel needs one); a setup error comes back before this returns.
+    fn start(settings: &OtlpSettings, counters: ExportCounters) -> Result<Self, TraceSetupError> {
+        let (queue, receiver) = std::sync::mpsc::sync_channel(settings.queue_size.max(1));
+        let (ready, setup) = std::sync::mpsc::channel();
+        let thread_settings = settings.clone();
+        let thread_counters = counters.clone();
+        let thread = std::thread::Builder::new()
+            .name("sluice-otlp".to_owned())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| TraceSetupError::Exporter(format!("no runtime: {e}")));
+                let started = runtime.and_then(|runtime| {
+                    let exporter = {
+                        let _inside = runtime.enter();
+                        build_exporter(&thread_settings)?
+                    };
+                    Ok((runtime, exporter))
+                });
+                match started {
+                    Ok((runtime, exporter)) => {
+                        let _ = ready.send(Ok(()));
+                        export_loop(
+                            &runtime,
+                            exporter,
+                            receiver,
+                            &thread_settings,
+                            thread_counters,
+                        );
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                    }
+                }
+            })
+            .map_err(TraceSetupError::Thread)?;
+        setup
+            .recv()
+            .map_err(|_| TraceSetupError::Exporter("the export thread stopped".to_owned()))??;
+        Ok(Self {
+            queue,
+            counters,
+            stopped: AtomicBool::new(false),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+}
+
+fn export_loop(
+    runtime: &tokio::runtime::Runtime,
+    mut exporter: opentelemetry_otlp::SpanExporter,
+    receiver: Receiver<Command>,
+    settings: &OtlpSettings,
+    counters: ExportCounters,
+) {
+    let batch_size = settings.batch_size.max(1);
+    let interval = settings.export_interval;
+    let mut batch: Vec<SpanData> = Vec::with_capacity(batch_size);
+    let mut due = Instant::now() + interval;
+    let export = |batch: &mut Vec<SpanData>| {
+        if batch.is_empty() {
+            return;
+        }
+        let count = batch.len() as u64;
+        match runtime.block_on(exporter.export(std::mem::take(batch))) {
+            Ok(()) => counters.exported.inc_by(count),
+            Err(e) => {
+                counters.failed.inc_by(count);
+                tracing::debug!("OTLP export of {count} spans failed: {e}");
+            }
+        }
+    };
+    loop {
+        let wait = due.saturating_duration_since(Instant::now());
+        match receiver.recv_timeout(wait) {
+            Ok(Command::Span(span)) => {
+                batch.push(*span);
+                if batch.len() >= batch_size {
+                    export(&mut batch);
+                    due = Instant::now() + interval;
+                }
+            }
+            Ok(Command::Flush(done)) => {
+                export(&mut batch);
+                let _ = done.send(());
+            }
+            Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                export(&mut batch);
+                let _ = exporter.shutdown();
+                return;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                export(&mut batch);
+                due = Instant::now() + interval;
+            }
+        }
+    }
+}
+
+impl SpanProcessor for QueuedExport {
+    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        match self.queue.try_send(Command::Span(Box::new(span))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.counters.dropped.inc();
+            }
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        let (done, wait) = std::sync::mpsc::channel();
+        if self.queue.send(Command::Flush(done)).is_ok() {
+            let _ = wait.recv_timeout(Duration::from_secs(5));
+        }
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        if !self.stopped.swap(true, Ordering::AcqRel) {
+            let _ = self.queue.send(Command::Stop);
+            if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+                let _ = thread.join();
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,716 @@
+//! Telemetry through the real binary: OTLP spans received and decoded by a collector inside the
+//! test (HTTP/protobuf and gRPC), `/metrics` read by a Prometheus parser, `server-timing`,
+//! `/admin/stats`, SLA alerts, the JSON access log, and secrets kept out of all of them.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+use sluice_filters::auth::keys::KeyHash;
+use sluice_mock::Fault;
+
+/// What a collector received: every span, with its resource's `service.name`.
+#[derive(Clone, Default)]
+struct Received(Arc<Mutex<Vec<(String, Span)>>>);
+
+impl Received {
+    fn take(&self, request: ExportTraceServiceRequest) {
+        let mut spans = self.0.lock().unwrap();
+        for resource in request.resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(Value::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    spans.push((service.clone(), span));
+                }
+            }
+        }
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    /// Waits until `pred` holds over the spans received so far.
+    async fn wait_for(&self, what: &str, pred: impl Fn(&[Span]) -> bool) -> Vec<Span> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let spans = self.spans();
+            if pred(&spans) {
+                return spans;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {:#?}",
+                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// An OTLP/HTTP collector: `POST /v1/traces` with protobuf bodies.
+async fn http_collector() -> (String, Received) {
+    let received = Received::default();
+    let state = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let state = state.clone();
+            async move {
+                let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                state.take(request);
+                (
+                    [("content-type", "application/x-protobuf")],
+                    ExportTraceServiceResponse::default().encode_to_vec(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received)
+}
+
+/// An OTLP/gRPC collector.
+struct GrpcCollector(Received);
+
+#[tonic::async_trait]
+impl TraceService for GrpcCollector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.take(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+async fn grpc_collector() -> (String, Received) {
+    let received = Received::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let service = TraceServiceServer::new(GrpcCollector(received.clone()));
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+    });
+    (url, received)
+}
+
+fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+}
+
+fn string_attribute<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
+    match attribute(span, key)? {
+        Value::StringValue(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn int_attribute(span: &Span, key: &str) -> Option<i64> {
+    match attribute(span, key)? {
+        Value::IntValue(v) => Some(*v),
+        _ => None,
+    }
+}
+
+const CALLER_KEY: &str = "sk-sluice-canary-caller-7f3e9a";
+const PROVIDER_KEY: &str = "sk-canary-provider-a81c4d";
+
+fn traced_policy(
+    primary: &MockServer,
+    backup: &MockServer,
+    collector: &str,
+    protocol: &str,
+) -> String {
+    format!(
+        r#"
+telemetry:
+  otlp: {{ endpoint: "{collector}", protocol: {protocol}, export_interval: 100ms, service_name: sluice-test }}
+prices:
+  gpt-4o-mini: {{ input: 1000000, output: 1000000 }}
+upstreams:
+  primary: {{ provider: openai, base_url: "{p}", keys: ["{PROVIDER_KEY}"] }}
+  backup: {{ provider: openai, base_url: "{b}", keys: ["{PROVIDER_KEY}"] }}
+routes:
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    targets: [primary, backup]
+    retry: {{ attempts: 3 }}
+tiers:
+  free: {{ limits: {{ requests_per_minute: 100 }} }}
+tenants:
+  - {{ name: team, tier: free, keys: [{{ hash: "{hash}" }}] }}
+"#,
+        p = primary.url(),
+        b = backup.url(),
+        hash = KeyHash::of(CALLER_KEY).to_text(),
+    )
+}
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+
+async fn traced_call(sidecar: &Sidecar, body: &serde_json::Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth(CALLER_KEY)
+        .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN}-01"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A request whose first attempt fails (503) and whose fallback serves: a server span
+/// continuing the caller's trace, two client spans under it, GenAI attributes, and the
+/// upstream receiving the trace through the attempt's span.
+async fn spans_show_retries_fallbacks_and_genai_attributes(protocol: &str) {
+    let (primary, backup) = (mock().await, mock().await);
+    primary.set_fault(Some(Fault::Status {
+        status: 503,
+        retry_after: None,
+    }));
+    let (url, collector) = match protocol {
+        "grpc" => grpc_collector().await,
+        _ => http_collector().await,
+    };
+    let sidecar = Sidecar::start(&traced_policy(&primary, &backup, &url, protocol)).await;
+    let response = traced_call(&sidecar, &chat_body("trace me", false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-upstream"], "backup");
+
+    let spans = collector
+        .wait_for("a server span and two attempt spans", |spans| {
+            spans.len() >= 3
+        })
+        .await;
+    let trace_id = hex::decode(TRACE_ID).unwrap();
+    assert!(
+        spans.iter().all(|s| s.trace_id == trace_id),
+        "one trace, the caller's"
+    );
+    let server = spans
+        .iter()
+        .find(|s| s.kind == 2) // SPAN_KIND_SERVER
+        .expect("a server span");
+    assert_eq!(server.name, "chat gpt-4o-mini");
+    assert_eq!(server.parent_span_id, hex::decode(CALLER_SPAN).unwrap());
+    assert_eq!(
+        string_attribute(server, "gen_ai.operation.name"),
+        Some("chat")
+    );
+    assert_eq!(string_attribute(server, "gen_ai.system"), Some("openai"));
+    assert_eq!(
+        string_attribute(server, "gen_ai.request.model"),
+        Some("gpt-4o-mini")
+    );
+    assert_eq!(
+        string_attribute(server, "gen_ai.response.model"),
+        Some("gpt-4o-mini")
+    );
+    assert!(int_attribute(server, "gen_ai.usage.input_tokens").unwrap() > 0);
+    assert!(int_attribute(server, "gen_ai.usage.output_tokens").unwrap() > 0);
+    assert_eq!(
+        int_attribute(server, "http.response.status_code"),
+        Some(200)
+    );
+    assert_eq!(int_attribute(server, "sluice.attempts"), Some(2));
+    assert_eq!(string_attribute(server, "sluice.tenant"), Some("team"));
+    assert_eq!(string_attribute(server, "sluice.tier"), Some("free"));
+
+    let mut attempts: Vec<&Span> = spans.iter().filter(|s| s.kind == 3).collect(); // CLIENT
+    attempts.sort_by_key(|s| s.start_time_unix_nano);
+    assert_eq!(attempts.len(), 2, "one span per attempt");
+    for attempt in &attempts {
+        assert_eq!(
+            attempt.parent_span_id, server.span_id,
+            "attempts are children"
+        );
+        assert_eq!(attempt.name, "chat gpt-4o-mini");
+    }
+    assert_eq!(
+        string_attribute(attempts[0], "sluice.upstream"),
+        Some("primary")
+    );
+    assert_eq!(
+        int_attribute(attempts[0], "http.response.status_code"),
+        Some(503)
+    );
+    assert_eq!(attempts[0].status.as_ref().map(|s| s.code), Some(2)); // ERROR
+    assert_eq!(
+        string_attribute(attempts[1], "sluice.upstream"),
+        Some("backup")
+    );
+    assert_eq!(
+        int_attribute(attempts[1], "http.response.status_code"),
+        Some(200)
+    );
+
+    // The backup saw the caller's trace continue through its attempt's span.
+    let sent = backup.requests().remove(0);
+    let traceparent = sent
+        .headers
+        .iter()
+        .find(|(n, _)| n == "traceparent")
+        .map(|(_, v)| v.clone())
+        .expect("traceparent upstream");
+    assert_eq!(
+        traceparent,
+        format!("00-{TRACE_ID}-{}-01", hex::encode(&attempts[1].span_id))
+    );
+}
+
+#[tokio::test]
+async fn spans_over_http_protobuf() {
+    spans_show_retries_fallbacks_and_genai_attributes("http/protobuf").await;
+}
+
+#[tokio::test]
+async fn spans_over_grpc() {
+    spans_show_retries_fallbacks_and_genai_attributes("grpc").await;
+}
+
+#[tokio::test]
+async fn metrics_count_what_was_sent_and_timings_are_reported() {
+    let (primary, backup) = (mock().await, mock().await);
+    let (url, _collector) = http_collector().await;
+    let sidecar = Sidecar::start(&traced_policy(&primary, &backup, &url, "http/protobuf")).await;
+    for i in 0..5 {
+        let response = traced_call(&sidecar, &chat_body(&format!("count {i}"), i % 2 == 0)).await;
+        assert_eq!(response.status(), 200);
+        let timing = response.headers()["server-timing"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            timing.starts_with("sluice;dur=") && timing.contains("upstream;dur="),
+            "{timing}"
+        );
+        response.bytes().await.unwrap();
+    }
+    let refused = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth("sk-sluice-unknown")
+        .json(&chat_body("who", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(refused.headers()["server-timing"]
+        .to_str()
+        .unwrap()
+        .starts_with("sluice;dur="));
+
+    // Metrics are recorded as the exchange ends, just after the caller has its answer.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let metrics = loop {
+        let metrics = sidecar.metrics().await;
+        let ok = [
+            ("route", "openai"),
+            ("status", "200"),
+            ("upstream", "primary"),
+        ];
+        if metrics.value("sluice_requests_total", &ok) == Some(5.0) || Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let ok = [
+        ("route", "openai"),
+        ("status", "200"),
+        ("upstream", "primary"),
+        ("model", "gpt-4o-mini"),
+        ("tier", "free"),
+    ];
+    assert_eq!(metrics.value("sluice_requests_total", &ok), Some(5.0));
+    let denied = [("route", "openai"), ("status", "401")];
+    assert_eq!(metrics.value("sluice_requests_total", &denied), Some(1.0));
+    let route = [("route", "openai")];
+    assert_eq!(
+        metrics.value("sluice_request_duration_seconds_count", &route),
+        Some(6.0)
+    );
+    assert_eq!(
+        metrics.value("sluice_overhead_seconds_count", &route),
+        Some(6.0)
+    );
+    assert_eq!(
+        metrics.value("sluice_time_to_first_token_seconds_count", &route),
+        Some(3.0),
+        "the three streams"
+    );
+    assert!(metrics.value("sluice_inter_token_gap_seconds_count", &route) >= Some(3.0));
+    let input = [
+        ("route", "openai"),
+        ("kind", "input"),
+        ("model", "gpt-4o-mini"),
+    ];
+    assert!(metrics.value("sluice_tokens_total", &input) > Some(0.0));
+    assert!(
+        metrics.value("sluice_cost_usd_total", &[("route", "openai")]) > Some(0.0),
+        "a dollar a token"
+    );
+    let attempts = [("upstream", "primary"), ("outcome", "ok")];
+    assert_eq!(
+        metrics.value("sluice_upstream_attempts_total", &attempts),
+        Some(5.0)
+    );
+    let connections: f64 = ["true", "false"]
+        .iter()
+        .filter_map(|reused| {
+            metrics.value(
+                "sluice_upstream_connections_total",
+                &[("upstream", "primary"), ("reused", reused)],
+            )
+        })
+        .sum();
+    assert_eq!(connections, 5.0);
+    // Tens of microseconds are visible in the overhead histogram.
+    let finest = metrics.0.samples.iter().any(|s| match &s.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            s.metric == "sluice_overhead_seconds" && buckets.iter().any(|b| b.less_than == 0.00001)
+        }
+        _ => false,
+    });
+    assert!(finest, "a 10µs bucket");
+
+    let stats: serde_json::Value = reqwest::get(format!("{}/admin/stats", sidecar.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let minute = &stats["routes"]["openai"]["1m"];
+    assert_eq!(minute["requests"], 6, "{stats}");
+    assert_eq!(minute["success_rate"], 100.0, "a 401 is not a failure");
+    assert!(minute["total_ms"]["p99"].as_f64().unwrap() > 0.0);
+    assert_eq!(stats["upstreams"]["primary"]["1m"]["requests"], 5);
+}
+
+#[tokio::test]
+async fn an_unreachable_collector_costs_requests_nothing() {
+    let (primary, backup) = (mock().await, mock().await);
+    // A collector that accepts and never answers; a long export timeout that a request must
+    // never wait for, so the small queue overflows behind the stuck export.
+    let hung = Sinkhole::start().await;
+    let policy = traced_policy(&primary, &backup, &hung.url(), "http/protobuf").replace(
+        "export_interval: 100ms",
+        "export_interval: 100ms, timeout: 5s, queue_size: 4",
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    let started = Instant::now();
+    for i in 0..20 {
+        let response = traced_call(&sidecar, &chat_body(&format!("lost {i}"), false)).await;
+        assert_eq!(response.status(), 200);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "requests waited on the exporter: {:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = sidecar.metrics().await;
+        let lost = metrics
+            .value("sluice_otlp_spans_dropped_total", &[])
+            .unwrap_or(0.0)
+            + metrics
+                .value("sluice_otlp_spans_failed_total", &[])
+                .unwrap_or(0.0);
+        if lost >= 1.0 {
+            assert!(
+                metrics.value("sluice_otlp_spans_dropped_total", &[]) >= Some(1.0),
+                "a queue of 4 overflows"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "lost spans are counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_sla_rule_breaks_and_recovers() {
+    let mock = mock().await;
+    let policy = format!(
+        r#"
+telemetry:
+  sla:
+    - {{ name: fast-chat, route: openai, window: 2s, p95: 150ms, min_requests: 3 }}
+upstreams:
+  openai: {{ provider: openai, base_url: "{url}" }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough }}
+"#,
+        url = mock.url()
+    );
+    let sidecar = Sidecar::start_with_env(&policy, &[("SLUICE_LOG", "info")]).await;
+    let call = || async {
+        let response = reqwest::Client::new()
+            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+            .json(&chat_body("sla", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    };
+    mock.set_first_byte_delay(Duration::from_millis(300));
+    for _ in 0..4 {
+        call().await;
+    }
+    let rule = [("rule", "fast-chat")];
+    let breaches = ("sluice_sla_breaches_total", &rule[..], 1.0);
+    wait_for_metric(&sidecar, breaches, Duration::from_secs(5), async || {}).await;
+    assert_eq!(
+        sidecar.metrics().await.value("sluice_sla_ok", &rule),
+        Some(0.0)
+    );
+    let stats: serde_json::Value = reqwest::get(format!("{}/admin/stats", sidecar.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["sla"][0]["state"], "broken", "{stats}");
+
+    // Healed: fast answers, and the slow ones leave the 2 s window.
+    mock.set_first_byte_delay(Duration::ZERO);
+    let recoveries = ("sluice_sla_recoveries_total", &rule[..], 1.0);
+    wait_for_metric(&sidecar, recoveries, Duration::from_secs(8), call).await;
+    let metrics = sidecar.metrics().await;
+    assert_eq!(metrics.value("sluice_sla_ok", &rule), Some(1.0));
+    assert_eq!(
+        metrics.value("sluice_sla_breaches_total", &rule),
+        Some(1.0),
+        "once"
+    );
+    let logs = sidecar.logs();
+    assert_eq!(logs.matches("SLA broken").count(), 1, "{logs}");
+    assert_eq!(logs.matches("SLA recovered").count(), 1, "{logs}");
+}
+
+#[tokio::test]
+async fn the_access_log_is_one_json_line_without_prompts_unless_asked() {
+    let mock = mock().await;
+    let body = |bodies: bool| {
+        format!(
+            r#"
+telemetry: {{ access_log: {{ bodies: {bodies} }} }}
+upstreams:
+  openai: {{ provider: openai, base_url: "{url}" }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough }}
+"#,
+            url = mock.url()
+        )
+    };
+    for bodies in [false, true] {
+        let sidecar = Sidecar::start_with_env(
+            &body(bodies),
+            &[
+                ("SLUICE_LOG", "sluice::access=info"),
+                ("SLUICE_LOG_FORMAT", "json"),
+            ],
+        )
+        .await;
+        let response = reqwest::Client::new()
+            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+            .json(&chat_body("a private prompt", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let line = loop {
+            let logs = sidecar.logs();
+            if let Some(line) = logs.lines().find(|l| l.contains("\"route\":\"openai\"")) {
+                break line.to_owned();
+            }
+            assert!(Instant::now() < deadline, "no access line: {logs}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let entry: serde_json::Value = serde_json::from_str(&line).expect("one JSON object");
+        let fields = &entry["fields"];
+        assert_eq!(fields["status"], 200);
+        assert_eq!(fields["upstream"], "openai");
+        assert_eq!(fields["model"], "gpt-4o-mini");
+        assert!(fields["input_tokens"].as_u64().unwrap() > 0);
+        assert!(fields["duration_ms"].as_f64().unwrap() > 0.0);
+        assert!(fields["sluice_ms"].as_f64().is_some());
+        assert!(fields["upstream_ms"].as_f64().is_some());
+        assert_eq!(line.contains("a private prompt"), bodies, "{line}");
+    }
+}
+
+/// Canary keys through success, 401, 429, retries and a broken stream, with the most verbose
+/// log level and tracing on: they appear nowhere Sluice writes.
+#[tokio::test]
+async fn canary_keys_never_leak() {
+    let (primary, backup) = (mock().await, mock().await);
+    let (url, collector) = http_collector().await;
+    let policy = traced_policy(&primary, &backup, &url, "http/protobuf")
+        .replace("requests_per_minute: 100", "requests_per_minute: 4");
+    let sidecar = Sidecar::start_with_env(&policy, &[("SLUICE_LOG", "trace")]).await;
+    primary.set_fault(Some(Fault::Status {
+        status: 500,
+        retry_after: None,
+    }));
+    assert_eq!(
+        traced_call(&sidecar, &chat_body("retried", false))
+            .await
+            .status(),
+        200
+    );
+    primary.set_fault(Some(Fault::ResetMidStream));
+    let broken = traced_call(&sidecar, &chat_body("broken", true)).await;
+    let _ = broken.bytes().await;
+    primary.set_fault(None);
+    let mut error_bodies = Vec::new();
+    for _ in 0..4 {
+        let response = traced_call(&sidecar, &chat_body("limited", false)).await;
+        error_bodies.push(response.text().await.unwrap());
+    }
+    let wrong = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth(format!("{CALLER_KEY}-wrong"))
+        .json(&chat_body("x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    error_bodies.push(wrong.text().await.unwrap());
+    // A key in the query string (as some SDKs send one) is not logged or traced either.
+    let queried = reqwest::Client::new()
+        .post(format!(
+            "{}/openai/v1/chat/completions?api-key={CALLER_KEY}&key={PROVIDER_KEY}",
+            sidecar.proxy
+        ))
+        .json(&chat_body("x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queried.status(), 401);
+    error_bodies.push(queried.text().await.unwrap());
+    assert!(
+        error_bodies.iter().any(|b| b.contains("rate limit")),
+        "{error_bodies:?}"
+    );
+
+    collector
+        .wait_for("spans of every request", |s| s.len() >= 8)
+        .await;
+    let metrics = reqwest::get(format!("{}/metrics", sidecar.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut admin = Vec::new();
+    for path in [
+        "/admin/policy",
+        "/admin/upstreams",
+        "/admin/stats",
+        "/readyz",
+    ] {
+        let text = reqwest::get(format!("{}{path}", sidecar.admin))
+            .await
+            .unwrap()
+            .text()
+            .await;
+        admin.push(text.unwrap());
+    }
+    let spans = format!("{:?}", collector.spans());
+    let everything = [
+        sidecar.logs(),
+        spans,
+        metrics,
+        error_bodies.join("\n"),
+        admin.join("\n"),
+    ];
+    for secret in [CALLER_KEY, PROVIDER_KEY] {
+        use base64::Engine;
+        let forms = [
+            secret.to_owned(),
+            base64::engine::general_purpose::STANDARD.encode(secret),
+            urlencoding(secret),
+        ];
+        for (place, text) in ["logs", "spans", "metrics", "error bodies", "admin"]
+            .iter()
+            .zip(&everything)
+        {
+            for form in &forms {
+                assert!(
+                    !text.contains(form.as_str()),
+                    "{secret} in {place} as {form}"
+                );
+            }
+        }
+    }
+    assert!(sidecar.logs().contains("TRACE") || sidecar.logs().contains("DEBUG"));
+}
+
+/// Waits until the sample `(name, labels)` has the value `want`, calling `between` after each
+/// look that found it otherwise.
+async fn wait_for_metric(
+    sidecar: &Sidecar,
+    (name, labels, want): (&str, &[(&str, &str)], f64),
+    within: Duration,
+    mut between: impl AsyncFnMut(),
+) {
+    let deadline = Instant::now() + within;
+    while sidecar.metrics().await.value(name, labels) != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels:?} never reached {want}"
+        );
+        between().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn urlencoding(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
