@@ -476,6 +476,12 @@ async fn forbidden_targets_are_refused_and_never_dialled() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(sinkhole.accepted(), 0, "a refused target was dialled");
 
+    let metrics = sidecar.metrics().await;
+    let counted = |action: &str| metrics.value("sluice_forward_total", &[("action", action)]);
+    assert_eq!(counted("refuse"), Some(cases.len() as f64));
+    assert_eq!(counted("bad_request"), Some(1.0));
+    assert_eq!(counted("tunnel"), Some(0.0));
+
     // The sinkhole does see a tunnel the policy allows (`tunnel.example` is named in `resolve`).
     let request = format!("CONNECT tunnel.example:{sink} HTTP/1.1\r\nHost: x\r\n\r\n");
     let answer = raw_exchange(listener, request.as_bytes(), Duration::from_millis(500)).await;
@@ -636,6 +642,17 @@ async fn a_rotated_ca_applies_on_reload_and_a_bad_one_is_refused() {
     sidecar.wait_for_reload(&before).await;
     assert_eq!(call(&second_ca).await.unwrap().status(), 200);
     assert!(call(&first_ca).await.is_err(), "the old CA still signs");
+    // Counted once Sluice has seen the client's alert, which may come just after the error.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let metrics = sidecar.metrics().await;
+        let failed = metrics.value("sluice_forward_total", &[("action", "handshake_failed")]);
+        if failed >= Some(1.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{failed:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Files gone on reload: refused (a CA is generated at startup only).
     let rotated = sidecar.policy_hash().await;

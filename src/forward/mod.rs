@@ -57,11 +57,70 @@ impl ForwardApp {
         proxy: SluiceProxy,
     ) -> Result<Self, InterceptError> {
         let exchange = ForwardedExchange::new(proxy, policies.clone());
+        for action in Action::ALL {
+            // Present from the start, so a rate over them has a zero to begin with.
+            policies
+                .metrics()
+                .forward
+                .with_label_values(&[action.label()]);
+        }
         Ok(Self {
             policies,
             exchange: Arc::new(pingora::proxy::http_proxy(conf, exchange)),
             interceptor: Interceptor::new()?,
         })
+    }
+
+    fn count(&self, action: Action) {
+        self.policies
+            .metrics()
+            .forward
+            .with_label_values(&[action.label()])
+            .inc();
+    }
+
+    /// Counts a refusal and logs it (the target, never a request's content).
+    fn log_refusal(&self, host: &str, port: u16, refusal: &Refusal) {
+        self.count(refusal.action);
+        tracing::info!(
+            target: "sluice::forward",
+            host, port, status = refusal.status, action = refusal.action.label(),
+            "{}", refusal.message
+        );
+    }
+}
+
+/// What the forward listener did with a connection (or an absolute-form request): the
+/// `action` of `sluice_forward_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Intercept,
+    Tunnel,
+    Refuse,
+    BadRequest,
+    HandshakeFailed,
+    TunnelFailed,
+}
+
+impl Action {
+    const ALL: [Action; 6] = [
+        Action::Intercept,
+        Action::Tunnel,
+        Action::Refuse,
+        Action::BadRequest,
+        Action::HandshakeFailed,
+        Action::TunnelFailed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Action::Intercept => "intercept",
+            Action::Tunnel => "tunnel",
+            Action::Refuse => "refuse",
+            Action::BadRequest => "bad_request",
+            Action::HandshakeFailed => "handshake_failed",
+            Action::TunnelFailed => "tunnel_failed",
+        }
     }
 }
 
@@ -72,15 +131,24 @@ struct Refusal {
     status: u16,
     reason: &'static str,
     message: String,
+    /// How it is counted.
+    action: Action,
 }
 
 impl Refusal {
+    /// A refusal by the policy (403 and the like).
     fn new(status: u16, reason: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             reason,
             message: message.into(),
+            action: Action::Refuse,
         }
+    }
+
+    fn counted_as(mut self, action: Action) -> Self {
+        self.action = action;
+        self
     }
 
     fn bytes(&self) -> Vec<u8> {
@@ -98,11 +166,12 @@ impl Refusal {
 impl From<HeadError> for Refusal {
     fn from(error: HeadError) -> Self {
         let message = error.to_string();
-        match error {
+        let refusal = match error {
             HeadError::Timeout(_) => Refusal::new(408, "Request Timeout", message),
             HeadError::TooLarge => Refusal::new(431, "Request Header Fields Too Large", message),
             _ => Refusal::new(400, "Bad Request", message),
-        }
+        };
+        refusal.counted_as(Action::BadRequest)
     }
 }
 
@@ -111,9 +180,11 @@ impl From<DialError> for Refusal {
         let message = error.to_string();
         match error {
             DialError::Forbidden { .. } => Refusal::new(403, "Forbidden", message),
-            DialError::Timeout { .. } => Refusal::new(504, "Gateway Timeout", message),
+            DialError::Timeout { .. } => {
+                Refusal::new(504, "Gateway Timeout", message).counted_as(Action::TunnelFailed)
+            }
             DialError::Resolve { .. } | DialError::Connect { .. } => {
-                Refusal::new(502, "Bad Gateway", message)
+                Refusal::new(502, "Bad Gateway", message).counted_as(Action::TunnelFailed)
             }
         }
     }
@@ -141,6 +212,7 @@ impl ServerApp for ForwardApp {
                     "Service Unavailable",
                     "the active policy has no forward mode (listen.forward)",
                 );
+                self.log_refusal("-", 0, &refusal);
                 let _ = refuse(&mut stream, &refusal).await;
                 return None;
             };
@@ -149,7 +221,7 @@ impl ServerApp for ForwardApp {
                 Err(HeadError::Closed | HeadError::Io(_)) => return None,
                 Err(error) => {
                     let refusal = Refusal::from(error);
-                    log_refusal("-", 0, &refusal);
+                    self.log_refusal("-", 0, &refusal);
                     let _ = refuse(&mut stream, &refusal).await;
                     return None;
                 }
@@ -163,6 +235,7 @@ impl ServerApp for ForwardApp {
                 Target::Absolute { host, port, .. } => {
                     match forward.decide(&host, port, Asked::Absolute) {
                         Decision::Intercept => {
+                            self.count(Action::Intercept);
                             stream.rewind(&head.bytes);
                             stream = self.exchange_one(stream, shutdown).await?;
                         }
@@ -173,7 +246,7 @@ impl ServerApp for ForwardApp {
                         }
                         Decision::Refuse(why) => {
                             let refusal = Refusal::new(403, "Forbidden", why);
-                            log_refusal(&host, port, &refusal);
+                            self.log_refusal(&host, port, &refusal);
                             let _ = refuse(&mut stream, &refusal).await;
                             return None;
                         }
@@ -204,7 +277,7 @@ impl ForwardApp {
         match forward.decide(host, port, Asked::Connect) {
             Decision::Refuse(why) => {
                 let refusal = Refusal::new(403, "Forbidden", why);
-                log_refusal(host, port, &refusal);
+                self.log_refusal(host, port, &refusal);
                 let _ = refuse(&mut stream, &refusal).await;
             }
             Decision::Intercept => {
@@ -218,14 +291,16 @@ impl ForwardApp {
                     .await;
                 match accepted {
                     Ok(tls) => {
+                        self.count(Action::Intercept);
                         tracing::debug!(target: "sluice::forward", host, port, action = "intercept", "TLS terminated");
                         // h2 or HTTP/1.1 by ALPN, keep-alive and shutdown as on the proxy listener.
                         ServerApp::process_new(&self.exchange, Box::new(tls), shutdown).await;
                     }
                     Err(e) => {
+                        self.count(Action::HandshakeFailed);
                         // Often the client not trusting Sluice's CA: say which CA it was shown.
                         tracing::info!(
-                            target: "sluice::forward", host, port, action = "intercept",
+                            target: "sluice::forward", host, port, action = Action::HandshakeFailed.label(),
                             ca = %forward.ca.fingerprint, "{e} (does the client trust Sluice's CA?)"
                         );
                     }
@@ -233,10 +308,13 @@ impl ForwardApp {
             }
             Decision::Tunnel => {
                 let target = match tunnel::dial(forward, &policy.resolve, host, port).await {
-                    Ok(target) => target,
+                    Ok(target) => {
+                        self.count(Action::Tunnel);
+                        target
+                    }
                     Err(e) => {
                         let refusal = Refusal::from(e);
-                        log_refusal(host, port, &refusal);
+                        self.log_refusal(host, port, &refusal);
                         let _ = refuse(&mut stream, &refusal).await;
                         return;
                     }
@@ -279,10 +357,13 @@ impl ForwardApp {
     ) {
         let started = Instant::now();
         let mut target = match tunnel::dial(forward, &policy.resolve, host, port).await {
-            Ok(target) => target,
+            Ok(target) => {
+                self.count(Action::Tunnel);
+                target
+            }
             Err(e) => {
                 let refusal = Refusal::from(e);
-                log_refusal(host, port, &refusal);
+                self.log_refusal(host, port, &refusal);
                 let _ = refuse(&mut stream, &refusal).await;
                 return;
             }
@@ -337,14 +418,6 @@ async fn refuse(stream: &mut L4Stream, refusal: &Refusal) -> std::io::Result<()>
     stream.write_all(&refusal.bytes()).await?;
     stream.flush().await?;
     stream.shutdown().await
-}
-
-fn log_refusal(host: &str, port: u16, refusal: &Refusal) {
-    tracing::info!(
-        target: "sluice::forward",
-        host, port, status = refusal.status, action = "refuse",
-        "{}", refusal.message
-    );
 }
 
 fn log_tunnel(host: &str, port: u16, started: Instant, result: std::io::Result<tunnel::Spliced>) {

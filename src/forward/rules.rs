@@ -117,6 +117,17 @@ pub struct ForwardPolicy {
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
     pub ca: Arc<CertificateAuthority>,
+    /// Where `ca` came from: what `sluice check` can say of a CA that does not exist yet.
+    pub ca_origin: CaOrigin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaOrigin {
+    /// Read from the policy's CA files.
+    Files,
+    /// A stand-in made by `sluice check`: `sluice run` would generate the CA and write it to
+    /// this certificate path.
+    ToBeGenerated(std::path::PathBuf),
 }
 
 /// What happens to one target.

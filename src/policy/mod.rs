@@ -20,7 +20,7 @@ use sluice_filters::limits::{LimitStore, OnError, Prices, RedisCounters};
 use sluice_filters::Chain;
 
 use crate::forward::ca::CertificateAuthority;
-use crate::forward::rules::ForwardPolicy;
+use crate::forward::rules::{CaOrigin, ForwardPolicy};
 use crate::telemetry::metrics::RouteMetrics;
 use crate::telemetry::sla::SlaRule;
 use crate::telemetry::stats::{Series, StatsRegistry};
@@ -299,12 +299,20 @@ impl Policy {
     /// One line for `sluice check` and the log.
     pub fn summary(&self) -> String {
         let forward = match (self.listen.forward, &self.forward) {
-            (Some(addr), Some(forward)) => {
-                format!(
-                    ", forward {addr} (CA sha256 {})",
-                    &forward.ca.fingerprint[..12]
-                )
-            }
+            (Some(addr), Some(forward)) => match &forward.ca_origin {
+                CaOrigin::Files => {
+                    format!(
+                        ", forward {addr} (CA sha256 {})",
+                        &forward.ca.fingerprint[..12]
+                    )
+                }
+                CaOrigin::ToBeGenerated(path) => {
+                    format!(
+                        ", forward {addr} (CA generated at startup into {})",
+                        path.display()
+                    )
+                }
+            },
             _ => String::new(),
         };
         format!(

@@ -1,7 +1,7 @@
 //! `forward:` and `resolve:` compiled: the forward listener's rules, its CA (loaded from its
 //! files, or generated at first start), and the name-resolution overrides.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -10,7 +10,7 @@ use super::super::schema::{CaSpec, ForwardSpec, PolicyFile};
 use super::super::{PolicyError, SharedState};
 use super::Sources;
 use crate::forward::ca::{self, CaError, CaFile, CertificateAuthority};
-use crate::forward::rules::{normalize_host, ForwardPolicy, HostPattern};
+use crate::forward::rules::{normalize_host, CaOrigin, ForwardPolicy, HostPattern};
 use crate::upstream::ResolveOverrides;
 
 /// What loading a policy does when neither of its CA files exists (and `generate` is on).
@@ -157,6 +157,7 @@ pub(super) fn compile_forward(
     if errors.len() > before {
         return None;
     }
+    let (ca, ca_origin) = ca?;
     Some(Arc::new(ForwardPolicy {
         intercept_hosts,
         intercept_ports: spec.intercept.ports.clone(),
@@ -166,7 +167,8 @@ pub(super) fn compile_forward(
         connect_timeout: spec.tunnel.connect_timeout.0,
         idle_timeout: spec.tunnel.idle_timeout.0,
         handshake_timeout: spec.handshake_timeout.0,
-        ca: ca?,
+        ca,
+        ca_origin,
     }))
 }
 
@@ -178,7 +180,7 @@ fn compile_ca(
     shared: &SharedState,
     sources: &mut Sources,
     errors: &mut Vec<PolicyError>,
-) -> Option<Arc<CertificateAuthority>> {
+) -> Option<(Arc<CertificateAuthority>, CaOrigin)> {
     let cert_path = sources.folder.join(&spec.cert_file.value);
     let key_path = sources.folder.join(&spec.key_file.value);
     let cert_error = |message: String| {
@@ -190,15 +192,20 @@ fn compile_ca(
     match (cert_path.exists(), key_path.exists()) {
         (false, false) if spec.generate => match shared.missing_ca() {
             MissingCa::Describe => {
-                // Nothing is written by a check; the CA it makes is thrown away.
+                // Nothing is written by a check; the CA it makes is a stand-in, thrown away.
                 return CertificateAuthority::generate(cache_size)
-                    .map(|(authority, _key)| Arc::new(authority))
+                    .map(|(authority, _key)| {
+                        (
+                            Arc::new(authority),
+                            CaOrigin::ToBeGenerated(cert_path.clone()),
+                        )
+                    })
                     .map_err(|e| errors.push(cert_error(e.to_string())))
                     .ok();
             }
             MissingCa::Generate => {
-                if let Err(message) = generate(&cert_path, &key_path, cache_size) {
-                    errors.push(cert_error(message));
+                if let Err(e) = generate(&cert_path, &key_path, cache_size) {
+                    errors.push(cert_error(e.to_string()));
                     return None;
                 }
             }
@@ -252,17 +259,29 @@ fn compile_ca(
             })
         })
         .ok()
+        .map(|authority| (authority, CaOrigin::Files))
 }
 
-fn generate(cert_path: &Path, key_path: &Path, cache_size: u64) -> Result<(), String> {
-    let (authority, key_pem) =
-        CertificateAuthority::generate(cache_size).map_err(|e| e.to_string())?;
-    ca::write_generated(cert_path, key_path, &authority, &key_pem).map_err(|e| {
-        format!(
-            "cannot write the generated CA to `{}` and `{}`: {e}",
-            cert_path.display(),
-            key_path.display()
-        )
+#[derive(Debug, thiserror::Error)]
+enum GenerateError {
+    #[error("cannot make a CA: {0}")]
+    Make(#[from] CaError),
+    #[error("cannot write the generated CA to `{}` and `{}`: {source}", certificate.display(), key.display())]
+    Write {
+        certificate: PathBuf,
+        key: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn generate(cert_path: &Path, key_path: &Path, cache_size: u64) -> Result<(), GenerateError> {
+    let (authority, key_pem) = CertificateAuthority::generate(cache_size)?;
+    ca::write_generated(cert_path, key_path, &authority, &key_pem).map_err(|source| {
+        GenerateError::Write {
+            certificate: cert_path.to_path_buf(),
+            key: key_path.to_path_buf(),
+            source,
+        }
     })?;
     tracing::info!(
         target: "sluice::forward",
