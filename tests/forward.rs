@@ -255,31 +255,36 @@ async fn limits_count_both_modes_together() {
     assert_eq!(provider.mock.request_count(), 4);
 }
 
-/// `curl` with `HTTPS_PROXY` in its environment and Sluice's CA as its bundle.
-async fn curl(sidecar: &Sidecar, args: &[&str]) -> String {
+/// `curl` with `HTTPS_PROXY` in its environment and Sluice's CA as its bundle, posting a chat
+/// completion (with the Sluice key when `key` is given); its output ends with the status and
+/// HTTP version.
+async fn curl_chat(sidecar: &Sidecar, key: Option<&str>, stream: bool, more: &[&str]) -> String {
     let ca = sidecar.policy_path.with_file_name(CA_CERT);
-    let output = tokio::process::Command::new("curl")
+    let mut command = tokio::process::Command::new("curl");
+    command
         .env("HTTPS_PROXY", sidecar.forward.as_deref().unwrap())
         .env_remove("NO_PROXY")
         .env_remove("no_proxy")
         .arg("--cacert")
         .arg(&ca)
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            "-w",
-            "\n%{http_code} HTTP/%{http_version}",
-        ])
-        .args(args)
+        .args(["-sS", "--max-time", "10"])
+        .args(["-w", "\n%{http_code} HTTP/%{http_version}"])
+        .args(["-H", "content-type: application/json"])
+        .arg("-d")
+        .arg(chat_body("from curl", stream).to_string())
+        .args(more);
+    if let Some(key) = key {
+        command
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {key}"));
+    }
+    let output = command
+        .arg("https://api.openai.com/v1/chat/completions")
         .output()
         .await
         .expect("curl is installed (make deps)");
-    assert!(
-        output.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "curl: {stderr}");
     String::from_utf8(output.stdout).unwrap()
 }
 
@@ -288,57 +293,16 @@ async fn curl_reaches_the_provider_through_https_proxy() {
     let provider = TlsMock::start(&MOCK_NAMES).await;
     let sidecar =
         Sidecar::start_forward(&policy(&provider, "{ requests_per_minute: 1000 }", ""), &[]).await;
-    let url = "https://api.openai.com/v1/chat/completions";
-    let auth = format!("Authorization: Bearer {KEY}");
-    let body = |stream: bool| chat_body("from curl", stream).to_string();
 
-    let whole = curl(
-        &sidecar,
-        &[
-            "-H",
-            &auth,
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body(false),
-            url,
-        ],
-    )
-    .await;
+    let whole = curl_chat(&sidecar, Some(KEY), false, &[]).await;
     assert!(whole.ends_with("\n200 HTTP/2"), "{whole}");
     assert!(whole.contains("\"content\":\"echo: from curl\""), "{whole}");
 
-    let streamed = curl(
-        &sidecar,
-        &[
-            "-N",
-            "--http1.1",
-            "-H",
-            &auth,
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body(true),
-            url,
-        ],
-    )
-    .await;
-    assert!(
-        streamed.ends_with("data: [DONE]\n\n\n200 HTTP/1.1"),
-        "{streamed}"
-    );
+    let streamed = curl_chat(&sidecar, Some(KEY), true, &["-N", "--http1.1"]).await;
+    let end = "data: [DONE]\n\n\n200 HTTP/1.1";
+    assert!(streamed.ends_with(end), "{streamed}");
 
-    let unauthenticated = curl(
-        &sidecar,
-        &[
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body(false),
-            url,
-        ],
-    )
-    .await;
+    let unauthenticated = curl_chat(&sidecar, None, false, &[]).await;
     assert!(
         unauthenticated.ends_with("\n401 HTTP/2"),
         "{unauthenticated}"
@@ -622,11 +586,7 @@ async fn a_rotated_ca_applies_on_reload_and_a_bad_one_is_refused() {
         CA_CERT,
         "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n",
     );
-    let response = reqwest::Client::new()
-        .post(format!("{}/admin/reload", sidecar.admin))
-        .send()
-        .await
-        .unwrap();
+    let response = sidecar.admin_reload().await;
     assert_eq!(response.status(), 422);
     let report: serde_json::Value = response.json().await.unwrap();
     assert_eq!(
@@ -658,11 +618,7 @@ async fn a_rotated_ca_applies_on_reload_and_a_bad_one_is_refused() {
     let rotated = sidecar.policy_hash().await;
     std::fs::remove_file(sidecar.policy_path.with_file_name(CA_CERT)).unwrap();
     std::fs::remove_file(sidecar.policy_path.with_file_name(CA_KEY)).unwrap();
-    let response = reqwest::Client::new()
-        .post(format!("{}/admin/reload", sidecar.admin))
-        .send()
-        .await
-        .unwrap();
+    let response = sidecar.admin_reload().await;
     assert_eq!(response.status(), 422);
     let report = response.text().await.unwrap();
     assert!(report.contains("generated at startup only"), "{report}");

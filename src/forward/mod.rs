@@ -307,17 +307,8 @@ impl ForwardApp {
                 }
             }
             Decision::Tunnel => {
-                let target = match tunnel::dial(forward, &policy.resolve, host, port).await {
-                    Ok(target) => {
-                        self.count(Action::Tunnel);
-                        target
-                    }
-                    Err(e) => {
-                        let refusal = Refusal::from(e);
-                        self.log_refusal(host, port, &refusal);
-                        let _ = refuse(&mut stream, &refusal).await;
-                        return;
-                    }
+                let Some(target) = self.dial(&mut stream, policy, forward, host, port).await else {
+                    return;
                 };
                 if established(&mut stream).await.is_err() {
                     return;
@@ -325,6 +316,29 @@ impl ForwardApp {
                 stream.rewind(head.rest());
                 let result = tunnel::splice(stream, target, forward.idle_timeout).await;
                 log_tunnel(host, port, started, result);
+            }
+        }
+    }
+
+    /// The tunnel's target, dialled as the policy allows; or the client is told why not.
+    async fn dial(
+        &self,
+        client: &mut L4Stream,
+        policy: &Policy,
+        forward: &ForwardPolicy,
+        host: &str,
+        port: u16,
+    ) -> Option<tokio::net::TcpStream> {
+        match tunnel::dial(forward, &policy.resolve, host, port).await {
+            Ok(target) => {
+                self.count(Action::Tunnel);
+                Some(target)
+            }
+            Err(e) => {
+                let refusal = Refusal::from(e);
+                self.log_refusal(host, port, &refusal);
+                let _ = refuse(client, &refusal).await;
+                None
             }
         }
     }
@@ -356,17 +370,8 @@ impl ForwardApp {
         forward: &ForwardPolicy,
     ) {
         let started = Instant::now();
-        let mut target = match tunnel::dial(forward, &policy.resolve, host, port).await {
-            Ok(target) => {
-                self.count(Action::Tunnel);
-                target
-            }
-            Err(e) => {
-                let refusal = Refusal::from(e);
-                self.log_refusal(host, port, &refusal);
-                let _ = refuse(&mut stream, &refusal).await;
-                return;
-            }
+        let Some(mut target) = self.dial(&mut stream, policy, forward, host, port).await else {
+            return;
         };
         let request = closing_head(&head.bytes[..head.len]);
         if target.write_all(&request).await.is_err() {

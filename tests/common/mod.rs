@@ -229,6 +229,15 @@ impl Sidecar {
         }
     }
 
+    /// `POST /admin/reload`.
+    pub async fn admin_reload(&self) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}/admin/reload", self.admin))
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn policy_hash(&self) -> String {
         let policy: serde_json::Value = reqwest::get(format!("{}/admin/policy", self.admin))
             .await

@@ -75,6 +75,17 @@ def bedrock_upstream(mock_url: str) -> str:
     )
 
 
+def read_chat_stream(stream) -> tuple[str, object]:
+    """The text of an openai chat-completion stream, and its usage chunk's usage (or None)."""
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage:
+            usage = chunk.usage
+    return text, usage
+
+
 @dataclass
 class RunningSidecar:
     proxy: str

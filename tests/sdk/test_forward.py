@@ -9,7 +9,7 @@ import ssl
 import httpx
 import openai
 import pytest
-from conftest import SLUICE_KEY, SLUICE_KEY_HASH, started_sidecar
+from conftest import SLUICE_KEY, SLUICE_KEY_HASH, read_chat_stream, started_sidecar
 
 LIMITED_KEY = "sk-sluice-sdk-limited"
 LIMITED_KEY_HASH = "sha256:" + hashlib.sha256(LIMITED_KEY.encode()).hexdigest()
@@ -69,12 +69,7 @@ def test_chat_and_stream_through_https_proxy(forward_sidecar, https_mock_request
         stream=True,
         stream_options={"include_usage": True},
     )
-    text, usage = "", None
-    for chunk in stream:
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-        if chunk.usage:
-            usage = chunk.usage
+    text, usage = read_chat_stream(stream)
     assert text == "echo: stream via proxy"
     assert usage is not None and usage.completion_tokens > 0
 
