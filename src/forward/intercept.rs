@@ -31,11 +31,11 @@ const ALPN_OFFER: &[u8] = b"\x02h2\x08http/1.1";
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
     #[error("cannot set up TLS: {0}")]
-    Setup(String),
+    Setup(#[from] pingora::tls::error::ErrorStack),
     #[error("{0}")]
     Certificate(#[from] super::ca::CaError),
     #[error("TLS handshake failed: {0}")]
-    Handshake(String),
+    Handshake(Box<pingora::Error>),
     #[error("no TLS handshake within {0:?}")]
     Timeout(Duration),
 }
@@ -52,8 +52,7 @@ pub struct Interceptor {
 
 impl Interceptor {
     pub fn new() -> Result<Self, InterceptError> {
-        let setup = |e: pingora::tls::error::ErrorStack| InterceptError::Setup(e.to_string());
-        let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(setup)?;
+        let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())?;
         builder.set_alpn_select_callback(|_, offered| {
             ssl::select_next_proto(ALPN_OFFER, offered).ok_or(AlpnError::NOACK)
         });
@@ -81,7 +80,7 @@ impl Interceptor {
         )
         .await
         .map_err(|_| InterceptError::Timeout(limit))?
-        .map_err(|e| InterceptError::Handshake(e.to_string()))
+        .map_err(InterceptError::Handshake)
     }
 }
 

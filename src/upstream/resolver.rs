@@ -64,6 +64,10 @@ impl Resolver {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not an IP address or IP:port (names are not resolved here)")]
+pub struct NotAnAddress(String);
+
 /// `resolve:` from the policy: addresses used instead of DNS for some hosts (tests, special
 /// networks). An entry with a port replaces the port too; one without keeps the asked port.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -73,16 +77,12 @@ pub struct ResolveOverrides {
 
 impl ResolveOverrides {
     /// `host` in lower case; `address` is `IP:port`, `[IPv6]:port` or a bare IP.
-    pub fn insert(&mut self, host: &str, address: &str) -> Result<(), String> {
+    pub fn insert(&mut self, host: &str, address: &str) -> Result<(), NotAnAddress> {
         let parsed = match address.parse::<SocketAddr>() {
             Ok(socket) => (socket.ip(), Some(socket.port())),
             Err(_) => match address.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
                 Ok(ip) => (ip, None),
-                Err(_) => {
-                    return Err(format!(
-                        "`{address}` is not an IP address or IP:port (names are not resolved here)"
-                    ))
-                }
+                Err(_) => return Err(NotAnAddress(address.to_owned())),
             },
         };
         self.entries.insert(host.to_ascii_lowercase(), parsed);

@@ -75,9 +75,9 @@ pub(super) fn compile_resolve(
     let mut overrides = ResolveOverrides::default();
     for (host, address) in &file.resolve {
         let host = normalize_host(host);
-        if let Err(message) = overrides.insert(&host, &address.value) {
-            errors
-                .push(PolicyError::new(format!("resolve.{host}"), message).at(address.referenced));
+        if let Err(e) = overrides.insert(&host, &address.value) {
+            let error = PolicyError::new(format!("resolve.{host}"), e.to_string());
+            errors.push(error.at(address.referenced));
         }
     }
     overrides
