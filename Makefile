@@ -7,15 +7,19 @@ VENV      := .venv
 # together keeps dependency features identical, so none of them rebuilds the others' work.
 RELEASE   := $(CARGO) build --release -p sluice -p sluice-mock
 
-.PHONY: run test deps build release lint unit sdk manifests demo bench check fmt clean
+.PHONY: run test deps build release lint unit sdk supply-chain manifests harden demo bench check fmt clean
 
 ## run: build (release) and start the sidecar with $(POLICY), state in memory.
 run: deps
 	$(RELEASE)
 	./target/release/sluice run -c $(POLICY)
 
-## test: install what is missing, then lint, unit/integration tests, SDK tests and manifests.
-test: deps lint unit sdk manifests
+# The RustSec advisory database, an offline snapshot (its usual fetch cannot reach its host).
+ADVISORY_DB ?= $(firstword $(wildcard ../shared/advisory-db /work/shared/advisory-db) ../shared/advisory-db)
+
+## test: install what is missing, then lint, unit/integration tests (the hardening checks at a
+## short size among them), SDK tests, the supply-chain checks and the Kubernetes manifests.
+test: deps lint unit sdk supply-chain manifests
 
 ## deps: install missing system packages, Rust components and the Python venv.
 deps:
@@ -38,6 +42,18 @@ sdk:
 manifests:
 	$(CARGO) build --workspace --bins
 	$(VENV)/bin/python deploy/kubernetes/validate.py target/debug/sluice
+
+## supply-chain: known vulnerabilities (cargo audit, offline database), licenses, banned
+## crates and sources (cargo deny). Ignored advisories are explained in HARDENING.md.
+supply-chain:
+	@test -d $(ADVISORY_DB) || { echo "no advisory database at $(ADVISORY_DB)"; exit 1; }
+	cargo audit --db $(ADVISORY_DB) --no-fetch --deny warnings
+	cargo deny --offline check licenses bans sources
+
+## harden: every hardening check at full size (fuzzing, 1000 reloads, 30 min soak, …); see
+## HARDENING.md. Not part of `make test`, which runs each at a short size.
+harden: deps
+	bash scripts/harden.sh
 
 ## check: validate a policy file (POLICY=...).
 check:

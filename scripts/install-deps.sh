@@ -3,6 +3,7 @@
 # Debian packages: cmake (libz-ng-sys), pkg-config + libssl-dev (Pingora's openssl feature),
 # redis-server (shared-state tests), nginx (benchmark reference), python3-venv, openssl and curl
 # (HTTPS_PROXY tests: test certificates, curl as a client).
+# Cargo tools: cargo-audit and cargo-deny (supply-chain checks).
 # Python: a venv in .venv with the official SDKs the end-to-end tests drive, and what
 # deploy/kubernetes/validate.py checks the manifests with.
 set -euo pipefail
@@ -29,6 +30,9 @@ fi
 
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+# Supply-chain checks of `make test` (each takes a few minutes to build, once).
+command -v cargo-audit >/dev/null || cargo install cargo-audit --version 0.22.2 --locked
+command -v cargo-deny >/dev/null || cargo install cargo-deny --version 0.20.2 --locked
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

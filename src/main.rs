@@ -1,17 +1,10 @@
 //! `sluice`: a sidecar reverse proxy for LLM provider APIs.
 
-mod admin;
-mod exchange;
-mod forward;
-mod policy;
-mod server;
-mod telemetry;
-mod upstream;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sluice::{policy, server};
 
 /// mimalloc instead of glibc's allocator: a proxy allocates small buffers on every request from
 /// several threads, where glibc's arena locks showed up in profiles under load.

@@ -94,6 +94,27 @@ routes:
 }
 
 #[tokio::test]
+async fn a_body_naming_the_model_twice_is_refused() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&passthrough_policy(&mock.url())).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .header("content-type", "application/json")
+        .body(r#"{"model":"gpt-4o-mini","messages":[],"model":"gpt-4o"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`model`"));
+    assert_eq!(mock.request_count(), 0);
+}
+
+#[tokio::test]
 async fn content_length_with_transfer_encoding_is_refused() {
     let mock = mock().await;
     let sidecar = Sidecar::start(&passthrough_policy(&mock.url())).await;

@@ -1,5 +1,3 @@
-use serde::Deserialize;
-
 use crate::usage::Dialect;
 
 /// The facts about a request body that filters need, parsed tolerantly: a body that is not JSON,
@@ -14,6 +12,9 @@ pub struct BodyFacts {
     pub max_tokens: Option<u64>,
     /// Body size in bytes: the input to prompt-size estimates.
     pub body_len: usize,
+    /// A field above that the body names twice. Parsers disagree on which copy counts (most
+    /// keep the last, some the first), so such a request is refused rather than guessed at.
+    pub duplicate_field: Option<&'static str>,
 }
 
 impl BodyFacts {
@@ -30,21 +31,6 @@ impl BodyFacts {
     }
 
     pub fn parse(body: &[u8]) -> Self {
-        // Each field is parsed on its own so one odd field does not hide the others; unknown
-        // fields are skipped by serde without being materialised.
-        #[derive(Deserialize)]
-        struct Raw {
-            #[serde(default)]
-            model: Option<serde_json::Value>,
-            #[serde(default)]
-            stream: Option<serde_json::Value>,
-            #[serde(default)]
-            max_tokens: Option<serde_json::Value>,
-            #[serde(default)]
-            max_completion_tokens: Option<serde_json::Value>,
-            #[serde(default, rename = "inferenceConfig")]
-            inference_config: Option<serde_json::Value>,
-        }
         let mut facts = BodyFacts {
             body_len: body.len(),
             ..Default::default()
@@ -53,7 +39,7 @@ impl BodyFacts {
         if first != Some(&b'{') {
             return facts;
         }
-        let Ok(raw) = serde_json::from_slice::<Raw>(body) else {
+        let Ok(raw) = serde_json::from_slice::<RawFacts>(body) else {
             return facts;
         };
         facts.model = raw.model.and_then(|v| match v {
@@ -69,7 +55,61 @@ impl BodyFacts {
             .or(raw.max_completion_tokens)
             .or(converse_max)
             .and_then(|v| v.as_u64());
+        facts.duplicate_field = raw.duplicate;
         facts
+    }
+}
+
+/// The top-level fields filters read, each parsed on its own so one odd field does not hide
+/// the others; other fields are skipped without being materialised. A repeated field keeps its
+/// last value (as serde_json and most providers' parsers do) and is reported.
+#[derive(Default)]
+struct RawFacts {
+    model: Option<serde_json::Value>,
+    stream: Option<serde_json::Value>,
+    max_tokens: Option<serde_json::Value>,
+    max_completion_tokens: Option<serde_json::Value>,
+    inference_config: Option<serde_json::Value>,
+    duplicate: Option<&'static str>,
+}
+
+impl<'de> serde::Deserialize<'de> for RawFacts {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = RawFacts;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawFacts, A::Error> {
+                let mut raw = RawFacts::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let (name, slot) = match &*key {
+                        "model" => ("model", &mut raw.model),
+                        "stream" => ("stream", &mut raw.stream),
+                        "max_tokens" => ("max_tokens", &mut raw.max_tokens),
+                        "max_completion_tokens" => {
+                            ("max_completion_tokens", &mut raw.max_completion_tokens)
+                        }
+                        "inferenceConfig" => ("inferenceConfig", &mut raw.inference_config),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if slot.replace(map.next_value()?).is_some() {
+                        raw.duplicate.get_or_insert(name);
+                    }
+                }
+                Ok(raw)
+            }
+        }
+        deserializer.deserialize_map(Fields)
     }
 }
 
@@ -118,6 +158,25 @@ impl BedrockOperation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_field_keeps_its_last_value_and_is_reported() {
+        let facts =
+            BodyFacts::parse(br#"{"model":"gpt-4o-mini","x":{"model":1},"model":"gpt-4o"}"#);
+        assert_eq!(facts.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(facts.duplicate_field, Some("model"));
+        let nested = BodyFacts::parse(br#"{"model":"a","messages":[{"model":"b"}]}"#);
+        assert_eq!(
+            (nested.model.as_deref(), nested.duplicate_field),
+            (Some("a"), None)
+        );
+        let escaped = BodyFacts::parse(br#"{"model":"a","mod\u0065l":"b"}"#);
+        assert_eq!(
+            escaped.duplicate_field,
+            Some("model"),
+            "escapes name the same key"
+        );
+    }
 
     #[test]
     fn reads_openai_chat_facts() {

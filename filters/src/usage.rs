@@ -97,6 +97,8 @@ pub struct UsageMeter {
     /// A Bedrock event stream's framing; `None` for other bodies, and once a stream turned out
     /// malformed (its usage is then unknown).
     frames: Option<FrameDecoder>,
+    /// The stream's closing event went by (`[DONE]`, `message_stop`, a final error event).
+    ended: bool,
 }
 
 impl UsageMeter {
@@ -109,6 +111,7 @@ impl UsageMeter {
             usage: None,
             strip_usage_chunk,
             frames: (stream && dialect == Dialect::Bedrock).then(|| FrameDecoder::new(MAX_LINE)),
+            ended: false,
         }
     }
 
@@ -222,9 +225,22 @@ impl UsageMeter {
         self.buffer = BytesMut::new();
     }
 
+    /// Whether an SSE stream carried its closing event, so a clean end of the connection is
+    /// the end of the answer; Bedrock's event streams are not judged here.
+    pub fn saw_stream_end(&self) -> bool {
+        let pending = self.buffer.strip_suffix(b"\r").unwrap_or(&self.buffer);
+        !self.stream
+            || self.dialect == Dialect::Bedrock
+            || self.ended
+            || ends_stream(self.dialect, pending)
+    }
+
     /// Reads one SSE line; whether it was OpenAI's usage-only chunk.
     fn read_line(&mut self, line: &[u8]) -> bool {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if !self.ended && ends_stream(self.dialect, line) {
+            self.ended = true;
+        }
         let Some(data) = line.strip_prefix(b"data:") else {
             return false;
         };
@@ -344,6 +360,28 @@ impl UsageMeter {
     }
 }
 
+/// Whether an SSE line closes a stream of this dialect: OpenAI's `[DONE]` (chat and
+/// completions), the Responses API's final events, Anthropic's `message_stop`, or an error
+/// event (a stream may end after one).
+fn ends_stream(dialect: Dialect, line: &[u8]) -> bool {
+    const OPENAI: &[&[u8]] = &[
+        b"data: [DONE]",
+        b"data:[DONE]",
+        b"event: response.completed",
+        b"event: response.failed",
+        b"event: response.incomplete",
+        b"event: error",
+        b"data: {\"error\"",
+    ];
+    const ANTHROPIC: &[&[u8]] = &[b"event: message_stop", b"event: error"];
+    let closers = match dialect {
+        Dialect::OpenAi => OPENAI,
+        Dialect::Anthropic => ANTHROPIC,
+        Dialect::Bedrock => return false,
+    };
+    closers.iter().any(|closer| line.starts_with(closer))
+}
+
 /// Adds `stream_options.include_usage: true` to an OpenAI streaming request that did not ask for
 /// it, so the usage can be read; returns the new body, or `None` when nothing needs changing.
 pub fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
@@ -367,6 +405,38 @@ pub fn inject_include_usage(body: &[u8]) -> Option<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_knows_whether_it_was_closed() {
+        let fed = |dialect, body: &'static [u8]| {
+            let mut meter = UsageMeter::new(dialect, true, false);
+            for piece in body.chunks(3) {
+                meter.feed(Bytes::from_static(piece));
+            }
+            meter.saw_stream_end()
+        };
+        let chat = b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n";
+        assert!(fed(Dialect::OpenAi, chat));
+        assert!(
+            fed(Dialect::OpenAi, b"data: {}\n\ndata: [DONE]"),
+            "no final newline"
+        );
+        assert!(!fed(Dialect::OpenAi, b"data: {\"choices\":[]}\n\n"));
+        assert!(fed(
+            Dialect::OpenAi,
+            b"event: response.completed\ndata: {}\n\n"
+        ));
+        assert!(fed(
+            Dialect::Anthropic,
+            b"event: message_stop\r\ndata: {}\r\n\r\n"
+        ));
+        assert!(!fed(
+            Dialect::Anthropic,
+            b"event: message_delta\ndata: {}\n\n"
+        ));
+        assert!(fed(Dialect::Anthropic, b"event: error\ndata: {}\n\n"));
+        assert!(UsageMeter::new(Dialect::OpenAi, false, false).saw_stream_end());
+    }
 
     #[test]
     fn content_is_told_from_empty_deltas() {

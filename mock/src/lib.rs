@@ -8,7 +8,8 @@
 //! Answers are derived from the request (`"echo: " + the last message`) so tests can check them.
 //! Per-request control headers override the instance settings:
 //! `x-mock-status` (+ `x-mock-retry-after`), `x-mock-first-byte-ms`, `x-mock-chunk-ms`,
-//! `x-mock-chunks`, `x-mock-fault: reset-mid-stream | stall | stall-mid-stream`.
+//! `x-mock-chunks`, `x-mock-fault: reset-mid-stream | stall | stall-mid-stream |
+//! reset-before-head | end-without-terminator | malformed-events`.
 
 pub mod bedrock;
 mod content;
@@ -66,6 +67,13 @@ pub enum Fault {
     Stall,
     /// Send about half the events, then hang.
     StallMidStream,
+    /// Drop the connection before any byte of the response.
+    ResetBeforeHead,
+    /// End the stream cleanly (chunked terminator sent) without its last event (`[DONE]`,
+    /// `message_stop`).
+    EndWithoutTerminator,
+    /// Send malformed events in the middle of the stream: bad JSON, a line without a field name.
+    MalformedEvents,
 }
 
 impl Fault {
@@ -74,6 +82,9 @@ impl Fault {
             "reset-mid-stream" => Some(Fault::ResetMidStream),
             "stall" => Some(Fault::Stall),
             "stall-mid-stream" => Some(Fault::StallMidStream),
+            "reset-before-head" => Some(Fault::ResetBeforeHead),
+            "end-without-terminator" => Some(Fault::EndWithoutTerminator),
+            "malformed-events" => Some(Fault::MalformedEvents),
             _ => None,
         }
     }
@@ -422,6 +433,11 @@ async fn respond(
     if plan.fault == Some(Fault::Stall) {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
+    if plan.fault == Some(Fault::ResetBeforeHead) {
+        // Unwinding the connection's task drops its socket with nothing written; `resume_unwind`
+        // skips the panic hook, so nothing is printed.
+        std::panic::resume_unwind(Box::new("injected reset before the head"));
+    }
     if !plan.first_byte_delay.is_zero() {
         tokio::time::sleep(plan.first_byte_delay).await;
     }
@@ -477,7 +493,19 @@ async fn respond(
             .pointer("/stream_options/include_usage")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let events = answer.events(include_usage);
+        let mut events = answer.events(include_usage);
+        match plan.fault {
+            Some(Fault::EndWithoutTerminator) => {
+                events.pop();
+            }
+            Some(Fault::MalformedEvents) => {
+                let at = events.len() / 2;
+                events.insert(at, Bytes::from_static(b"data: {\"choices\": [{\"delta\n\n"));
+                events.insert(at, Bytes::from_static(b"this line has no field\n\n"));
+                events.insert(at, Bytes::from_static(b"data: \xff\xfe not utf-8\n\n"));
+            }
+            _ => {}
+        }
         streamed_response(shared.clone(), events, plan, "text/event-stream")
     };
     if api.is_bedrock() {

@@ -30,7 +30,8 @@ fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
         })
 }
 
-/// Copies the caller's headers for the upstream. Left out: hop-by-hop headers, framing (Sluice
+/// Copies the caller's headers for the upstream. Left out: hop-by-hop headers, names with an
+/// underscore, framing (Sluice
 /// sets its own length for the buffered body), `Host` (set for the upstream), `Expect`
 /// (the body is already read), `Accept-Encoding` (filters read usage from the body, so the
 /// upstream must answer in identity encoding), and the caller's credentials when the upstream
@@ -45,7 +46,11 @@ pub fn copy_request_headers(from: &RequestHeader, to: &mut RequestHeader, strip_
                 | header::EXPECT
                 | header::ACCEPT_ENCODING
         );
-        if framing || is_hop_by_hop(name, &from.headers) {
+        // An underscore name (`Transfer_Encoding`, `X_Api_Key`) is what CGI and WSGI
+        // servers fold into the same variable as its dashed twin: left behind, as nginx does,
+        // so it cannot override a header Sluice checked.
+        let underscored = name.as_str().contains('_');
+        if framing || underscored || is_hop_by_hop(name, &from.headers) {
             continue;
         }
         if strip_credentials && CALLER_CREDENTIAL_HEADERS.contains(&name.as_str()) {
@@ -105,6 +110,8 @@ mod tests {
             ("proxy-authorization", "Basic x"),
             ("x-keep", "yes"),
             ("openai-beta", "assistants=v2"),
+            ("transfer_encoding", "chunked"),
+            ("x_api_key", "shadow"),
         ]);
         let mut to = request(&[]);
         copy_request_headers(&from, &mut to, false);

@@ -5,7 +5,7 @@
 //! Pingora's pooled connector, and the response is streamed downstream chunk by chunk.
 
 mod attempts;
-mod headers;
+pub mod headers;
 mod inflight;
 mod record;
 
@@ -130,6 +130,18 @@ impl SluiceProxy {
             return respond_rejection(session, ProviderKind::Openai, rejection, arrived.0).await;
         };
         let provider = route.provider;
+        if header_bytes(session.req_header()) > policy.server.max_header_bytes {
+            let rejection = Rejection::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                ErrorKind::RequestTooLarge,
+                format!(
+                    "the request headers exceed {} bytes",
+                    policy.server.max_header_bytes
+                ),
+            );
+            log_early_rejection(session, &route.name, &rejection, metrics);
+            return respond_rejection(session, provider, rejection, arrived.0).await;
+        }
         if has_conflicting_framing(session) {
             // Ambiguous framing is how request smuggling starts (pingora#945).
             let rejection = Rejection::new(
@@ -153,7 +165,17 @@ impl SluiceProxy {
         let mut ex = Exchange::with_dialect(route.name.clone(), request, body, provider.dialect());
         ex.started = arrived.0;
         let span = record::start_span(self.policies.tracer(), &ex, route, arrived.1);
-        let result = match route.chain.on_request(&mut ex).await {
+        let verdict = match ex.facts.duplicate_field {
+            // Which copy counts is up to the parser: Sluice would meter, limit and route on
+            // one model while the provider might serve the other.
+            Some(field) => Verdict::Reject(Rejection::new(
+                StatusCode::BAD_REQUEST,
+                ErrorKind::InvalidRequest,
+                format!("the request body names `{field}` more than once"),
+            )),
+            None => route.chain.on_request(&mut ex).await,
+        };
+        let result = match verdict {
             Verdict::Continue => {
                 let injected = ask_for_stream_usage(&mut ex);
                 let trace = span.as_ref().map(|span| span.span_context().clone());
@@ -561,6 +583,24 @@ impl SluiceProxy {
                 break;
             }
         }
+        if event_stream && expects_closing_event(ex) && !meter.saw_stream_end() {
+            // A clean end of a stream that never said it was done looks complete to an SDK:
+            // the caller gets an explicit error event and an unfinished body instead.
+            ex.outcome = Outcome::UpstreamBroke;
+            tracing::info!(route = %ex.route, "upstream ended a stream without its final event");
+            let event = route.provider.stream_error_event(
+                ErrorKind::UpstreamUnavailable,
+                "the upstream ended the stream without its final event; the response is incomplete",
+            );
+            if let Err(e) = session.write_response_body(Some(event), false).await {
+                return Err(Close::CallerGone(e));
+            }
+            let error = Error::explain(
+                ErrorType::ConnectionClosed,
+                "upstream stream ended without its final event",
+            );
+            return Ok(StreamEnd::Broke(error));
+        }
         Ok(StreamEnd::Complete)
     }
 
@@ -640,6 +680,35 @@ enum BodyError {
 
 /// Reads the whole request body, refusing (413) as soon as it is known to exceed the route's
 /// limit — from `Content-Length` before reading anything, or while reading a chunked body.
+/// Whether a streamed answer to this request ends with a closing event (the chat, completion,
+/// messages and responses APIs), so one that ends without it was cut short.
+fn expects_closing_event(ex: &Exchange) -> bool {
+    matches!(
+        record::operation(ex.request.uri.path()),
+        Some("chat" | "text_completion")
+    )
+}
+
+/// The size of a request's header fields as received: names, values and each line's `: `
+/// and CRLF.
+fn header_bytes(request: &RequestHeader) -> u64 {
+    let fields: usize = request
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    fields as u64
+}
+
+/// A body read that failed on the caller's bytes rather than the connection.
+fn malformed_body(error: &Error) -> bool {
+    // Pingora's chunk errors are custom types in a private module: known by their names.
+    matches!(
+        error.etype.as_str(),
+        "InvalidChunk" | "InvalidTrailerEnd" | "InvalidHTTPHeader"
+    )
+}
+
 async fn read_body(
     session: &mut Session,
     route: &Route,
@@ -671,6 +740,16 @@ async fn read_body(
         let chunk = match read {
             Ok(Ok(Some(chunk))) => chunk,
             Ok(Ok(None)) => break,
+            Ok(Err(e)) if malformed_body(&e) => {
+                // The framing is broken, so where this request ends (and a next one would
+                // begin) is unknowable: answer, and never read another request here.
+                session.set_keepalive(None);
+                return Err(BodyError::Refused(Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorKind::InvalidRequest,
+                    "the request body's chunked framing is malformed",
+                )));
+            }
             Ok(Err(e)) => return Err(BodyError::CallerGone(e)),
             Err(_) => {
                 return Err(BodyError::Refused(Rejection::new(

@@ -86,6 +86,7 @@ pub fn compile_text(
         drain_timeout: file.server.drain_timeout.0,
         upstream_pool_size: file.server.upstream_pool_size,
         client_body_timeout: file.server.client_body_timeout.0,
+        max_header_bytes: file.server.max_header_bytes.0,
     };
     if server.threads == 0 {
         errors.push(PolicyError::new("server.threads", "must be at least 1"));

@@ -126,6 +126,7 @@ pub struct ServerRuntime {
     pub drain_timeout: Duration,
     pub upstream_pool_size: usize,
     pub client_body_timeout: Duration,
+    pub max_header_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -447,8 +448,8 @@ pub fn load(path: &Path, shared: &SharedState) -> Result<Policy, PolicyErrors> {
     })
 }
 
-#[cfg(test)]
-pub(crate) use compile::compile_text;
+/// Compiles policy text (no file read, `${VAR}` from `env`): for tests and the fuzz targets.
+pub use compile::compile_text;
 
 #[cfg(test)]
 mod tests {

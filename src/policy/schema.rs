@@ -383,6 +383,10 @@ pub struct ServerSettings {
     /// How long a downstream client may take between two reads of its request body.
     #[serde(default = "default_client_body_timeout")]
     pub client_body_timeout: Duration,
+    /// The most a request's header section may hold (names and values); larger is refused
+    /// with 431. Beyond 1 MiB Pingora refuses it with 400 before Sluice sees it.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: ByteSize,
 }
 
 impl Default for ServerSettings {
@@ -392,6 +396,7 @@ impl Default for ServerSettings {
             drain_timeout: default_drain_timeout(),
             upstream_pool_size: default_pool_size(),
             client_body_timeout: default_client_body_timeout(),
+            max_header_bytes: default_max_header_bytes(),
         }
     }
 }
@@ -407,6 +412,9 @@ fn default_pool_size() -> usize {
 }
 fn default_client_body_timeout() -> Duration {
     Duration(std::time::Duration::from_secs(60))
+}
+fn default_max_header_bytes() -> ByteSize {
+    ByteSize(64 * 1024)
 }
 
 /// The API an upstream speaks: decides its credential header, its error shape and path rules.

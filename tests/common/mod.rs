@@ -38,8 +38,8 @@ pub struct Sidecar {
     _dir: tempfile::TempDir,
 }
 
-/// The policy's `listen` block is added by the harness; `body` holds upstreams and routes.
-/// `{MOCK}` in `body` is replaced by the mock's base URL.
+/// The policy's `listen` block is added by the harness, and a `server` block unless `body` has
+/// its own; `body` holds upstreams and routes.
 pub fn policy(proxy_port: u16, admin_port: u16, body: &str) -> String {
     policy_with_forward(proxy_port, admin_port, None, body)
 }
@@ -52,8 +52,13 @@ pub fn policy_with_forward(
     body: &str,
 ) -> String {
     let forward = forward_port.map_or(String::new(), |port| format!(", forward: 127.0.0.1:{port}"));
+    let server = if body.lines().any(|line| line.starts_with("server:")) {
+        ""
+    } else {
+        "server: { drain_timeout: 10s }\n"
+    };
     format!(
-        "listen: {{ proxy: 127.0.0.1:{proxy_port}, admin: 127.0.0.1:{admin_port}{forward} }}\nserver: {{ drain_timeout: 10s }}\n{body}"
+        "listen: {{ proxy: 127.0.0.1:{proxy_port}, admin: 127.0.0.1:{admin_port}{forward} }}\n{server}{body}"
     )
 }
 

@@ -1,0 +1,168 @@
+//! Soak: steady load at 70 % of the saturation measured at the start of the run, a third of it
+//! streamed, 1 % of requests with an injected upstream fault. After warm-up, RSS grows by no
+//! more than `SLUICE_SOAK_RSS_GROWTH` percent (default 5), open descriptors stay flat, and
+//! nothing panics. Requests without a fault all succeed.
+//!
+//! `SLUICE_SOAK_SECS` sets the length (default 20; `make harden`: 1800).
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const PATH: &str = "/openai/v1/chat/completions";
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// One request of the mix: `n` picks streamed or not, and every hundredth a fault.
+async fn one(client: &reqwest::Client, proxy: &str, n: usize) -> Result<(), String> {
+    let stream = n.is_multiple_of(3);
+    let fault = match n % 100 {
+        17 => Some("reset-mid-stream"),
+        51 => Some("reset-before-head"),
+        83 => Some("end-without-terminator"),
+        _ => None,
+    };
+    let mut request = client
+        .post(format!("{proxy}{PATH}"))
+        .header("x-mock-chunks", "10")
+        .header("x-mock-chunk-ms", "5")
+        .json(&chat_body(&format!("soak {n}"), stream));
+    if let Some(fault) = fault {
+        request = request.header("x-mock-fault", fault);
+    }
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response.text().await;
+    match (fault, body) {
+        (Some(_), _) => Ok(()),
+        (None, Ok(body)) if status == 200 && (!stream || body.ends_with("data: [DONE]\n\n")) => {
+            Ok(())
+        }
+        (None, Ok(body)) => Err(format!("{status}: {body:.200}")),
+        (None, Err(e)) => Err(format!("{status}: {e}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_run_does_not_grow_or_leak() {
+    let seconds: u64 = env("SLUICE_SOAK_SECS", 20);
+    let allowed_growth: f64 = env("SLUICE_SOAK_RSS_GROWTH", 5.0);
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&format!(
+        "server: {{ drain_timeout: 10s, upstream_pool_size: 64 }}\n{}",
+        passthrough_policy(&mock.url())
+    ))
+    .await;
+    let pid = sidecar.pid();
+    let proxy = Arc::new(sidecar.proxy.clone());
+    let client = reqwest::Client::new();
+
+    // Saturation: 64 callers as fast as they go for 3 s (non-streamed, no faults).
+    let done = Arc::new(AtomicUsize::new(0));
+    let until = Instant::now() + Duration::from_secs(3);
+    let callers: Vec<_> = (0..64)
+        .map(|i| {
+            let (client, proxy, done) = (client.clone(), proxy.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut n: usize = i * 1000 + 1;
+                while Instant::now() < until {
+                    n += 1;
+                    if n.is_multiple_of(3) || n % 100 == 17 || n % 100 == 51 || n % 100 == 83 {
+                        continue;
+                    }
+                    one(&client, &proxy, n).await.unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let saturation = done.load(Ordering::Relaxed) as f64 / 3.0;
+    let rate = (saturation * 0.7).max(10.0);
+
+    // The soak: open loop at `rate`, each request on its own task.
+    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let first_failure = Arc::new(std::sync::Mutex::new(None::<String>));
+    let started = Instant::now();
+    let warm_up = Duration::from_secs(seconds) / 4;
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut samples: Vec<(Duration, u64, usize)> = Vec::new();
+    let mut last_sample = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        ticker.tick().await;
+        n += 1;
+        let (client, proxy, sent, failed, first_failure) = (
+            client.clone(),
+            proxy.clone(),
+            sent.clone(),
+            failed.clone(),
+            first_failure.clone(),
+        );
+        tasks.spawn(async move {
+            sent.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = one(&client, &proxy, n).await {
+                failed.fetch_add(1, Ordering::Relaxed);
+                first_failure.lock().unwrap().get_or_insert(e);
+            }
+        });
+        while tasks.try_join_next().is_some() {}
+        if last_sample.elapsed() >= Duration::from_secs(1) {
+            last_sample = Instant::now();
+            samples.push((started.elapsed(), proc_status(pid, "VmRSS:"), open_fds(pid)));
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    samples.push((started.elapsed(), proc_status(pid, "VmRSS:"), open_fds(pid)));
+
+    let after_warm_up: Vec<_> = samples.iter().filter(|s| s.0 >= warm_up).collect();
+    let (baseline_rss, baseline_fds) = (after_warm_up[0].1, after_warm_up[0].2);
+    let peak_rss = after_warm_up.iter().map(|s| s.1).max().unwrap();
+    let last = samples.last().unwrap();
+    let growth = (last.1 as f64 - baseline_rss as f64) / baseline_rss as f64 * 100.0;
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!(
+        "soak: {seconds} s at {rate:.0} req/s (70 % of {saturation:.0}), {sent} requests, \
+         {failed} failed; RSS after warm-up {baseline_rss} KiB, peak {peak_rss} KiB, end {} KiB \
+         ({growth:+.1} %); fds {baseline_fds} -> {}",
+        last.1, last.2
+    );
+    assert_eq!(
+        failed,
+        0,
+        "first failure: {:?}",
+        first_failure.lock().unwrap()
+    );
+    assert!(
+        growth <= allowed_growth,
+        "RSS grew {growth:.1} % after warm-up"
+    );
+    assert!(last.2 <= baseline_fds + 16, "descriptors grew");
+    assert!(!sidecar.logs().contains("panicked"), "a panic was logged");
+}
