@@ -7,7 +7,7 @@ VENV      := .venv
 # together keeps dependency features identical, so none of them rebuilds the others' work.
 RELEASE   := $(CARGO) build --release -p sluice -p sluice-mock
 
-.PHONY: run test deps build release lint unit sdk supply-chain harden demo bench check fmt clean
+.PHONY: run test deps build release lint unit sdk supply-chain manifests harden demo bench check fmt clean
 
 ## run: build (release) and start the sidecar with $(POLICY), state in memory.
 run: deps
@@ -18,8 +18,8 @@ run: deps
 ADVISORY_DB ?= $(firstword $(wildcard ../shared/advisory-db /work/shared/advisory-db) ../shared/advisory-db)
 
 ## test: install what is missing, then lint, unit/integration tests (the hardening checks at a
-## short size among them), SDK tests and the supply-chain checks.
-test: deps lint unit sdk supply-chain
+## short size among them), SDK tests, the supply-chain checks and the Kubernetes manifests.
+test: deps lint unit sdk supply-chain manifests
 
 ## deps: install missing system packages, Rust components and the Python venv.
 deps:
@@ -36,6 +36,12 @@ unit:
 sdk:
 	$(CARGO) build --workspace --bins
 	$(VENV)/bin/python -m pytest -q tests/sdk
+
+## manifests: render deploy/kubernetes (base, overlays) and check it without a cluster:
+## Kubernetes schemas, references, `sluice check` on its policies, and deploy/Dockerfile.
+manifests:
+	$(CARGO) build --workspace --bins
+	$(VENV)/bin/python deploy/kubernetes/validate.py target/debug/sluice
 
 ## supply-chain: known vulnerabilities (cargo audit, offline database), licenses, banned
 ## crates and sources (cargo deny). Ignored advisories are explained in HARDENING.md.

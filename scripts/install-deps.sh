@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building and testing Sluice needs and is missing; does nothing when all is there.
 # Debian packages: cmake (libz-ng-sys), pkg-config + libssl-dev (Pingora's openssl feature),
-# redis-server (shared-state tests), nginx (benchmark reference), python3-venv.
+# redis-server (shared-state tests), nginx (benchmark reference), python3-venv, openssl and curl
+# (HTTPS_PROXY tests: test certificates, curl as a client).
 # Cargo tools: cargo-audit and cargo-deny (supply-chain checks).
-# Python: a venv in .venv with the official SDKs the end-to-end tests drive.
+# Python: a venv in .venv with the official SDKs the end-to-end tests drive, and what
+# deploy/kubernetes/validate.py checks the manifests with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +17,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v cc >/dev/null || need+=(build-essential)
 command -v openssl >/dev/null || need+=(openssl)   # TLS upstream test certificates
+command -v curl >/dev/null || need+=(curl ca-certificates)   # HTTPS_PROXY tests' client
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -36,4 +39,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c 'import openai, anthropic, boto3, pytest, httpx' 2>/dev/null; then
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+fi
+if ! .venv/bin/python -c 'import kubernetes_validate, yaml, dockerfile' 2>/dev/null; then
+  .venv/bin/pip install --quiet --disable-pip-version-check -r deploy/kubernetes/requirements.txt
 fi

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod exchange;
+pub mod forward;
 pub mod policy;
 pub mod server;
 pub mod telemetry;

@@ -1,5 +1,6 @@
-//! Process wiring: one Pingora server with the proxy listener, the admin listener and the
-//! background services (policy watcher, drain monitor).
+//! Process wiring: one Pingora server with the proxy listener, the forward listener (when
+//! `listen.forward` is set), the admin listener and the background services (policy watcher,
+//! drain monitor).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,14 +18,20 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::exchange::{Inflight, SluiceProxy};
-use crate::policy::{self, PolicyErrors, PolicyStore, PolicyWatcher, SharedState};
+use crate::forward::ForwardApp;
+use crate::policy::{
+    self, MissingCa, PolicyError, PolicyErrors, PolicyStore, PolicyWatcher, SharedState,
+};
 use crate::telemetry::sla::SlaMonitor;
 use crate::telemetry::traces::Tracer;
 
 /// Starts the sidecar and serves until a signal ends it; never returns on success.
 pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
     let shared = SharedState::default();
+    // The forward listener's CA is generated, when its files are missing, at first start only.
+    shared.set_missing_ca(MissingCa::Generate);
     let policy = policy::load(policy_path, &shared)?;
+    shared.set_missing_ca(MissingCa::Refuse);
     tracing::info!(summary = %policy.summary(), "policy loaded from {}", policy_path.display());
     let listen = policy.listen;
     let settings = policy.server;
@@ -77,6 +84,16 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
     admin.threads = Some(1);
 
     server.add_service(proxy_service);
+    if let Some(forward_addr) = listen.forward {
+        let proxy = SluiceProxy::new(store.clone(), inflight.clone(), settings.upstream_pool_size);
+        let app = ForwardApp::new(&conf, store.clone(), proxy).map_err(|e| PolicyErrors {
+            file: policy_path.display().to_string(),
+            errors: vec![PolicyError::new("listen.forward", e.to_string())],
+        })?;
+        let mut forward = Service::new("sluice forward".to_owned(), app);
+        forward.add_tcp(&forward_addr.to_string());
+        server.add_service(forward);
+    }
     server.add_service(admin);
     server.add_service(background_service(
         "policy watcher",
@@ -94,7 +111,7 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
             tracer,
         },
     ));
-    tracing::info!(proxy = %listen.proxy, admin = %listen.admin, "sluice listening");
+    tracing::info!(proxy = %listen.proxy, forward = ?listen.forward, admin = %listen.admin, "sluice listening");
     server.run_forever();
 }
 

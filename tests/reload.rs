@@ -87,9 +87,13 @@ async fn an_invalid_file_keeps_the_old_policy_and_reports_why() {
         .unwrap();
     let rejected = policy["reloads"]["rejected"].as_u64().unwrap();
     assert!(rejected >= 1);
+    // The watcher also reloads (and rejects) the written file, on its own schedule: the
+    // counter, read later, has counted at least as many.
     let metrics = sidecar.metrics().await;
-    let counted = metrics.value("sluice_policy_reloads_total", &[("result", "rejected")]);
-    assert_eq!(counted, Some(rejected as f64));
+    let counted = metrics
+        .value("sluice_policy_reloads_total", &[("result", "rejected")])
+        .unwrap();
+    assert!(counted >= rejected as f64, "{counted} < {rejected}");
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@
 
 pub mod bedrock;
 mod content;
+mod tls;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 
 pub use content::Api;
+pub use tls::MockTls;
 
 /// Instance-wide behaviour; each field can be overridden per request by a control header.
 #[derive(Debug, Clone)]
@@ -119,13 +121,17 @@ struct Shared {
 
 pub struct MockServer {
     pub addr: SocketAddr,
+    /// The HTTPS listener's address, when one was added ([`MockServer::serve_tls`]).
+    pub tls_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for MockServer {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -150,14 +156,40 @@ impl MockServer {
             cancelled: AtomicU64::new(0),
             abandoned: AtomicU64::new(0),
         });
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state(shared.clone());
+        let app = router(&shared);
         let task = tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let _ = axum::serve(listener, app).await;
         });
-        Ok(MockServer { addr, shared, task })
+        Ok(MockServer {
+            addr,
+            tls_addr: None,
+            shared,
+            tasks: vec![task],
+        })
+    }
+
+    /// Also serves HTTPS on `listener`, with the same state (record, faults) as the plain
+    /// listener.
+    pub fn serve_tls(
+        &mut self,
+        listener: tokio::net::TcpListener,
+        tls: &MockTls,
+    ) -> std::io::Result<SocketAddr> {
+        use axum::serve::ListenerExt;
+        let (listener, accept_loop) = tls::TlsListener::new(listener, tls.acceptor()?)?;
+        let addr = axum::serve::Listener::local_addr(&listener)?;
+        let app = router(&self.shared).into_make_service_with_connect_info::<SocketAddr>();
+        // `tap_io` gives the listener axum's connect-info support for any `Addr` type.
+        let serve = axum::serve(listener.tap_io(|_| {}), app);
+        self.tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                () = accept_loop => {}
+                _ = std::future::IntoFuture::into_future(serve) => {}
+            }
+        }));
+        self.tls_addr = Some(addr);
+        Ok(addr)
     }
 
     pub fn url(&self) -> String {
@@ -211,6 +243,12 @@ impl MockServer {
             None => faults.remove(key),
         };
     }
+}
+
+fn router(shared: &Arc<Shared>) -> axum::Router {
+    axum::Router::new()
+        .fallback(handle)
+        .with_state(shared.clone())
 }
 
 impl Shared {

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use clap::Parser;
-use sluice_mock::{Fault, MockConfig, MockServer};
+use sluice_mock::{Fault, MockConfig, MockServer, MockTls};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +35,15 @@ struct Args {
     /// reset-mid-stream | stall | stall-mid-stream
     #[arg(long)]
     fault: Option<String>,
+    /// Also serve HTTPS here (same state as --listen), with --tls-cert and --tls-key.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_listen: Option<String>,
+    /// Certificate chain (PEM) for --tls-listen.
+    #[arg(long)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) for --tls-listen.
+    #[arg(long)]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 fn main() -> std::io::Result<()> {
@@ -63,8 +72,19 @@ fn main() -> std::io::Result<()> {
         .build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen).await?;
-        let server = MockServer::start_on(listener, config).await?;
+        let mut server = MockServer::start_on(listener, config).await?;
         println!("sluice-mock listening on {}", server.url());
+        if let (Some(address), Some(certificate_file), Some(key_file)) =
+            (&args.tls_listen, args.tls_cert, args.tls_key)
+        {
+            let listener = tokio::net::TcpListener::bind(address).await?;
+            let tls = MockTls {
+                certificate_file,
+                key_file,
+            };
+            let addr = server.serve_tls(listener, &tls)?;
+            println!("sluice-mock listening on https://{addr}");
+        }
         std::io::stdout().flush()?;
         std::future::pending::<()>().await;
         Ok(())

@@ -430,8 +430,8 @@ async fn send_untimed(
     request: RequestHeader,
     body: Bytes,
 ) -> AttemptResult {
-    let addr = resolver
-        .resolve(&upstream.host, upstream.port)
+    let addr = upstream
+        .address(resolver)
         .await
         .map_err(|e| AttemptError::Connect(e.to_string()))?;
     let mut peer = HttpPeer::new(addr, upstream.tls, upstream.host.clone());

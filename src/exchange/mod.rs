@@ -806,7 +806,7 @@ fn raw_head_has_content_length(raw: &[u8]) -> bool {
 }
 
 /// The request's host, without a port: the `Host` header, or the authority of an absolute URI.
-fn request_host(request: &RequestHeader) -> Option<&str> {
+pub(crate) fn request_host(request: &RequestHeader) -> Option<&str> {
     let raw = match request.headers.get(header::HOST) {
         Some(value) => value.to_str().ok()?,
         None => request.uri.host()?,
@@ -815,6 +815,21 @@ fn request_host(request: &RequestHeader) -> Option<&str> {
         Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
         _ => raw,
     })
+}
+
+/// Answers with an error of Sluice's own in the provider's shape, logged and counted as the
+/// exchange's own early refusals are (the forward listener's checks, before the exchange).
+pub(crate) async fn reject(
+    session: &mut Session,
+    provider: ProviderKind,
+    rejection: Rejection,
+    metrics: &Metrics,
+) -> pingora::Result<()> {
+    let started = Instant::now();
+    log_early_rejection(session, "-", &rejection, metrics);
+    respond_rejection(session, provider, rejection, started)
+        .await
+        .map_err(Close::into_pingora)
 }
 
 async fn refuse(

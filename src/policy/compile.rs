@@ -37,6 +37,9 @@ use crate::upstream::{
     bedrock_base_url, AwsCredentials, AzureSettings, KeyPool, ProviderKey, SigV4Signer, Upstream,
 };
 
+mod forward;
+pub use forward::MissingCa;
+
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 pub fn compile_text(
@@ -53,6 +56,11 @@ pub fn compile_text(
     let listen = ListenAddrs {
         proxy: socket_addr(&file.listen.proxy, "listen.proxy", &mut errors),
         admin: socket_addr(&file.listen.admin, "listen.admin", &mut errors),
+        forward: file
+            .listen
+            .forward
+            .as_ref()
+            .map(|addr| socket_addr(addr, "listen.forward", &mut errors)),
     };
     if listen.proxy == listen.admin && listen.proxy.port() != 0 {
         errors.push(
@@ -60,6 +68,19 @@ pub fn compile_text(
                 .at(file.listen.admin.referenced),
         );
     }
+    if let (Some(forward), Some(spec)) = (listen.forward, &file.listen.forward) {
+        if forward.port() != 0 && (forward == listen.proxy || forward == listen.admin) {
+            errors.push(
+                PolicyError::new(
+                    "listen.forward",
+                    "must differ from listen.proxy and listen.admin",
+                )
+                .at(spec.referenced),
+            );
+        }
+    }
+    let resolve = forward::compile_resolve(&file, &mut errors);
+    let forward = forward::compile_forward(&file, shared, &mut sources, &mut errors);
     let server = ServerRuntime {
         threads: file.server.threads,
         drain_timeout: file.server.drain_timeout.0,
@@ -81,7 +102,8 @@ pub fn compile_text(
             stats_windows: &telemetry.stats_windows,
         };
         let upstream = compile_upstream(name, spec, &path, &context, &mut sources, &mut errors);
-        if let Some(upstream) = upstream {
+        if let Some(mut upstream) = upstream {
+            upstream.address_override = resolve.get(&upstream.host, upstream.port);
             upstreams.insert(name.clone(), Arc::new(upstream));
         }
     }
@@ -142,6 +164,8 @@ pub fn compile_text(
         watched,
         redis,
         cache,
+        forward,
+        resolve,
         telemetry,
         sla,
         prices,
@@ -686,6 +710,7 @@ fn compile_upstream(
         },
         signer,
         ca,
+        address_override: None,
     })
 }
 

@@ -19,13 +19,16 @@ use sluice_filters::cache::{CacheConfig, CacheCounters, CacheStore, SharedTier, 
 use sluice_filters::limits::{LimitStore, OnError, Prices, RedisCounters};
 use sluice_filters::Chain;
 
+use crate::forward::ca::CertificateAuthority;
+use crate::forward::rules::{CaOrigin, ForwardPolicy};
 use crate::telemetry::metrics::RouteMetrics;
 use crate::telemetry::sla::SlaRule;
 use crate::telemetry::stats::{Series, StatsRegistry};
 use crate::telemetry::traces::{OtlpSettings, Tracer};
 use crate::telemetry::Metrics;
 use crate::upstream::health::HealthRegistry;
-use crate::upstream::{ProviderKind, Upstream};
+use crate::upstream::{ProviderKind, ResolveOverrides, Upstream};
+pub use compile::MissingCa;
 pub use error::{PolicyError, PolicyErrors};
 use schema::{HedgeAfter, RetryOn};
 use sluice_filters::glob::Glob;
@@ -56,6 +59,10 @@ pub struct Policy {
     pub redis: Option<Arc<RedisCounters>>,
     /// The response cache (it outlives the policy: see [`SharedState::cache`]).
     pub cache: Arc<CacheStore>,
+    /// The forward listener's rules and CA, when `listen.forward` is set.
+    pub forward: Option<Arc<ForwardPolicy>>,
+    /// `resolve:`: addresses used instead of DNS for upstreams and tunnels.
+    pub resolve: ResolveOverrides,
     pub telemetry: TelemetryPolicy,
     pub sla: Vec<SlaRule>,
     /// USD per million tokens, by model (also the limits filter's).
@@ -109,6 +116,8 @@ impl ModelLabels {
 pub struct ListenAddrs {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// HTTPS_PROXY mode, when set.
+    pub forward: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,8 +299,25 @@ impl Policy {
 
     /// One line for `sluice check` and the log.
     pub fn summary(&self) -> String {
+        let forward = match (self.listen.forward, &self.forward) {
+            (Some(addr), Some(forward)) => match &forward.ca_origin {
+                CaOrigin::Files => {
+                    format!(
+                        ", forward {addr} (CA sha256 {})",
+                        &forward.ca.fingerprint[..12]
+                    )
+                }
+                CaOrigin::ToBeGenerated(path) => {
+                    format!(
+                        ", forward {addr} (CA generated at startup into {})",
+                        path.display()
+                    )
+                }
+            },
+            _ => String::new(),
+        };
         format!(
-            "{} routes, {} upstreams, {} keys, proxy {}, admin {}, sha256 {}",
+            "{} routes, {} upstreams, {} keys, proxy {}, admin {}{forward}, sha256 {}",
             self.routes.len(),
             self.upstreams.len(),
             self.directory.key_count(),
@@ -324,6 +350,11 @@ pub struct SharedState {
     cache: std::sync::Mutex<Option<(StoreConfig, Arc<CacheStore>)>>,
     /// The cache's counters, kept even when the store is rebuilt, so they only go up.
     pub cache_counters: Arc<CacheCounters>,
+    /// The forward listener's CA, by the bytes of its files: a reload that keeps them keeps
+    /// the certificates already minted.
+    certificate_authority: std::sync::Mutex<Option<(Vec<u8>, Arc<CertificateAuthority>)>>,
+    /// What a load does when the CA files are missing (see [`MissingCa`]).
+    missing_ca: std::sync::Mutex<MissingCa>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

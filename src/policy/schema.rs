@@ -12,6 +12,9 @@ use sluice_filters::limits::{OnError, Price, RequestLimits};
 pub use sluice_filters::units::ByteSize;
 use sluice_filters::FilterSpec;
 
+mod forward;
+pub use forward::{CaSpec, ForwardSpec, ResolveSpec};
+
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
@@ -49,6 +52,12 @@ pub struct PolicyFile {
     /// when absent).
     #[serde(default)]
     pub cache: Option<Spanned<CacheStoreSpec>>,
+    /// HTTPS_PROXY mode: what the forward listener intercepts, tunnels or refuses, and its CA.
+    #[serde(default)]
+    pub forward: Option<Spanned<ForwardSpec>>,
+    /// Host → address, used instead of DNS (tests, special networks).
+    #[serde(default)]
+    pub resolve: ResolveSpec,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -115,6 +124,9 @@ pub struct Listen {
     pub proxy: Spanned<String>,
     #[serde(default = "default_admin_addr")]
     pub admin: Spanned<String>,
+    /// HTTPS_PROXY mode (`CONNECT` and absolute-form requests); off when absent.
+    #[serde(default)]
+    pub forward: Option<Spanned<String>>,
 }
 
 impl Default for Listen {
@@ -122,6 +134,7 @@ impl Default for Listen {
         Self {
             proxy: default_proxy_addr(),
             admin: default_admin_addr(),
+            forward: None,
         }
     }
 }

@@ -63,6 +63,10 @@ pub struct Metrics {
     pub cost_usd: CounterVec,
     /// Policy reloads by `result`: `applied`, `unchanged`, `rejected`.
     pub reloads: IntCounterVec,
+    /// Forward-listener (HTTPS_PROXY mode) connections and requests by `action`: intercept,
+    /// tunnel, refuse, bad_request, handshake_failed (often a client that does not trust
+    /// Sluice's CA), tunnel_failed (the target could not be reached).
+    pub forward: IntCounterVec,
     /// 1 when the limits store answers (always, for `memory`), by `backend`.
     limits_store_up: IntGaugeVec,
     /// Upstream attempts by `upstream` and `outcome` (ok, client_error, rate_limited,
@@ -251,7 +255,13 @@ impl Default for Metrics {
             // Present from the start, so a rate over them has a zero to begin with.
             reloads.with_label_values(&[result]);
         }
+        let forward = make.counters(
+            "sluice_forward_total",
+            "Forward-listener (HTTPS_PROXY) connections and requests by action.",
+            &["action"],
+        );
         Self {
+            forward,
             requests: make.counters(
                 "sluice_requests_total",
                 "Requests by route, upstream, model, status, cache result, tier and tenant.",

@@ -17,7 +17,7 @@ pub use bedrock::{default_base_url as bedrock_base_url, AwsCredentials, SigV4Sig
 use health::{BreakerSettings, RetryBudgetSettings, UpstreamHealth};
 pub use keys::{KeyLease, KeyPool, NoKey, ProviderKey};
 pub use provider::CALLER_CREDENTIAL_HEADERS;
-pub use resolver::Resolver;
+pub use resolver::{ResolveError, ResolveOverrides, Resolver};
 
 /// An upstream as the proxy runs it: parsed, interpolated, validated.
 pub struct Upstream {
@@ -56,6 +56,8 @@ pub struct Upstream {
     pub signer: Option<SigV4Signer>,
     /// Trusted CAs replacing the system store, when the policy names a `tls.ca_file`.
     pub ca: Option<Arc<pingora::protocols::tls::CaType>>,
+    /// The address from the policy's `resolve:`, used instead of DNS.
+    pub address_override: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -74,6 +76,7 @@ impl std::fmt::Debug for Upstream {
             .field("port", &self.port)
             .field("base_path", &self.base_path)
             .field("custom_ca", &self.ca.is_some())
+            .field("address_override", &self.address_override)
             .field("keys", &self.keys.keys())
             .field("signer", &self.signer)
             .field(
@@ -106,6 +109,14 @@ impl Upstream {
             HeaderValue::from_str(&format!("{host}:{port}"))
         };
         authority.map_err(|_| InvalidHost)
+    }
+
+    /// Where to connect: the policy's `resolve:` entry for the host, or DNS.
+    pub async fn address(&self, resolver: &Resolver) -> Result<std::net::SocketAddr, ResolveError> {
+        match self.address_override {
+            Some(address) => Ok(address),
+            None => resolver.resolve(&self.host, self.port).await,
+        }
     }
 
     /// Whether Sluice authenticates to this upstream itself (keys, or a signature), so the

@@ -64,6 +64,39 @@ impl Resolver {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not an IP address or IP:port (names are not resolved here)")]
+pub struct NotAnAddress(String);
+
+/// `resolve:` from the policy: addresses used instead of DNS for some hosts (tests, special
+/// networks). An entry with a port replaces the port too; one without keeps the asked port.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolveOverrides {
+    entries: HashMap<String, (std::net::IpAddr, Option<u16>)>,
+}
+
+impl ResolveOverrides {
+    /// `host` in lower case; `address` is `IP:port`, `[IPv6]:port` or a bare IP.
+    pub fn insert(&mut self, host: &str, address: &str) -> Result<(), NotAnAddress> {
+        let parsed = match address.parse::<SocketAddr>() {
+            Ok(socket) => (socket.ip(), Some(socket.port())),
+            Err(_) => match address.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+                Ok(ip) => (ip, None),
+                Err(_) => return Err(NotAnAddress(address.to_owned())),
+            },
+        };
+        self.entries.insert(host.to_ascii_lowercase(), parsed);
+        Ok(())
+    }
+
+    /// The address the policy gives for `host` (lower case), if any.
+    pub fn get(&self, host: &str, port: u16) -> Option<SocketAddr> {
+        self.entries
+            .get(host)
+            .map(|(ip, fixed)| SocketAddr::new(*ip, fixed.unwrap_or(port)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +112,24 @@ mod tests {
         assert!(local.ip().is_loopback());
         assert_eq!(resolver.cached("localhost", 8080).unwrap().1, local);
         assert!(resolver.resolve("no-such-host.invalid", 1).await.is_err());
+    }
+
+    #[test]
+    fn overrides_fix_the_address_and_maybe_the_port() {
+        let mut overrides = ResolveOverrides::default();
+        overrides
+            .insert("api.openai.com", "127.0.0.1:8443")
+            .unwrap();
+        overrides.insert("bare.test", "::1").unwrap();
+        assert_eq!(
+            overrides.get("api.openai.com", 443),
+            Some("127.0.0.1:8443".parse().unwrap())
+        );
+        assert_eq!(
+            overrides.get("bare.test", 80),
+            Some("[::1]:80".parse().unwrap())
+        );
+        assert_eq!(overrides.get("other.test", 80), None);
+        assert!(overrides.insert("x", "localhost:80").is_err());
     }
 }

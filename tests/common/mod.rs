@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,10 +18,21 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `N` distinct free ports: all held at once while they are chosen, so no two are the same
+/// (separate `free_port` calls may return one port twice).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
 /// A running sidecar with its own policy file in a temporary folder.
 pub struct Sidecar {
     pub proxy: String,
     pub admin: String,
+    /// The forward listener (HTTPS_PROXY mode), when started with [`Sidecar::start_forward`].
+    pub forward: Option<String>,
     pub policy_path: PathBuf,
     child: Child,
     _dir: tempfile::TempDir,
@@ -30,13 +41,24 @@ pub struct Sidecar {
 /// The policy's `listen` block is added by the harness, and a `server` block unless `body` has
 /// its own; `body` holds upstreams and routes.
 pub fn policy(proxy_port: u16, admin_port: u16, body: &str) -> String {
+    policy_with_forward(proxy_port, admin_port, None, body)
+}
+
+/// As [`policy`], with `listen.forward` on `forward_port` when given.
+pub fn policy_with_forward(
+    proxy_port: u16,
+    admin_port: u16,
+    forward_port: Option<u16>,
+    body: &str,
+) -> String {
+    let forward = forward_port.map_or(String::new(), |port| format!(", forward: 127.0.0.1:{port}"));
     let server = if body.lines().any(|line| line.starts_with("server:")) {
         ""
     } else {
         "server: { drain_timeout: 10s }\n"
     };
     format!(
-        "listen: {{ proxy: 127.0.0.1:{proxy_port}, admin: 127.0.0.1:{admin_port} }}\n{server}{body}"
+        "listen: {{ proxy: 127.0.0.1:{proxy_port}, admin: 127.0.0.1:{admin_port}{forward} }}\n{server}{body}"
     )
 }
 
@@ -46,22 +68,56 @@ impl Sidecar {
     }
 
     pub async fn start_with_env(body: &str, env: &[(&str, &str)]) -> Sidecar {
-        Self::launch(body, env, &[]).await
+        Self::launch(body, env, &[], false).await
     }
 
     /// With more files (e.g. a keys file) beside the policy.
     pub async fn start_with_files(body: &str, files: &[(&str, &str)]) -> Sidecar {
-        Self::launch(body, &[], files).await
+        Self::launch(body, &[], files, false).await
     }
 
-    async fn launch(body: &str, env: &[(&str, &str)], files: &[(&str, &str)]) -> Sidecar {
+    /// With the forward listener (HTTPS_PROXY mode) too, and files beside the policy (the CA's
+    /// files, a test certificate). Without CA files, the sidecar makes its CA at startup.
+    pub async fn start_forward(body: &str, files: &[(&str, &[u8])]) -> Sidecar {
+        Self::start_forward_with_env(body, files, &[]).await
+    }
+
+    pub async fn start_forward_with_env(
+        body: &str,
+        files: &[(&str, &[u8])],
+        env: &[(&str, &str)],
+    ) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in files {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        Self::launch_in(dir, body, env, true).await
+    }
+
+    async fn launch(
+        body: &str,
+        env: &[(&str, &str)],
+        files: &[(&str, &str)],
+        forward: bool,
+    ) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
+        Self::launch_in(dir, body, env, forward).await
+    }
+
+    async fn launch_in(
+        dir: tempfile::TempDir,
+        body: &str,
+        env: &[(&str, &str)],
+        forward: bool,
+    ) -> Sidecar {
         let policy_path = dir.path().join("sluice.yaml");
-        let (proxy_port, admin_port) = (free_port(), free_port());
-        std::fs::write(&policy_path, policy(proxy_port, admin_port, body)).unwrap();
+        let [proxy_port, admin_port, spare_port] = free_ports();
+        let forward_port = forward.then_some(spare_port);
+        let text = policy_with_forward(proxy_port, admin_port, forward_port, body);
+        std::fs::write(&policy_path, text).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
         command
             .args(["run", "-c"])
@@ -79,6 +135,7 @@ impl Sidecar {
         let sidecar = Sidecar {
             proxy: format!("http://127.0.0.1:{proxy_port}"),
             admin: format!("http://127.0.0.1:{admin_port}"),
+            forward: forward_port.map(|port| format!("http://127.0.0.1:{port}")),
             policy_path,
             child,
             _dir: dir,
@@ -92,8 +149,9 @@ impl Sidecar {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let ready = client.get(format!("{}/readyz", self.admin)).send().await;
-            let proxy_up =
-                std::net::TcpStream::connect(self.proxy.trim_start_matches("http://")).is_ok();
+            let listening =
+                |url: &str| std::net::TcpStream::connect(url.trim_start_matches("http://")).is_ok();
+            let proxy_up = listening(&self.proxy) && self.forward.as_deref().is_none_or(listening);
             if ready.is_ok_and(|r| r.status().is_success()) && proxy_up {
                 return;
             }
@@ -120,6 +178,11 @@ impl Sidecar {
         file.write_all(format!("{listen_and_server}{body}").as_bytes())
             .unwrap();
         file.sync_all().unwrap();
+    }
+
+    /// A file beside the policy (e.g. the CA certificate the sidecar generated).
+    pub fn read_file(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.policy_path.parent().unwrap().join(name)).unwrap()
     }
 
     /// Rewrites a file beside the policy in place.
@@ -169,6 +232,15 @@ impl Sidecar {
             assert!(Instant::now() < deadline, "reload not applied");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// `POST /admin/reload`.
+    pub async fn admin_reload(&self) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}/admin/reload", self.admin))
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn policy_hash(&self) -> String {
@@ -344,6 +416,150 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let status = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed (make deps)");
+    assert!(status.success(), "openssl {args:?}");
+}
+
+/// A test CA (`ca.pem`, `ca.key`) and a leaf certificate signed by it for the DNS names
+/// `names` (`leaf.pem`, `leaf.key`), made in `dir` with the openssl CLI.
+pub fn make_certificates(dir: &Path, names: &[&str]) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        dir,
+        &[
+            &["req", "-x509"],
+            &ec[..],
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=Sluice Test CA",
+            ],
+        ]
+        .concat(),
+    );
+    let subject = format!("/CN={}", names[0]);
+    openssl(
+        dir,
+        &[
+            &["req"],
+            &ec[..],
+            &["-keyout", "leaf.key", "-out", "leaf.csr", "-subj", &subject],
+        ]
+        .concat(),
+    );
+    let san: Vec<String> = names.iter().map(|name| format!("DNS:{name}")).collect();
+    std::fs::write(
+        dir.join("ext"),
+        format!("subjectAltName={}\n", san.join(",")),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ],
+    );
+}
+
+/// The mock provider serving HTTPS too, as a provider reached by name would: a test certificate
+/// for `names`, signed by a test CA (`ca.pem` in `certificates`). Its plain listener stays for
+/// the test's own look at what the mock received.
+pub struct TlsMock {
+    pub mock: MockServer,
+    pub certificates: tempfile::TempDir,
+}
+
+impl TlsMock {
+    pub async fn start(names: &[&str]) -> TlsMock {
+        let certificates = tempfile::tempdir().unwrap();
+        make_certificates(certificates.path(), names);
+        let mut mock = mock().await;
+        let tls = sluice_mock::MockTls {
+            certificate_file: certificates.path().join("leaf.pem"),
+            key_file: certificates.path().join("leaf.key"),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        mock.serve_tls(listener, &tls).unwrap();
+        TlsMock { mock, certificates }
+    }
+
+    /// The HTTPS listener's port.
+    pub fn port(&self) -> u16 {
+        self.mock.tls_addr.unwrap().port()
+    }
+
+    /// The test CA that signed the mock's certificate (PEM file).
+    pub fn ca_file(&self) -> PathBuf {
+        self.certificates.path().join("ca.pem")
+    }
+}
+
+/// Runs `sluice run` on `body` (with the forward listener) and `files` beside it, expecting it
+/// to refuse to start: its stderr, once it exited with a failure (within 20 s).
+pub fn run_expecting_failure(body: &str, files: &[(&str, &[u8])]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in files {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
+    let path = dir.path().join("sluice.yaml");
+    let [proxy_port, admin_port, forward_port] = free_ports();
+    let text = policy_with_forward(proxy_port, admin_port, Some(forward_port), body);
+    std::fs::write(&path, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sluice");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("sluice kept running with {body}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "sluice exited 0: {stderr}");
+    stderr
 }
 
 /// A TCP listener that accepts connections, counts them and never answers: a collector or

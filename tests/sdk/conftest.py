@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: all held at once while they are chosen (separate
+    `free_port` calls may return one port twice)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def wait_http(url: str, limit: float = 20.0) -> None:
@@ -64,12 +75,37 @@ def bedrock_upstream(mock_url: str) -> str:
     )
 
 
+def read_chat_stream(stream) -> tuple[str, object]:
+    """The text of an openai chat-completion stream, and its usage chunk's usage (or None)."""
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage:
+            usage = chunk.usage
+    return text, usage
+
+
+@dataclass
+class RunningSidecar:
+    proxy: str
+    """The forward listener (HTTPS_PROXY mode), when started with one."""
+    forward: str | None
+    folder: Path
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA certificate the sidecar made at startup (`forward.ca.cert_file`'s default)."""
+        return self.folder / "sluice-ca.pem"
+
+
 @contextlib.contextmanager
-def running_sidecar(policy_body: str):
-    """The real sidecar on free ports with this policy (upstreams, routes, tenants); yields its
-    proxy URL."""
-    proxy, admin = free_port(), free_port()
-    policy = f"listen: {{ proxy: 127.0.0.1:{proxy}, admin: 127.0.0.1:{admin} }}\n{policy_body}"
+def started_sidecar(policy_body: str, forward: bool = False):
+    """The real sidecar on free ports with this policy (upstreams, routes, tenants), and the
+    forward listener when asked."""
+    proxy, admin, forward_port = free_ports(3)
+    forward_listen = f", forward: 127.0.0.1:{forward_port}" if forward else ""
+    policy = f"listen: {{ proxy: 127.0.0.1:{proxy}, admin: 127.0.0.1:{admin}{forward_listen} }}\n{policy_body}"
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "sluice.yaml"
         path.write_text(policy)
@@ -77,10 +113,21 @@ def running_sidecar(policy_body: str):
         process = subprocess.Popen([SLUICE, "run", "-c", str(path)], env=env)
         try:
             wait_http(f"http://127.0.0.1:{admin}/readyz")
-            yield f"http://127.0.0.1:{proxy}"
+            yield RunningSidecar(
+                proxy=f"http://127.0.0.1:{proxy}",
+                forward=f"http://127.0.0.1:{forward_port}" if forward else None,
+                folder=Path(folder),
+            )
         finally:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def running_sidecar(policy_body: str):
+    """The real sidecar on free ports with this policy; yields its proxy URL."""
+    with started_sidecar(policy_body) as running:
+        yield running.proxy
 
 
 @pytest.fixture(scope="session")
@@ -124,8 +171,7 @@ tenants:
         yield url
 
 
-@pytest.fixture
-def mock_requests(mock_url):
+def recorded_requests(mock_url: str):
     """Clears the mock's record, then returns a function that reads it."""
     urllib.request.urlopen(urllib.request.Request(f"{mock_url}/_mock/requests", method="DELETE"))
 
@@ -136,3 +182,58 @@ def mock_requests(mock_url):
             return json.load(response)
 
     return read
+
+
+@pytest.fixture
+def mock_requests(mock_url):
+    """Clears the mock's record, then returns a function that reads it."""
+    return recorded_requests(mock_url)
+
+
+def make_certificates(folder: Path, names: list[str]) -> None:
+    """A test CA (ca.pem) and a certificate for `names` signed by it (leaf.pem, leaf.key), made
+    with the openssl CLI as tests/common does for the Rust tests."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Sluice SDK Test CA")
+    openssl("req", *ec, "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", f"/CN={names[0]}")
+    (folder / "ext").write_text("subjectAltName=" + ",".join(f"DNS:{name}" for name in names) + "\n")
+    openssl("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "leaf.pem", "-days", "2", "-extfile", "ext")
+
+
+@dataclass
+class HttpsMock:
+    """The mock provider serving HTTPS as the providers' real names (through Sluice's
+    `resolve`), and plain HTTP for the tests' look at what it received."""
+    url: str
+    tls_port: int
+    ca_file: Path
+
+
+@pytest.fixture(scope="session")
+def https_mock(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("https-mock")
+    make_certificates(folder, ["api.openai.com", "api.anthropic.com"])
+    port, tls_port = free_ports(2)
+    process = subprocess.Popen(
+        [MOCK, "--listen", f"127.0.0.1:{port}", "--tls-listen", f"127.0.0.1:{tls_port}",
+         "--tls-cert", str(folder / "leaf.pem"), "--tls-key", str(folder / "leaf.key")],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/_mock/health")
+        yield HttpsMock(url=url, tls_port=tls_port, ca_file=folder / "ca.pem")
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def https_mock_requests(https_mock):
+    """As `mock_requests`, for the HTTPS mock."""
+    return recorded_requests(https_mock.url)

@@ -3,7 +3,7 @@
 import anthropic
 import openai
 import pytest
-from conftest import SLUICE_KEY
+from conftest import SLUICE_KEY, read_chat_stream
 
 
 def test_openai_chat(sidecar, mock_requests):
@@ -27,12 +27,7 @@ def test_openai_streaming(sidecar, mock_requests):
         stream=True,
         stream_options={"include_usage": True},
     )
-    text, usage = "", None
-    for chunk in stream:
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-        if chunk.usage:
-            usage = chunk.usage
+    text, usage = read_chat_stream(stream)
     assert text == "echo: stream to the sdk"
     assert usage is not None and usage.completion_tokens > 0
 
