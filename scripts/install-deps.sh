@@ -2,6 +2,7 @@
 # Installs what building and testing Sluice needs and is missing; does nothing when all is there.
 # Debian packages: cmake (libz-ng-sys), pkg-config + libssl-dev (Pingora's openssl feature),
 # redis-server (shared-state tests), nginx (benchmark reference), python3-venv.
+# Cargo: oha, the benchmark's load generator (its smoke run is part of `make test`).
 # Python: a venv in .venv with the official SDKs the end-to-end tests drive.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,12 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# oha, pinned: the bench reads its JSON output. A few minutes to build once.
+OHA_VERSION=1.16.0
+if ! command -v oha >/dev/null || [ "$(oha --version | cut -d' ' -f2)" != "$OHA_VERSION" ]; then
+  cargo install oha --locked --version "$OHA_VERSION"
 fi
 
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
