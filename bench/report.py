@@ -1,64 +1,30 @@
-"""Reads the load generator's results of bench/run.sh; prints the figures and writes BENCHMARKS.md.
+"""Writes BENCHMARKS.md from the results of bench/suite.py (bench-out/last/results.json).
 
-    report.py check RESULT.json    exit 0 if every request of that run succeeded, 3 if not
-    report.py cpu PID              CPU seconds used so far by the machine and by PID's tree (JSON)
-    report.py write WORK [options] print the tables, write the markdown file (--output)
+    python3 bench/report.py RESULTS.json [OUTPUT]    re-render a report from kept results
 
-Results are oha's JSON (`--output-format json`) or, with the wrk fallback, the JSON written by
-bench/wrk.lua. Standard library only.
+Standard library only. Every figure in the report comes from the results file; the targets are
+issue 9's, judged here with the margin by which each is met or missed.
 """
 
-import argparse
 import datetime
 import json
-import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
 
-PATHS = ("direct", "sluice", "nginx", "cache-hit", "cache-miss")
+from policies import LADDER
+
 LABELS = {
     "direct": "direct to the mock",
-    "sluice": "through Sluice",
-    "nginx": "through nginx",
-    "cache-hit": "Sluice, cache hit",
-    "cache-miss": "Sluice, cache miss (no-cache)",
+    "nginx": "nginx (reference proxy)",
+    "pass": "Sluice passthrough (no filters)",
+    "full": "Sluice full chain, tracing on",
+    "full-notrace": "Sluice full chain, tracing off",
+    "hit": "Sluice cache hit (full chain)",
+    "litellm": "LiteLLM proxy",
+    "portkey": "Portkey gateway",
 }
-
-
-def load(path: Path) -> dict:
-    """One run's figures: requests, successes (HTTP 200), duration, latency percentiles in µs."""
-    data = json.loads(path.read_text())
-    if data.get("tool") == "wrk":
-        total = data["requests"] + data["socket_errors"]
-        ok = data["requests"] - data["non_2xx"]
-        seconds = data["seconds"]
-        p50, p99 = data["p50_us"], data["p99_us"]
-        errors = {"non-2xx": data["non_2xx"], "socket errors": data["socket_errors"]}
-    else:  # oha
-        codes = data.get("statusCodeDistribution") or {}
-        # Requests cut off by the end of the run are not failures (run.sh waits for them with
-        # -w anyway, so there should be none).
-        errors = {k: v for k, v in (data.get("errorDistribution") or {}).items() if "deadline" not in k}
-        ok = codes.get("200", 0)
-        total = sum(codes.values()) + sum(errors.values())
-        errors.update({f"HTTP {code}": n for code, n in codes.items() if code != "200"})
-        seconds = data["summary"]["total"]
-        percentiles = data.get("latencyPercentiles") or {}
-        p50 = (percentiles.get("p50") or 0.0) * 1e6
-        p99 = (percentiles.get("p99") or 0.0) * 1e6
-    return {
-        "total": total,
-        "ok": ok,
-        "success": 100.0 * ok / total if total else 0.0,
-        "all_ok": total > 0 and ok == total,
-        "rate": total / seconds if seconds else 0.0,  # requests sent per second
-        "ok_rate": ok / seconds if seconds else 0.0,  # successful requests per second
-        "p50": p50,
-        "p99": p99,
-        "errors": {k: v for k, v in errors.items() if v},
-    }
 
 
 def machine() -> dict:
@@ -78,77 +44,32 @@ def machine() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    cpus = run("nproc") or "?"
     mem = first("/proc/meminfo", "MemTotal")
-    mem_gib = f"{int(mem.split()[0]) / 1024 / 1024:.0f} GiB" if mem[:1].isdigit() else "unknown"
     commit = run("git", "rev-parse", "--short", "HEAD")
     if not commit or " " in commit:
         commit = "unknown"
     elif run("git", "status", "--porcelain", "--untracked-files=no"):
         commit += " (with uncommitted changes)"
     return {
-        "cpus": cpus,
+        "cpus": run("nproc") or "?",
         "cpu": first("/proc/cpuinfo", "model name"),
-        "memory": mem_gib,
+        "memory": f"{int(mem.split()[0]) / 1024 / 1024:.0f} GiB" if mem[:1].isdigit() else "unknown",
         "kernel": f"{platform.system()} {platform.release()}",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit,
         "rustc": run("rustc", "--version") or "unknown",
-        "nginx": run("nginx", "-v").replace("nginx version: ", "") or "unknown",
+        "nginx": run("nginx", "-v").replace("nginx version: nginx/", "") or "unknown",
     }
 
 
-def cpu_snapshot(root: int) -> dict:
-    """CPU seconds used so far by the whole machine and by ROOT (the bench script), its children
-    that ended and all its live descendants (servers, nginx workers, the load generator)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
-    stats, children = {}, {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "stat").read_text()
-        except OSError:
-            continue
-        rest = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "
-        pid, ppid = int(entry.name), int(rest[1])
-        stats[pid] = [int(x) for x in rest[11:15]]  # utime stime cutime cstime
-        children.setdefault(ppid, []).append(pid)
-    ours, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            ours += sum(stats[pid])  # own time and that of its children already reaped
-            todo += children.get(pid, [])
-    with open("/proc/uptime") as uptime:
-        wall = float(uptime.read().split()[0])
-    return {"wall": wall, "busy": (user + nice + system + irq + softirq) / tick, "ours": ours / tick}
-
-
-def other_cpu(work: Path) -> tuple:
-    """Average CPU cores used by processes outside the bench between the two snapshots, and how
-    that reads in the report."""
+def other_load(results: dict) -> float | None:
+    """Average CPU cores used by processes outside the bench during the measurements."""
     try:
-        start = json.loads((work / "cpu-start.json").read_text())
-        end = json.loads((work / "cpu-end.json").read_text())
+        start, end = results["machine_start"], results["machine_end"]
         wall = end["wall"] - start["wall"]
-        cores = max((end["busy"] - start["busy"]) - (end["ours"] - start["ours"]), 0.0) / wall
-    except (OSError, ValueError, KeyError, ZeroDivisionError):
-        return None, "an unknown share of the CPU"
-    return cores, f"{cores:.2f} CPU cores on average"
-
-
-def ratio(value: float, reference: float) -> str:
-    return f"{value / reference:.2f}×" if reference > 0 else "n/a"
-
-
-def pct(run: dict) -> str:
-    text = f"{run['success']:.2f} %"
-    if not run["all_ok"] and text == "100.00 %":
-        text = "99.99+ %"  # never round a failure away
-    return text
+        return max((end["busy"] - start["busy"]) - (end["ours"] - start["ours"]), 0.0) / wall
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
 
 
 def table(header: list, rows: list) -> str:
@@ -157,179 +78,328 @@ def table(header: list, rows: list) -> str:
     return "\n".join(lines)
 
 
-def write(args: argparse.Namespace) -> None:
-    work = args.work
-    fixed = {p: load(work / f"{p}-fixed.json") for p in PATHS}
-    peak = {p: load(work / f"{p}-max.json") for p in PATHS}
-    step = {p: load(work / f"{p}-step.json") for p in PATHS if (work / f"{p}-step.json").exists()}
-    memory = json.loads((work / "sluice-memory.json").read_text())
+def us(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{value:+.0f}" if signed else f"{value:.0f}"
+
+
+def pct(success: float, all_ok: bool) -> str:
+    text = f"{success:.2f} %"
+    return "99.99+ %" if text == "100.00 %" and not all_ok else text
+
+
+def mib(kb: float) -> str:
+    return f"{kb / 1024:.1f}"
+
+
+class Verdicts:
+    """The targets of issue 9 with their figures: met or not, and by how much."""
+
+    def __init__(self) -> None:
+        self.rows: list = []
+
+    def at_most(self, what: str, value: float | None, limit: float, unit: str, why: str = "") -> None:
+        if value is None:
+            self.rows.append([what, "not measured", f"≤ {limit:g} {unit}", "—", why])
+            return
+        met = value <= limit
+        margin = f"{limit - value:.1f} {unit} under" if met else f"{value - limit:.1f} {unit} over"
+        self.rows.append([what, f"{value:.1f} {unit}", f"≤ {limit:g} {unit}", ("met" if met else "**not met**") + f" ({margin})", why])
+
+    def at_least(self, what: str, value: float | None, limit: float, unit: str, why: str = "") -> None:
+        if value is None:
+            self.rows.append([what, "not measured", f"≥ {limit:g}{unit}", "—", why])
+            return
+        met = value >= limit
+        margin = f"{value / limit:.2f}× the target" if limit else ""
+        self.rows.append([what, f"{value:.2f}{unit}", f"≥ {limit:g}{unit}", ("met" if met else "**not met**") + f" ({margin})", why])
+
+    def flag(self, what: str, ok: bool | None, measured: str, target: str, why: str = "") -> None:
+        verdict = "—" if ok is None else ("met" if ok else "**not met**")
+        self.rows.append([what, measured, target, verdict, why])
+
+    def render(self) -> str:
+        return table(["target", "measured", "target value", "verdict", "note"], self.rows)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def write(results: dict, output: Path) -> None:
     host = machine()
-    other_cores, other = other_cpu(work)
-    busy_note = ""
-    if other_cores is not None and other_cores > 0.25:
-        busy_note = " — **the machine was not quiet: these figures are skewed; rerun on a quiet machine**"
+    s = results["settings"]
+    load = other_load(results)
+    load_text = "unknown" if load is None else f"{load:.2f} CPU cores on average"
+    quiet = load is not None and load <= 0.25
+    sections, verdicts = [], Verdicts()
+    paths_run = [k for k in LABELS if k in (results.get("probe") or {})]
 
-    direct = fixed["direct"]
-    added = {p: (fixed[p]["p50"] - direct["p50"], fixed[p]["p99"] - direct["p99"]) for p in PATHS if p != "direct"}
-
-    latency_rows = []
-    for p in PATHS:
-        f = fixed[p]
-        a50, a99 = (f"{added[p][0]:+.0f}", f"{added[p][1]:+.0f}") if p in added else ("—", "—")
-        latency_rows.append([LABELS[p], f"{f['rate']:.0f}", f"{f['p50']:.0f}", f"{f['p99']:.0f}", a50, a99, pct(f)])
-    latency = table(
-        ["path", "sent req/s", "p50 µs", "p99 µs", "added p50 µs", "added p99 µs", "success"], latency_rows
-    )
-
-    throughput_rows = []
-    for p in PATHS:
-        m = peak[p]
-        s = step.get(p)
-        stepped = (f"{s['ok_rate']:.0f} req/s, {pct(s)}") if s else "— (not needed)"
-        throughput_rows.append([LABELS[p], f"{m['ok_rate']:.0f}", pct(m), stepped])
-    throughput = table(
-        ["path", f"req/s at {args.max_connections} conn.", "success", f"stepped down to {args.step_connections} conn."],
-        throughput_rows,
-    )
-
-    s50, s99 = added["sluice"]
-    n50, n99 = added["nginx"]
-    s_rps, n_rps, d_rps = peak["sluice"]["ok_rate"], peak["nginx"]["ok_rate"], peak["direct"]["ok_rate"]
-    findings = [
-        f"- **Added latency** at {args.rate} req/s: Sluice {s50:+.0f} µs p50 / {s99:+.0f} µs p99; "
-        f"nginx {n50:+.0f} µs p50 / {n99:+.0f} µs p99. "
-        f"Sluice ÷ nginx: {ratio(s50, n50)} at p50, {ratio(s99, n99)} at p99"
-        + (" (n/a: nginx's added latency is not above zero, i.e. within the noise)." if min(n50, n99) <= 0 else "."),
-        f"- **Throughput** unthrottled with {args.max_connections} connections: Sluice {s_rps:.0f} req/s, "
-        f"nginx {n_rps:.0f} req/s, direct {d_rps:.0f} req/s. Sluice ÷ nginx: {ratio(s_rps, n_rps)}.",
-        f"- **Cache**: a hit is answered in {fixed['cache-hit']['p50']:.0f} µs p50 / {fixed['cache-hit']['p99']:.0f} µs p99 "
-        f"at {args.rate} req/s, against {direct['p50']:.0f} / {direct['p99']:.0f} µs for the direct path to the "
-        f"zero-delay mock and {fixed['cache-miss']['p50']:.0f} / {fixed['cache-miss']['p99']:.0f} µs for a miss "
-        f"(upstream call plus recording and storing). Unthrottled: hits {peak['cache-hit']['ok_rate']:.0f} req/s, "
-        f"misses {peak['cache-miss']['ok_rate']:.0f} req/s (hit ÷ miss {ratio(peak['cache-hit']['ok_rate'], peak['cache-miss']['ok_rate'])}), "
-        f"uncached route {s_rps:.0f} req/s.",
-        f"- **Sluice memory**: peak RSS (VmHWM) {memory['hwm_kb'] / 1024:.1f} MiB after the run "
-        f"(RSS {memory['idle_kb'] / 1024:.1f} MiB when idle before it).",
-    ]
-    failures = [
-        f"  - {LABELS[p]} ({phase}): " + ", ".join(f"{k}: {v}" for k, v in r["errors"].items())
-        for phase, runs in (("fixed rate", fixed), ("unthrottled", peak), ("stepped down", step))
-        for p, r in runs.items()
-        if r["errors"]
-    ]
-    if failures:
-        findings += ["- Failed requests:", *failures]
-
-    figures = f"""Latency at a fixed rate of {args.rate} req/s ({args.connections} connections, {args.duration} s):
-
-{latency}
-
-Highest rate, unthrottled ({args.duration} s):
-
-{throughput}
-
-{chr(10).join(findings)}"""
-    print(figures)
-    print(f"\nOther processes used {other} during the measurements{busy_note}.")
-
-    if args.tool == "oha":
-        load_text = (
-            f"[oha](https://crates.io/crates/oha) {args.tool_version.removeprefix('oha ')}, HTTP/1.1 keep-alive;\n"
-            "  the fixed-rate run uses `-q` with `--latency-correction`, so latency is measured from when\n"
-            "  each request was due (no coordinated omission); in-flight requests are awaited at the end (`-w`)"
-        )
-    else:
-        load_text = (
-            f"wrk ({args.tool_version}, the fallback: oha was not available), 2 threads, HTTP/1.1\n"
-            "  keep-alive; wrk has no rate limit, so the fixed rate is approximated by pacing each\n"
-            "  connection (`bench/wrk.lua`) and its latency does not correct for coordinated omission"
+    latency = results.get("latency") or {}
+    for rate, block in latency.items():
+        rows = []
+        for key in LABELS:
+            p = block["paths"].get(key)
+            if not p:
+                if key in block.get("skipped", []):
+                    rows.append([LABELS[key], "—", "—", "—", "—", "—", "not sent: its ceiling is below 1.25× this rate"])
+                continue
+            rows.append([
+                LABELS[key], us(p["p50"]), us(p["p99"]), us(p.get("added_p50"), True), us(p.get("added_p99"), True),
+                f"{p['cpu_us_per_request']:.0f}" if p.get("cpu_us_per_request") else "—",
+                pct(p["success_min"], p["all_ok"]),
+            ])
+        sections.append(
+            f"### Added latency at {rate} req/s\n\nMedians of {s['rounds']} rounds ({s['duration']} s each, "
+            f"{s['connections']} connections, open loop); added = path − direct in the same round.\n\n"
+            + table(["path", "p50 µs", "p99 µs", "added p50 µs", "added p99 µs", "CPU µs/request", "success (worst round)"], rows)
         )
 
-    args.output.write_text(
-        f"""# Benchmarks
+    probe = results.get("probe") or {}
+    throughput = results.get("throughput") or {}
+    if throughput:
+        rows = []
+        for key in LABELS:
+            t = throughput.get(key)
+            if not t:
+                continue
+            hold = t["hold"]
+            held = f"{t['held_rate']}" if t["held_rate"] else f"none (last try {hold['rate_asked']}: p99 {hold['p99'] / 1000:.1f} ms, {pct(hold['success'], hold['all_ok'])})"
+            rows.append([LABELS[key], f"{probe.get(key, {}).get('median') or t['ceiling']:.0f}", held,
+                         us(hold["p99"]) if t["held_rate"] else "—"])
+        sections.append(
+            f"### Throughput\n\nUnthrottled: median of {s['rounds']} closed-loop runs ({s['probe']} s, {s['probe_connections']} "
+            f"connections). Held: the highest rate tried that kept 100 % success and p99 < {s['p99_limit_ms']} ms for "
+            f"{s['hold']} s (open loop, {s['probe_connections']} connections), searched from 90 % of the unthrottled rate in "
+            f"{s['screen']} s screens stepping down 10 %.\n\n"
+            + table(["path", "unthrottled req/s", "held req/s", "p99 µs while held"], rows)
+        )
 
-Produced by `make bench` (`bash bench/run.sh`), which overwrites this file: figures from one run.
-Compare the paths within a run; absolute numbers move from run to run and machine to machine.
+    streams = results.get("streams") or {}
+    if streams:
+        rows = []
+        for level, block in streams.items():
+            for key, p in block["paths"].items():
+                rows.append([
+                    level, LABELS[key], us(p["ttfb_p50"]), us(p.get("added_ttfb_p50"), True), us(p["delay_p50"]),
+                    us(p["delay_p99"]), us(p.get("added_delay_p50"), True), us(p.get("added_delay_p99"), True),
+                    p["held_back"], f"{p['streams'] - p['failed']}/{p['streams']}", p["events_per_stream"],
+                ])
+        sections.append(
+            f"### Streaming\n\n{s['stream_chunks']} SSE events {s['stream_chunk_ms']} ms apart per stream (plus `[DONE]`); at level 1, "
+            f"{s['single_streams']} streams one after another, otherwise that many at once; medians of {s['rounds']} rounds. "
+            "The mock stamps each event with its send time (`x-mock-stamp`), so *delay* is each event's arrival − send, "
+            "*added* is the path's percentile − direct's in the same round, and *held back* counts events that arrived only "
+            "after the next one was sent (coalescing or buffering; 0 = every event went through on its own).\n\n"
+            + table(["streams", "path", "TTFB p50 µs", "added TTFB p50 µs", "delay p50 µs", "delay p99 µs",
+                     "added delay p50 µs", "added delay p99 µs", "held back", "complete", "events/stream"], rows)
+        )
+
+    memory = results.get("memory") or {}
+    if memory:
+        rows = []
+        for name, m in memory.items():
+            per_1000 = (m["peak_kb"] - m["baseline_kb"]) * 1000 / m["streams"]
+            rows.append([name, mib(m["idle_start_kb"]), mib(m["baseline_kb"]), mib(m["peak_kb"]), mib(per_1000),
+                         mib(m["after_kb"]), f"{100 * (m['after_kb'] / m['baseline_kb'] - 1):+.1f} %",
+                         f"{m['complete']}/{m['streams']}"])
+        minimal = results.get("memory_minimal")
+        if minimal:
+            rows.append(["sluice-minimal (one passthrough route)", mib(minimal["idle_kb"]), "—", "—", "—",
+                         mib(minimal["after_requests_kb"]) + " after 1 s of requests", "—", "—"])
+        sections.append(
+            "### Memory\n\nRSS (`VmRSS`) of each Sluice: at start-up before any request (idle); just before "
+            f"{memory[next(iter(memory))]['streams']} streams open at once (64 events 50 ms apart), the highest while "
+            "they are open (sampled every 20 ms), and 2 s after they end. `sluice-full` is the full chain with tracing on; "
+            "`sluice-lean` serves passthrough and the untraced full chain.\n\n"
+            + table(["Sluice", "idle MiB", "before MiB", "open streams MiB", "per 1000 streams MiB", "after MiB",
+                     "after vs before", "streams complete"], rows)
+        )
+
+    scaling = results.get("scaling") or {}
+    if scaling:
+        runs = scaling["runs"]["paths"]
+        rows = []
+        ladder = dict(LADDER)
+        for key, p in runs.items():
+            if key.startswith("tenants-"):
+                label = f"{int(key.split('-')[1]):,} tenants, full chain"
+            elif key.startswith("keys-"):
+                label = f"{int(key.split('-')[1]):,} provider keys, full chain"
+            elif key == "ladder-tracing":
+                label = "ladder: + tracing (OTLP, every request)"
+            else:
+                label = "ladder: " + ladder[key.removeprefix("ladder-")]
+            rows.append([label, f"{p['cpu_us_per_request']:.1f}" if p.get("cpu_us_per_request") else "—", us(p["p50"]),
+                         us(p["p99"]), pct(p["success_min"], p["all_ok"])])
+        instances = scaling["instances"]
+        start_rows = [[f"{int(k):,}", f"{v['startup_s']:.2f}", mib(v["idle_rss_kb"])] for k, v in instances.items()]
+        reload = scaling["reload"]
+        reload_text = (
+            f"Reloads at {reload['tenants']:,} tenants (each adds one tenant, so each is applied, not `unchanged`), "
+            f"under {s['reload_rate']} req/s of full-chain traffic: "
+            + ", ".join(f"{t * 1000:.0f} ms" for t in reload["times_s"])
+            + f"; requests during them: {reload['load']['total']}, failed {reload['load']['total'] - reload['load']['ok']}, "
+            f"p99 {reload['load']['p99']:.0f} µs."
+        )
+        sections.append(
+            f"### Scaling\n\nEach configuration at {s['scaling_rate']} req/s for {s['scaling_duration']} s, once per round, "
+            f"{s['rounds']} rounds (medians); tracing off except the last ladder step. CPU per request = Sluice's CPU time "
+            "over the run (scheduler run time of all its threads, ns resolution) ÷ requests; it includes Sluice's background "
+            "work in that time, such as span export.\n\n"
+            + table(["configuration", "CPU µs/request", "p50 µs", "p99 µs", "success"], rows)
+            + "\n\nStart-up (process start → `/readyz`) and idle RSS by tenant count:\n\n"
+            + table(["tenants", "start-up s", "idle RSS MiB"], start_rows)
+            + "\n\n" + reload_text
+        )
+
+    # -- verdicts --
+    top_rate = str(max(int(r) for r in latency)) if latency else None
+    if top_rate:
+        full = latency[top_rate]["paths"].get("full", {})
+        nginx = latency[top_rate]["paths"].get("nginx", {})
+        verdicts.at_most(f"full chain added p50 at {top_rate} req/s", full.get("added_p50"), 100, "µs")
+        verdicts.at_most(f"full chain added p99 at {top_rate} req/s", full.get("added_p99"), 500, "µs")
+        for q in ("p50", "p99"):
+            r = ratio(full.get(f"added_{q}"), nginx.get(f"added_{q}"))
+            verdicts.at_most(f"full chain added {q} ÷ nginx's at {top_rate} req/s", r, 1.5, "×")
+        for rate, block in latency.items():
+            hit, direct = block["paths"].get("hit", {}), block["paths"].get("direct", {})
+            if hit.get("p50") is not None and direct.get("p50") is not None:
+                verdicts.at_most(f"cache hit p50 − direct p50 at {rate} req/s", hit["p50"] - direct["p50"], 0, "µs")
+    if throughput:
+        def held(key: str) -> float | None:
+            return (throughput.get(key) or {}).get("held_rate")
+
+        full_held = held("full")
+        verdicts.at_least("full chain held throughput ÷ nginx's", ratio(full_held, held("nginx")), 0.7, "×")
+        for peer, factor in (("litellm", 10), ("portkey", 3)):
+            peer_rate = held(peer) or (probe.get(peer) or {}).get("median")
+            why = "" if held(peer) else ("peer not run" if peer not in throughput else "peer held no rate: its unthrottled rate used")
+            verdicts.at_least(f"full chain throughput ÷ {peer}'s", ratio(full_held, peer_rate), factor, "×", why)
+        verdicts.at_least("cache hit held throughput ÷ miss (full chain)", ratio(held("hit"), full_held), 1.5, "×")
+    if streams:
+        top = str(max(int(k) for k in streams))
+        full = streams[top]["paths"].get("full", {})
+        verdicts.at_most(f"full chain added per-event delay p99 at {top} streams", full.get("added_delay_p99"), 1000, "µs")
+        held_back = sum(b["paths"].get("full", {}).get("held_back", 0) for b in streams.values())
+        complete = all(p["failed"] == 0 for b in streams.values() for p in b["paths"].values())
+        verdicts.flag("no coalescing (full chain, every level)", held_back == 0, f"{held_back} events held back", "0",
+                      "" if complete else "some streams failed: see the table")
+    if memory:
+        m = memory["sluice-full"]
+        minimal = results.get("memory_minimal")
+        if minimal:
+            verdicts.at_most("idle RSS, least policy (one passthrough route)", minimal["idle_kb"] / 1024, 30, "MiB")
+        verdicts.at_most("idle RSS, full-chain policy (tracing on, token limits)", m["idle_start_kb"] / 1024, 30, "MiB",
+                         "token limits load the OpenAI tokenizers' tables at start-up")
+        verdicts.at_most("RSS per 1,000 open streams", (m["peak_kb"] - m["baseline_kb"]) * 1000 / m["streams"] / 1024, 32, "MiB")
+        verdicts.at_most("RSS after the streams end vs before", 100 * (m["after_kb"] / m["baseline_kb"] - 1), 10, "%")
+    if scaling:
+        runs = scaling["runs"]["paths"]
+        tenant_keys = sorted((k for k in runs if k.startswith("tenants-")), key=lambda k: int(k.split("-")[1]))
+        low, high = runs[tenant_keys[0]].get("cpu_us_per_request"), runs[tenant_keys[-1]].get("cpu_us_per_request")
+        if low and high:
+            verdicts.at_most(
+                f"CPU per request growth, {tenant_keys[0].split('-')[1]} → {int(tenant_keys[-1].split('-')[1]):,} tenants",
+                100 * (high / low - 1), 5, "%",
+            )
+        reload = scaling["reload"]
+        verdicts.at_most(f"reload time at {reload['tenants']:,} tenants (slowest)", max(reload["times_s"]) * 1000, 1000, "ms")
+        failed = reload["load"]["total"] - reload["load"]["ok"]
+        verdicts.flag("no failed request during reloads", failed == 0, f"{failed} failed of {reload['load']['total']}", "0")
+
+    # -- telemetry cost (issue 7) --
+    telemetry = []
+    for rate, block in latency.items():
+        on, off = block["paths"].get("full"), block["paths"].get("full-notrace")
+        if on and off:
+            cpu = ""
+            if on.get("cpu_us_per_request") and off.get("cpu_us_per_request"):
+                cpu = f", CPU {on['cpu_us_per_request'] - off['cpu_us_per_request']:+.0f} µs per request"
+            telemetry.append(
+                f"- At {rate} req/s, tracing on − off: p50 {on['p50'] - off['p50']:+.0f} µs, p99 {on['p99'] - off['p99']:+.0f} µs{cpu}."
+            )
+    sink = results.get("otlp_sink") or {}
+    if sink:
+        telemetry.append(f"- The local collector received {sink.get('requests', 0)} OTLP exports ({sink.get('bytes', 0) / 1e6:.1f} MB) during the run.")
+
+    peers = results.get("peers") or {}
+    peer_lines = []
+    for name, label in (("litellm", "LiteLLM proxy (PyPI `litellm[proxy]`)"), ("portkey", "Portkey gateway (npm `@portkey-ai/gateway`)")):
+        info = peers.get(name)
+        if info is None:
+            peer_lines.append(f"- {label}: not run (`BENCH_PEERS=0`).")
+        elif info.get("available"):
+            peer_lines.append(f"- {label} {info['version']}: run against the same mock.")
+        else:
+            peer_lines.append(f"- {label}: **not measured** — {info.get('why', 'unavailable')}.")
+
+    busy = "" if quiet else " — **the machine was not quiet: time figures are skewed by that load**"
+    text = f"""# Benchmarks
+
+Produced by `make bench` (`python3 bench/suite.py`), which overwrites this file: figures from one run,
+{results['wall_s'] / 60:.1f} minutes. Compare paths within the run; absolute numbers move with the machine and its load.
+Raw results of the last run: `bench-out/last/results.json` (re-render with `python3 bench/report.py`).
 
 ## Method
 
-- **Upstream**: `sluice-mock` (release build, zero delay, `--no-record`) answering
-  `POST /v1/chat/completions` with a small non-streaming JSON completion.
-- **Five paths**, measured one after the other in the same run, against the same mock process:
-  1. direct to the mock;
-  2. through Sluice (release build, `server.threads: 2`, one route and no filters beyond the
-     defaults: `bench/policy.yaml.tmpl`, log level `warn`);
-  3. through nginx {host['nginx'].removeprefix('nginx/')} as the reference reverse proxy
-     (`bench/nginx.conf.tmpl`: 2 workers, upstream keepalive 64, HTTP/1.1 to the upstream,
-     no access log, no response buffering);
-  4. through Sluice's response cache, every request a hit (route `/cached`: `cache: {{ when:
-     always }}`; the entry is stored by a first call before the measurements);
-  5. the same route with `Cache-Control: no-cache` on every request: each one a miss that goes
-     upstream and is recorded and stored (the entry replaced), the most a miss costs.
-- **Load**: {load_text}. Every request is
-  `POST` with `content-type: application/json` and the body
-  `{args.body}`.
-- **Each path**: {args.warmup} s warm-up ({args.connections} connections, unthrottled); then
-  {args.rate} req/s for {args.duration} s over {args.connections} connections (p50, p99, success);
-  then unthrottled for {args.duration} s over {args.max_connections} connections (successful
-  requests per second, success). If that run is not 100 % successful, it is repeated once with
-  {args.step_connections} connections and both are reported.
+- **Upstream**: `sluice-mock` ({s['profile']} build, zero delay, `--no-record`), a small non-streaming chat
+  completion for the fixed-rate and throughput runs; SSE streams with send stamps for the streaming runs.
+- **Paths**, all in this one run against the same mock: {', '.join(LABELS[k] for k in paths_run) or 'see below'}.
+  - nginx {host['nginx']}: 2 workers, upstream keepalive, HTTP/1.1 upstream, no access log, no buffering.
+  - Sluice passthrough: route `/pass`, no Sluice key, no filters, no tracing.
+  - Sluice full chain: auth (a Sluice key, tenant lookup), limits (GCRA rate, daily requests, daily tokens with a
+    prompt estimate, concurrency, monthly budget priced per model — all checked and charged, never refusing), the
+    response cache (`Cache-Control: no-cache` on every request: no lookup, a miss that goes upstream and is stored),
+    key rotation (2 weighted provider keys), a fallback target configured, latency recording (metrics, rolling
+    stats), and with *tracing on* every request sampled and exported over OTLP http/protobuf to a local collector
+    that accepts and discards (`bench/otlp_sink.py`); *tracing off* is the same chain in a Sluice with no OTLP.
+    Policies: `bench/policies.py`; `server.threads: 2`; log level `warn`.
+  - Sluice cache hit: the full chain without `no-cache`: every request is answered from the cache.
+{chr(10).join(peer_lines)}
+- **Load**: {results.get('tools', {}).get('oha', 'oha')}, HTTP/1.1 keep-alive, `POST` with the body
+  `{s.get('body', '')}`. Fixed rates are open loop (`-q` with `--latency-correction`: latency counts from when each
+  request was due, so a stall is not hidden); in-flight requests are awaited at the end (`-w`).
+- **Rounds**: every phase runs its paths one after another within a round, and rounds repeat
+  (A B C … A B C …), so slow drifts of the machine hit every path alike; figures are medians over rounds.
 - **Success** is an HTTP 200; anything else (other statuses, connection errors, timeouts) is a failure.
-- **Added latency** is a proxied path's percentile minus the direct path's in the same run; the
-  ratios divide Sluice's figure by nginx's. A p99 out of {args.rate * args.duration} requests on a
-  shared {host['cpus']}-core machine moves by a few hundred µs from run to run with scheduling: read small or
-  negative differences there as noise.
-- **Peak memory** is Sluice's `VmHWM` from `/proc/PID/status` after all five paths ran.
-- **Not like for like**: Sluice reads each request body whole and drives the upstream exchange
-  itself (route match, filters, upstream request, response filters chunk by chunk: see README.md,
-  "How a request goes through"), while nginx only relays the bytes; nginx shows the least a
-  proxy costs on this machine, not a gateway with the same work to do.
-- **Shared machine**: the load generator, the mock and the proxy all run on the same
-  {host['cpus']}-core machine over loopback, so they compete for CPU: absolute numbers are noisy
-  and the unthrottled rates are bounded by that shared CPU rather than by any one server.
+- **Shared machine**: the load generator, the mock, the collector and the servers share {host['cpus']} cores over
+  loopback, so they compete for CPU: rates are bounded by that shared CPU, not by one server alone.
 
 ## Machine
 
 - CPU: {host['cpus']} × {host['cpu']}; memory {host['memory']}
-- Kernel: {host['kernel']}
-- Toolchain: {host['rustc']}
+- Kernel: {host['kernel']}; toolchain: {host['rustc']}
 - Run: {host['date']}, commit `{host['commit']}`
-- Other processes on the machine used {other} during the measurements
-  (CPU time outside the bench's own processes; 0 means the machine was otherwise quiet){busy_note}
+- Load from other processes during the measurements: {load_text} (CPU time outside the bench's own process
+  tree; 0 means the machine was otherwise quiet){busy}
+
+## Targets (issue 9)
+
+{verdicts.render()}
 
 ## Figures
 
-{figures}
+{(chr(10) * 2).join(sections)}
+
+### Cost of telemetry (issue 7)
+
+{chr(10).join(telemetry) or '- not measured in this run'}
 """
-    )
-    print(f"\nwrote {args.output}", file=sys.stderr)
+    notes = Path(__file__).resolve().parent / "NOTES.md"
+    if notes.exists() and not results["settings"].get("smoke"):
+        text += "\n" + notes.read_text()
+    output.write_text(text)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    cpu = commands.add_parser("cpu")
-    cpu.add_argument("root", type=int)
-    check = commands.add_parser("check")
-    check.add_argument("result", type=Path)
-    report = commands.add_parser("write")
-    report.add_argument("work", type=Path)
-    for option in ("rate", "warmup", "duration", "connections", "max-connections", "step-connections"):
-        report.add_argument(f"--{option}", type=int, required=True)
-    report.add_argument("--body", required=True)
-    report.add_argument("--tool", choices=("oha", "wrk"), required=True)
-    report.add_argument("--tool-version", default="")
-    report.add_argument("--output", type=Path, required=True)
-    args = parser.parse_args()
-
-    if args.command == "cpu":
-        print(json.dumps(cpu_snapshot(args.root)))
-        return
-    if args.command == "check":
-        result = load(args.result)
-        print(f"{result['ok_rate']:.0f} req/s, {pct(result)} success", file=sys.stderr)
-        sys.exit(0 if result["all_ok"] else 3)
-    write(args)
+    if len(sys.argv) not in (2, 3):
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    results = json.loads(Path(sys.argv[1]).read_text())
+    write(results, Path(sys.argv[2] if len(sys.argv) == 3 else "BENCHMARKS.md"))
 
 
 if __name__ == "__main__":

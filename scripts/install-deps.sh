@@ -3,7 +3,8 @@
 # Debian packages: cmake (libz-ng-sys), pkg-config + libssl-dev (Pingora's openssl feature),
 # redis-server (shared-state tests), nginx (benchmark reference), python3-venv, openssl and curl
 # (HTTPS_PROXY tests: test certificates, curl as a client).
-# Cargo tools: cargo-audit and cargo-deny (supply-chain checks).
+# Cargo tools: cargo-audit and cargo-deny (supply-chain checks); oha, the benchmark's load
+# generator (its smoke run is part of `make test`).
 # Python: a venv in .venv with the official SDKs the end-to-end tests drive, and what
 # deploy/kubernetes/validate.py checks the manifests with.
 set -euo pipefail
@@ -26,6 +27,12 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# oha, pinned: the bench reads its JSON output. A few minutes to build once.
+OHA_VERSION=1.16.0
+if ! command -v oha >/dev/null || [ "$(oha --version | cut -d' ' -f2)" != "$OHA_VERSION" ]; then
+  cargo install oha --locked --version "$OHA_VERSION"
 fi
 
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt

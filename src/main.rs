@@ -11,6 +11,16 @@ use sluice::{policy, server};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Transparent huge pages off for this process. mimalloc asks for huge pages on the arenas it
+/// commits eagerly, so each thread's first small allocations touched a whole 2 MiB page: an
+/// idle Sluice held 14 MiB of `AnonHugePages` (36 MiB RSS; 27 MiB without them). A proxy's
+/// working set is small, so the TLB gains little from huge pages. Set before any thread starts.
+#[cfg(target_os = "linux")]
+fn disable_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory of this process.
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+}
+
 #[derive(Parser)]
 #[command(
     name = "sluice",
@@ -50,6 +60,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    #[cfg(target_os = "linux")]
+    disable_transparent_huge_pages();
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => {

@@ -9,7 +9,10 @@
 //! Per-request control headers override the instance settings:
 //! `x-mock-status` (+ `x-mock-retry-after`), `x-mock-first-byte-ms`, `x-mock-chunk-ms`,
 //! `x-mock-chunks`, `x-mock-fault: reset-mid-stream | stall | stall-mid-stream |
-//! reset-before-head | end-without-terminator | malformed-events`.
+//! reset-before-head | end-without-terminator | malformed-events`, and
+//! `x-mock-stamp: 1`, which starts each SSE event with a comment line `: sent_ns=<ns>` holding
+//! the wall-clock time (ns since the Unix epoch) the event was handed to the server, so a
+//! client on the same machine measures each event's delay (`make bench`'s streaming runs).
 
 pub mod bedrock;
 mod content;
@@ -288,6 +291,8 @@ struct Plan {
     chunk_delay: Duration,
     chunks: usize,
     fault: Option<Fault>,
+    /// Stamp each SSE event with the time it was sent (`x-mock-stamp`).
+    stamp: bool,
 }
 
 fn header_ms(headers: &HeaderMap, name: &str) -> Option<Duration> {
@@ -316,6 +321,7 @@ impl Plan {
             fault: status_fault
                 .or(named_fault)
                 .or_else(|| config.fault.clone()),
+            stamp: text("x-mock-stamp") == Some("1"),
         }
     }
 }
@@ -562,6 +568,7 @@ fn streamed_response(
         half: usize,
         delay: Duration,
         fault: Option<Fault>,
+        stamp: bool,
         finished: bool,
     }
     impl Drop for Progress {
@@ -579,6 +586,8 @@ fn streamed_response(
         half,
         delay: plan.chunk_delay,
         fault: plan.fault,
+        // Only SSE has comment lines; event-stream frames are left as they are.
+        stamp: plan.stamp && content_type == "text/event-stream",
         finished: false,
     };
     let stream = futures_util::stream::unfold(progress, |mut progress| async move {
@@ -601,7 +610,10 @@ fn streamed_response(
                 _ => {}
             }
         }
-        let event = progress.events.next()?;
+        let mut event = progress.events.next()?;
+        if progress.stamp {
+            event = stamped(&event);
+        }
         progress.sent += 1;
         // Handing out the last event completes the stream, whether or not it is polled again.
         progress.finished = progress.events.len() == 0;
@@ -613,6 +625,17 @@ fn streamed_response(
         .header("cache-control", "no-cache")
         .body(Body::from_stream(stream))
         .expect("static response parts are valid")
+}
+
+/// `event` preceded by the SSE comment `: sent_ns=<wall-clock ns>` (ignored by SSE readers).
+fn stamped(event: &Bytes) -> Bytes {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let mut out = format!(": sent_ns={now}\n").into_bytes();
+    out.extend_from_slice(event);
+    Bytes::from(out)
 }
 
 /// A non-streamed answer that fails after its head: the connection is aborted (`reset`) or the

@@ -492,6 +492,53 @@ async fn events_are_spaced_by_the_chunk_delay() {
 }
 
 #[tokio::test]
+async fn stamped_events_carry_their_send_time_in_a_comment() {
+    let mock = mock().await;
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", mock.url()))
+        .header("x-mock-stamp", "1")
+        .header("x-mock-chunks", "3")
+        .header("x-mock-chunk-ms", "20")
+        .json(&chat("stamped", true))
+        .send()
+        .await
+        .unwrap();
+    let text = response.text().await.unwrap();
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    // 3 content events (the last with the finish reason) and [DONE], each stamped, in order.
+    assert_eq!(events.len(), 4, "{text}");
+    let mut stamps = Vec::new();
+    for event in &events {
+        let (comment, rest) = event.split_once('\n').unwrap();
+        let sent: u128 = comment.strip_prefix(": sent_ns=").unwrap().parse().unwrap();
+        assert!(rest.starts_with("data: "), "{event}");
+        stamps.push(sent);
+    }
+    assert!(stamps[0] >= before);
+    assert!(
+        stamps
+            .windows(2)
+            .all(|pair| pair[1] - pair[0] >= 15_000_000),
+        "{stamps:?}"
+    );
+    // Unstamped streams stay as they were.
+    let plain = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", mock.url()))
+        .json(&chat("plain", true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(plain.starts_with("data: "), "{plain}");
+}
+
+#[tokio::test]
 async fn reset_mid_stream_breaks_the_body() {
     let mock = mock().await;
     let client = reqwest::Client::new();
