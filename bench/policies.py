@@ -137,10 +137,14 @@ LADDER = (
 )
 
 
-def sluice_scaling(proxy: int, admin: int, mock_port: int, tenant_count: int, key_counts: list[int]) -> dict:
+def sluice_scaling(
+    proxy: int, admin: int, mock_port: int, tenant_count: int, key_counts: list[int], keys_file: Path
+) -> dict:
     """A Sluice with TENANT_COUNT tenants (each one key) for the scaling runs: `/full` as in the
     main runs (tracing off), `/keys-N` the full chain over one upstream with N provider keys,
-    and the filter ladder's routes `/ladder-STEP`."""
+    and the filter ladder's routes `/ladder-STEP`. The tenants' keys are written to KEYS_FILE
+    (`keys_file`, as a large deployment keeps them): a policy file may be at most 4 MiB, and
+    100,000 tenants with their key hashes are 13 MB."""
     open_tenant = tenant_count  # index of the extra tenant whose tier has no limits
     ladder_filters = {
         "none": [],
@@ -170,9 +174,13 @@ def sluice_scaling(proxy: int, admin: int, mock_port: int, tenant_count: int, ke
     }
     for count in key_counts:
         upstreams[f"keys-{count}"] = upstream(mock_port, provider_keys(count, f"sk-mock-pool{count}"))
-    everyone = tenants(tenant_count)
-    everyone.append({"name": "open", "tier": "open", "keys": [{"hash": key_hash(caller_key(open_tenant))}]})
+    everyone = [{"name": f"t{i}", "tier": "limited"} for i in range(tenant_count)]
+    everyone.append({"name": "open", "tier": "open"})
+    keys = [{"tenant": f"t{i}", "hash": key_hash(caller_key(i))} for i in range(tenant_count)]
+    keys.append({"tenant": "open", "hash": key_hash(caller_key(open_tenant))})
+    keys_file.write_text(json.dumps({"keys": keys}, separators=(",", ":")) + "\n")
     return {
+        "keys_file": str(keys_file),
         "listen": {"proxy": f"127.0.0.1:{proxy}", "admin": f"127.0.0.1:{admin}"},
         "server": {"threads": 2},
         "upstreams": upstreams,

@@ -305,6 +305,13 @@ def write(results: dict, output: Path) -> None:
                 f"CPU per request growth, {tenant_keys[0].split('-')[1]} → {int(tenant_keys[-1].split('-')[1]):,} tenants",
                 100 * (high / low - 1), 5, "%",
             )
+        most_tenants = max(int(k.split("-")[1]) for k in tenant_keys)
+        if most_tenants < 100_000:
+            verdicts.flag(
+                "a policy with 100,000 tenants", False, "refused at load", "loads and serves",
+                "a policy file may hold 250,000 YAML nodes and 4 MiB (keys_file has the same node budget): "
+                f"about 50,000 tenants; the runs here stop at {most_tenants:,}",
+            )
         reload = scaling["reload"]
         verdicts.at_most(f"reload time at {reload['tenants']:,} tenants (slowest)", max(reload["times_s"]) * 1000, 1000, "ms")
         failed = reload["load"]["total"] - reload["load"]["ok"]
