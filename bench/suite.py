@@ -463,24 +463,27 @@ class Bench:
     def ceiling(self, key: str) -> float:
         return self.results.get("probe", {}).get(key, {}).get("median") or float("inf")
 
+    def over_capacity(self, key: str, rate: int) -> bool:
+        return key in ("litellm", "portkey") and self.ceiling(key) < 1.25 * rate
+
     def latency(self) -> None:
-        """Every path at each fixed rate once per round (A B C … A B C …); a path whose ceiling is
+        """Every path at each fixed rate once per round (A B C … A B C …); a peer whose ceiling is
         below 1.25× a rate is not sent it (it would only queue, and its backlog would spill into
-        the next path's run)."""
+        the next path's run). Sluice's paths always are: their figures are the point."""
         out: dict = {}
         for rate in self.s.rates:
             rounds = []
             for round_index in range(self.s.rounds):
                 runs = {}
                 for key in self.paths():
-                    if self.ceiling(key) < 1.25 * rate:
+                    if self.over_capacity(key, rate):
                         continue
                     log(f"latency {rate} req/s round {round_index + 1}: {key}")
                     runs[key] = self.oha.run(self.targets[key], self.s.duration, self.s.connections, rate, label=f"fixed{rate}")
                     self.processes.check_alive()
                 rounds.append(runs)
             out[str(rate)] = summarize_rounds(rounds, self.paths())
-            out[str(rate)]["skipped"] = [k for k in self.paths() if self.ceiling(k) < 1.25 * rate]
+            out[str(rate)]["skipped"] = [k for k in self.paths() if self.over_capacity(k, rate)]
         self.results["latency"] = out
 
     def held(self, target: Target, rate: int, seconds: int, label: str) -> dict:
@@ -490,15 +493,17 @@ class Bench:
         return run
 
     def throughput(self) -> None:
-        """Per path: from 90 % of its unthrottled ceiling, short screens stepping down 10 % until
-        one holds (100 % success, p99 under the limit), then the full hold at that rate; if the
-        hold fails, one more step down and hold again."""
+        """Per path: short screens searching the highest rate that holds (100 % success, p99
+        under the limit) — first 90 % of the unthrottled ceiling, then 40 % lower steps until one
+        holds, then halving the gap between the best that held and the lowest that did not —
+        then the full hold at the best; if the hold fails, once more 10 % lower."""
         out = {}
         for key in self.paths():
             target = self.targets[key]
             ceiling = self.ceiling(key)
             if ceiling == float("inf"):
                 ceiling = self.oha.run(target, self.s.probe, self.s.probe_connections, label="probe")["ok_rate"]
+            held_best, failed_lowest = 0, None
             rate = max(int(ceiling * 0.9), 10)
             screens, holds = [], []
             for _ in range(5):
@@ -506,11 +511,19 @@ class Bench:
                 screen = self.held(target, rate, self.s.screen, "screen")
                 screens.append(screen)
                 if screen["held"]:
+                    held_best = rate
+                else:
+                    failed_lowest = rate
+                if failed_lowest is None:
+                    break  # 90 % of the ceiling held: near enough the top
+                if not held_best:
+                    rate = max(int(rate * 0.6), 10)
+                elif failed_lowest - held_best > 0.1 * failed_lowest:
+                    rate = (held_best + failed_lowest) // 2
+                else:
                     break
-                rate = max(int(rate * 0.9), 10)
-            for _ in range(2):
-                if not screens[-1]["held"]:
-                    break
+            rate = held_best
+            for _ in range(2 if held_best else 0):
                 log(f"throughput {key}: hold at {rate} req/s for {self.s.hold} s")
                 hold = self.held(target, rate, self.s.hold, "hold")
                 holds.append(hold)
