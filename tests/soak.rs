@@ -1,7 +1,7 @@
 //! Soak: steady load at 70 % of the saturation measured at the start of the run, a third of it
-//! streamed, 3 % of requests with an injected upstream fault. After warm-up, RSS grows by no
-//! more than `SLUICE_SOAK_RSS_GROWTH` percent (default 5), open descriptors stay flat, and
-//! nothing panics. Requests without a fault all succeed.
+//! streamed, 3 % of requests with an injected upstream fault. After warm-up (the first quarter),
+//! RSS at the end exceeds the highest RSS of the first half after warm-up by no more than
+//! `SLUICE_SOAK_RSS_GROWTH` percent (default 5), open descriptors stay flat, and nothing panics. Requests without a fault all succeed.
 //!
 //! `SLUICE_SOAK_SECS` sets the length (default 20; `make harden`: 1800).
 
@@ -141,15 +141,25 @@ async fn a_long_run_does_not_grow_or_leak() {
     while tasks.join_next().await.is_some() {}
     samples.push((started.elapsed(), proc_status(pid, "VmRSS:"), open_fds(pid)));
 
+    // Growth is judged against the highest RSS of the first half after warm-up, not its first
+    // sample: allocator arenas and pools keep settling for a while (a 20 s run saw +3 MiB of
+    // that), while a leak keeps climbing through the second half and past that level.
     let after_warm_up: Vec<_> = samples.iter().filter(|s| s.0 >= warm_up).collect();
-    let (baseline_rss, baseline_fds) = (after_warm_up[0].1, after_warm_up[0].2);
+    let settle_end = warm_up + (Duration::from_secs(seconds) - warm_up) / 2;
+    let baseline_fds = after_warm_up[0].2;
+    let baseline_rss = after_warm_up
+        .iter()
+        .filter(|s| s.0 < settle_end)
+        .map(|s| s.1)
+        .max()
+        .unwrap_or(after_warm_up[0].1);
     let peak_rss = after_warm_up.iter().map(|s| s.1).max().unwrap();
     let last = samples.last().unwrap();
     let growth = (last.1 as f64 - baseline_rss as f64) / baseline_rss as f64 * 100.0;
     let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!(
         "soak: {seconds} s at {rate:.0} req/s (70 % of {saturation:.0}), {sent} requests, \
-         {failed} failed; RSS after warm-up {baseline_rss} KiB, peak {peak_rss} KiB, end {} KiB \
+         {failed} failed; RSS settled at {baseline_rss} KiB, peak {peak_rss} KiB, end {} KiB \
          ({growth:+.1} %); fds {baseline_fds} -> {}",
         last.1, last.2
     );
