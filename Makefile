@@ -65,9 +65,9 @@ demo: deps
 	$(RELEASE)
 	bash scripts/demo.sh
 
-## bench: every path side by side in interleaved rounds (direct, nginx, Sluice passthrough, full
-## chain with tracing on and off, cache hit, LiteLLM, Portkey); writes BENCHMARKS.md. About 20
-## minutes; the knobs (BENCH_ROUNDS, BENCH_HOLD, BENCH_PHASES, …) are listed in bench/suite.py.
+## bench: every path side by side in interleaved rounds (direct, nginx, a bare Pingora proxy,
+## Sluice passthrough, full chain with tracing on and off, cache hit, LiteLLM, Portkey); writes
+## BENCHMARKS.md. About 20 minutes; the knobs (BENCH_ROUNDS, BENCH_HOLD, BENCH_PHASES, …) are listed in bench/suite.py.
 bench: deps bench-deps
 	python3 bench/suite.py
 
@@ -79,7 +79,7 @@ bench-deps:
 ## bench-smoke: the whole bench at toy sizes on the debug build (seconds): proves the harness,
 ## the stream client and every Sluice configuration it runs still work; judges no timing.
 bench-smoke:
-	$(CARGO) build -p sluice -p sluice-mock -p sluice-bench-streams
+	$(CARGO) build -p sluice -p sluice-mock -p sluice-bench-streams -p sluice-bench-floor
 	BENCH_SMOKE=1 BENCH_PROFILE=debug BENCH_SKIP_BUILD=1 python3 bench/suite.py
 
 fmt:

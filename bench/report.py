@@ -18,6 +18,7 @@ from policies import LADDER
 LABELS = {
     "direct": "direct to the mock",
     "nginx": "nginx (reference proxy)",
+    "floor": "Pingora floor (a bare Pingora proxy)",
     "pass": "Sluice passthrough (no filters)",
     "full": "Sluice full chain, tracing on",
     "full-notrace": "Sluice full chain, tracing off",
@@ -357,10 +358,13 @@ Raw results of the last run: `bench-out/last/results.json` (re-render with `pyth
 
 ## Method
 
-- **Upstream**: `sluice-mock` ({s['profile']} build, zero delay, `--no-record`), a small non-streaming chat
+- **Upstream**: `sluice-mock` ({s['profile']} build, zero delay, `--no-record`, `TCP_NODELAY` as providers' front ends set it), a small non-streaming chat
   completion for the fixed-rate and throughput runs; SSE streams with send stamps for the streaming runs.
 - **Paths**, all in this one run against the same mock: {', '.join(LABELS[k] for k in paths_run) or 'see below'}.
   - nginx {host['nginx']}: 2 workers, upstream keepalive, HTTP/1.1 upstream, no access log, no buffering.
+  - Pingora floor (`bench/floor`): Pingora 0.9's own proxy with nothing on it — one upstream over Pingora's pooled
+    connector, a path prefix removed, 2 threads, the same allocator as Sluice. Sluice passthrough − floor is what
+    Sluice itself adds; floor − nginx is the framework's (Pingora and tokio) cost.
   - Sluice passthrough: route `/pass`, no Sluice key, no filters, no tracing.
   - Sluice full chain: auth (a Sluice key, tenant lookup), limits (GCRA rate, daily requests, daily tokens with a
     prompt estimate, concurrency, monthly budget priced per model — all checked and charged, never refusing), the

@@ -1,6 +1,7 @@
 """`make bench`: every path side by side in one run, rounds interleaved, medians of rounds.
 
-Paths: direct to the mock; nginx; Sluice passthrough; Sluice full chain with tracing on and off;
+Paths: direct to the mock; nginx; the Pingora floor (bench/floor: a bare Pingora proxy, Sluice's
+framework with nothing on it); Sluice passthrough; Sluice full chain with tracing on and off;
 Sluice cache hit; LiteLLM's proxy and Portkey's gateway when installed (bench/install-peers.sh).
 Phases, in order (BENCH_PHASES picks some):
 
@@ -341,15 +342,20 @@ class Bench:
 
     def start_servers(self) -> None:
         s = self.s
-        (mock, sink, nginx, full_proxy, full_admin, lean_proxy, lean_admin, litellm, portkey) = free_ports(9)
+        (mock, sink, nginx, floor, full_proxy, full_admin, lean_proxy, lean_admin, litellm, portkey) = free_ports(10)
         self.ports = {"mock": mock, "sink": sink}
-        log(f"starting the mock (:{mock}), the OTLP sink (:{sink}), nginx (:{nginx}), two Sluices")
+        log(f"starting the mock (:{mock}), the OTLP sink (:{sink}), nginx (:{nginx}), the Pingora floor (:{floor}), two Sluices")
         self.processes.start("mock", [self.bin / "sluice-mock", "--listen", f"127.0.0.1:{mock}", "--no-record"])
         self.processes.start("otlp-sink", [sys.executable, ROOT / "bench" / "otlp_sink.py", str(sink)])
         (self.work / "nginx.conf").write_text(policies.nginx_conf(self.work, nginx, mock))
         self.processes.start(
             "nginx",
             ["nginx", "-c", self.work / "nginx.conf", "-p", self.work, "-e", self.work / "nginx-error.log", "-g", "daemon off;"],
+        )
+        # Pingora with nothing on it: the framework's own cost, below Sluice's passthrough.
+        self.processes.start(
+            "floor",
+            [self.bin / "sluice-bench-floor", "--listen", f"127.0.0.1:{floor}", "--upstream", f"127.0.0.1:{mock}", "--strip-prefix", "/floor"],
         )
         sluices = {"sluice-full": (full_proxy, full_admin, sink), "sluice-lean": (lean_proxy, lean_admin, None)}
         for name, (proxy, admin, otlp) in sluices.items():
@@ -358,6 +364,7 @@ class Bench:
         self.wait("mock", f"http://127.0.0.1:{mock}/_mock/health")
         self.wait("otlp-sink", f"http://127.0.0.1:{sink}/stats")
         self.wait("nginx", f"http://127.0.0.1:{nginx}/mock/_mock/health")
+        self.wait("floor", f"http://127.0.0.1:{floor}/floor/_mock/health")
         for name, (_, admin, _) in sluices.items():
             self.wait(name, f"http://127.0.0.1:{admin}/readyz")
         time.sleep(2)  # ready is before the tokenizer tables finish loading on their thread
@@ -369,6 +376,7 @@ class Bench:
         self.targets = {
             "direct": Target("direct", f"http://127.0.0.1:{mock}{chat}"),
             "nginx": Target("nginx", f"http://127.0.0.1:{nginx}/mock{chat}"),
+            "floor": Target("floor", f"http://127.0.0.1:{floor}/floor{chat}", pid=self.processes.started["floor"].pid),
             "pass": Target("pass", f"http://127.0.0.1:{lean_proxy}/pass{chat}", pid=lean_pid),
             "full": Target("full", f"http://127.0.0.1:{full_proxy}/full{chat}", [tenant, "cache-control: no-cache"], full_pid),
             "full-notrace": Target(
@@ -443,7 +451,7 @@ class Bench:
             self.check_answer(target, {"full": "refresh", "full-notrace": "refresh", "hit": "hit"}.get(key))
 
     def paths(self) -> list[str]:
-        order = ["direct", "nginx", "pass", "full", "full-notrace", "hit", "litellm", "portkey"]
+        order = ["direct", "nginx", "floor", "pass", "full", "full-notrace", "hit", "litellm", "portkey"]
         return [key for key in order if key in self.targets]
 
     # -- phases --
@@ -544,7 +552,7 @@ class Bench:
     def stream_targets(self) -> dict:
         """The streaming paths: direct, nginx, Sluice passthrough and full chain (tracing on; the
         cache is bypassed by no-cache so every stream comes from the mock)."""
-        return {key: self.targets[key] for key in ("direct", "nginx", "pass", "full") if key in self.targets}
+        return {key: self.targets[key] for key in ("direct", "nginx", "floor", "pass", "full") if key in self.targets}
 
     def stream_run(self, target: Target, concurrency: int, streams: int, chunk_ms: int | None = None) -> subprocess.Popen:
         argv = [
@@ -811,7 +819,7 @@ def build(settings: Settings) -> None:
     if settings.skip_build:
         return
     log(f"building the binaries ({settings.profile})")
-    argv = ["cargo", "build", "-p", "sluice", "-p", "sluice-mock", "-p", "sluice-bench-streams"]
+    argv = ["cargo", "build", "-p", "sluice", "-p", "sluice-mock", "-p", "sluice-bench-streams", "-p", "sluice-bench-floor"]
     if settings.profile == "release":
         argv.append("--release")
     subprocess.run(argv, cwd=ROOT, check=True)

@@ -1,6 +1,6 @@
 //! Process wiring: one Pingora server with the proxy listener, the forward listener (when
 //! `listen.forward` is set), the admin listener and the background services (policy watcher,
-//! drain monitor).
+//! upstream pool sweep, SLA monitor, drain monitor).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +24,7 @@ use crate::policy::{
 };
 use crate::telemetry::sla::SlaMonitor;
 use crate::telemetry::traces::Tracer;
+use crate::upstream::{PoolSweeper, UpstreamConnector};
 
 /// Starts the sidecar and serves until a signal ends it; never returns on success.
 pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
@@ -67,7 +68,9 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
     };
     let _ = store.shared().tracer.set(tracer.clone());
 
-    let proxy = SluiceProxy::new(store.clone(), inflight.clone(), settings.upstream_pool_size);
+    // One pool of upstream connections for the proxy and forward listeners.
+    let connector = Arc::new(UpstreamConnector::new(settings.upstream_pool_size));
+    let proxy = SluiceProxy::new(store.clone(), inflight.clone(), connector.clone());
     let mut server_options = HttpServerOptions::default();
     server_options.h2c = true;
     let mut proxy_service = ProxyServiceBuilder::new(&conf, proxy)
@@ -85,7 +88,7 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
 
     server.add_service(proxy_service);
     if let Some(forward_addr) = listen.forward {
-        let proxy = SluiceProxy::new(store.clone(), inflight.clone(), settings.upstream_pool_size);
+        let proxy = SluiceProxy::new(store.clone(), inflight.clone(), connector.clone());
         let app = ForwardApp::new(&conf, store.clone(), proxy).map_err(|e| PolicyErrors {
             file: policy_path.display().to_string(),
             errors: vec![PolicyError::new("listen.forward", e.to_string())],
@@ -98,6 +101,10 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
     server.add_service(background_service(
         "policy watcher",
         PolicyWatcher::new(store.clone()),
+    ));
+    server.add_service(background_service(
+        "upstream pool sweep",
+        PoolSweeper(connector),
     ));
     server.add_service(background_service(
         "sla monitor",

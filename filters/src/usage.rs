@@ -99,6 +99,9 @@ pub struct UsageMeter {
     frames: Option<FrameDecoder>,
     /// The stream's closing event went by (`[DONE]`, `message_stop`, a final error event).
     ended: bool,
+    /// Stream: the bytes fed so far end between two events (after a blank line, or at the
+    /// start), so the next chunk begins a new event.
+    at_event_start: bool,
 }
 
 impl UsageMeter {
@@ -112,6 +115,7 @@ impl UsageMeter {
             strip_usage_chunk,
             frames: (stream && dialect == Dialect::Bedrock).then(|| FrameDecoder::new(MAX_LINE)),
             ended: false,
+            at_event_start: true,
         }
     }
 
@@ -165,10 +169,22 @@ impl UsageMeter {
         }
         let mut strip: Option<(usize, usize)> = None;
         let mut line_start = 0;
+        // Where the current event began in this chunk: a usage event is cut out whole, with
+        // any comment or field lines before its data line (an `id:`, a `: keep-alive`), so
+        // none of them is left to run into the next event. `None`: it began in an earlier
+        // chunk, already sent; then its lines from `resume` on (after the end of a line that
+        // began earlier) are cut.
+        let mut event_start = self.at_event_start.then_some(0);
+        let resume = if self.buffer.is_empty() {
+            0
+        } else {
+            memchr::memchr(b'\n', &chunk).map_or(chunk.len(), |at| at + 1)
+        };
         // A line that began in an earlier chunk is completed from this one.
         while let Some(offset) = memchr::memchr(b'\n', &chunk[line_start..]) {
             let end = line_start + offset;
             let completes_earlier = !self.buffer.is_empty();
+            let blank = !completes_earlier && matches!(&chunk[line_start..end], b"" | b"\r");
             let is_usage_event = if completes_earlier {
                 if self.buffer.len() + (end - line_start) <= MAX_LINE {
                     self.buffer.extend_from_slice(&chunk[line_start..end]);
@@ -189,10 +205,14 @@ impl UsageMeter {
                 } else if chunk.get(stop..stop + 2) == Some(b"\r\n") {
                     stop += 2;
                 }
-                strip = Some((line_start, stop));
+                strip = Some((event_start.unwrap_or(resume), stop));
+            }
+            if blank {
+                event_start = Some(end + 1);
             }
             line_start = end + 1;
         }
+        self.at_event_start = event_start == Some(chunk.len());
         if line_start < chunk.len() && self.buffer.len() + (chunk.len() - line_start) <= MAX_LINE {
             self.buffer.extend_from_slice(&chunk[line_start..]);
         }
@@ -526,6 +546,29 @@ mod tests {
         "ge\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n",
         "data: [DONE]\n\n",
     ];
+
+    #[test]
+    fn a_stripped_usage_event_takes_its_comment_and_field_lines_with_it() {
+        let events = [
+            ": sent=1\ndata: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+            ": sent=2\nid: 7\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n",
+            ": sent=3\ndata: [DONE]\n\n",
+        ];
+        // One event per chunk, and all of them in one chunk.
+        let mut meter = UsageMeter::new(Dialect::OpenAi, true, true);
+        let out = feed_all(&mut meter, &events);
+        let expected = format!("{}{}", events[0], events[2]);
+        assert_eq!(out, expected);
+        assert_eq!(meter.usage().map(|u| u.input_tokens), Some(7));
+        let mut meter = UsageMeter::new(Dialect::OpenAi, true, true);
+        assert_eq!(feed_all(&mut meter, &[&events.concat()]), expected);
+        // The usage event's first line arrived in an earlier chunk: that line is gone
+        // already; the rest of the event is still cut out.
+        let mut meter = UsageMeter::new(Dialect::OpenAi, true, true);
+        let (early, late) = events[1].split_at(9);
+        let out = feed_all(&mut meter, &[events[0], early, late, events[2]]);
+        assert_eq!(out, format!("{}{early}{}", events[0], events[2]));
+    }
 
     #[test]
     fn openai_stream_usage_across_chunk_boundaries() {

@@ -161,7 +161,13 @@ impl MockServer {
         });
         let app = router(&shared);
         let task = tokio::spawn(async move {
+            use axum::serve::ListenerExt;
             let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            // As providers' front ends do: without it, Nagle holds a streamed event on a
+            // kept-alive connection until the previous one is acknowledged (a 20 ms stall).
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app).await;
         });
         Ok(MockServer {

@@ -64,6 +64,7 @@ impl TlsListener {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
+                let _ = stream.set_nodelay(true);
                 let Ok(ssl) = Ssl::new(acceptor.context()) else {
                     continue;
                 };

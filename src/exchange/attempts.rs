@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, Method, StatusCode};
-use pingora::connectors::http::Connector;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::ALPN;
@@ -28,12 +27,10 @@ use crate::telemetry::traces::{Span, Tracer};
 use crate::telemetry::Metrics;
 use crate::upstream::health::Permit;
 use crate::upstream::keys::backoff_asked;
-use crate::upstream::{KeyLease, NoKey, Resolver, Upstream};
+use crate::upstream::pool::POOL_IDLE;
+use crate::upstream::{KeyLease, NoKey, Resolver, Upstream, UpstreamConnector};
 use opentelemetry::trace::{Span as _, SpanContext, Status};
 use opentelemetry::KeyValue;
-
-/// How long an idle upstream connection stays in the pool.
-pub const POOL_IDLE: Duration = Duration::from_secs(60);
 
 /// The fewest first-byte samples a percentile hedge delay is read from.
 const HEDGE_MIN_SAMPLES: u64 = 20;
@@ -405,7 +402,7 @@ pub fn build_request(
 
 /// Sends one attempt and waits for its response head, all within `timeout`.
 pub async fn send(
-    connector: &Connector,
+    connector: &UpstreamConnector,
     resolver: &Resolver,
     upstream: &Upstream,
     request: RequestHeader,
@@ -424,7 +421,7 @@ pub async fn send(
 }
 
 async fn send_untimed(
-    connector: &Connector,
+    connector: &UpstreamConnector,
     resolver: &Resolver,
     upstream: &Upstream,
     request: RequestHeader,
@@ -450,7 +447,7 @@ async fn send_untimed(
     loop {
         let asked = Instant::now();
         let (mut session, reused) = connector
-            .get_http_session(&peer)
+            .get(&peer)
             .await
             .map_err(|e| AttemptError::Connect(e.etype().as_str().to_owned()))?;
         let connect = asked.elapsed();
@@ -488,11 +485,53 @@ async fn write_request(
 ) -> pingora::Result<()> {
     let request = request
         .ok_or_else(|| Error::explain(ErrorType::InternalError, "request head already sent"))?;
+    // Pingora flushes the head on its own; corked, the head and the body leave in one segment,
+    // and the upstream reads the request in one go.
+    let corked = Cork::on(upstream);
     upstream.write_request_header(Box::new(request)).await?;
     if !body.is_empty() {
         upstream.write_request_body(body.clone(), true).await?;
     }
-    upstream.finish_request_body().await
+    let finished = upstream.finish_request_body().await;
+    drop(corked);
+    finished
+}
+
+/// `TCP_CORK` on an HTTP/1 upstream connection while a request is written; released (and the
+/// data sent) when dropped. HTTP/2 frames are left to the HTTP/2 layer.
+struct Cork(Option<std::os::fd::RawFd>);
+
+impl Cork {
+    fn on(session: &HttpSession) -> Self {
+        let HttpSession::H1(h1) = session else {
+            return Self(None);
+        };
+        let fd = h1.stream().id();
+        Self(set_cork(fd, true).then_some(fd))
+    }
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0 {
+            set_cork(fd, false);
+        }
+    }
+}
+
+fn set_cork(fd: std::os::fd::RawFd, on: bool) -> bool {
+    let value: libc::c_int = on.into();
+    // SAFETY: `fd` is the connection's open socket, owned by the session for this call; the
+    // option value is a valid c_int of the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            std::ptr::addr_of!(value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
 }
 
 /// What an attempt's result means.

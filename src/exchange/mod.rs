@@ -2,7 +2,8 @@
 //!
 //! Sluice drives the upstream exchange itself from Pingora's `request_filter` (see DESIGN.md):
 //! the whole body is read first so it can be inspected and replayed, the upstream is called over
-//! Pingora's pooled connector, and the response is streamed downstream chunk by chunk.
+//! Sluice's connection pool (`upstream::pool`: HTTP/1 pooled by Sluice, new connections and
+//! HTTP/2 through Pingora's connector), and the response is streamed downstream chunk by chunk.
 
 mod attempts;
 pub mod headers;
@@ -15,7 +16,6 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::{header, Method, StatusCode};
-use pingora::connectors::http::Connector;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -29,28 +29,30 @@ use opentelemetry::trace::{Span as _, SpanContext};
 use sluice_filters::usage::{carries_content, inject_include_usage, Dialect, UsageMeter};
 use sluice_filters::ChunkVerdict;
 
-use attempts::{Answered, AttemptError, Judged, Launched, Next, Plan, POOL_IDLE};
+use attempts::{Answered, AttemptError, Judged, Launched, Next, Plan};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::policy::{Policy, PolicyStore, Route, Target};
 use crate::telemetry::Metrics;
-use crate::upstream::{ProviderKind, Resolver};
+use crate::upstream::{ProviderKind, Resolver, UpstreamConnector};
 pub use inflight::Inflight;
 
 pub struct SluiceProxy {
     policies: Arc<PolicyStore>,
-    connector: Connector,
+    connector: Arc<UpstreamConnector>,
     resolver: Resolver,
     inflight: Arc<Inflight>,
 }
 
 impl SluiceProxy {
-    pub fn new(policies: Arc<PolicyStore>, inflight: Arc<Inflight>, pool_size: usize) -> Self {
-        let mut options = pingora::connectors::ConnectorOptions::new(pool_size);
-        options.keepalive_pool_size = pool_size;
+    pub fn new(
+        policies: Arc<PolicyStore>,
+        inflight: Arc<Inflight>,
+        connector: Arc<UpstreamConnector>,
+    ) -> Self {
         Self {
             policies,
-            connector: Connector::new(Some(options)),
+            connector,
             resolver: Resolver::default(),
             inflight,
         }
@@ -605,9 +607,7 @@ impl SluiceProxy {
     }
 
     async fn release(&self, upstream_session: HttpSession, peer: &HttpPeer) {
-        self.connector
-            .release_http_session(upstream_session, peer, Some(POOL_IDLE))
-            .await;
+        self.connector.release(upstream_session, peer).await;
     }
 }
 

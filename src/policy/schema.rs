@@ -377,7 +377,7 @@ pub struct ServerSettings {
     /// How long SIGTERM waits for in-flight requests (open streams included) before exiting.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Duration,
-    /// Idle upstream connections kept for reuse, over all upstreams.
+    /// Idle HTTP/1 upstream connections kept for reuse, per upstream address.
     #[serde(default = "default_pool_size")]
     pub upstream_pool_size: usize,
     /// How long a downstream client may take between two reads of its request body.
