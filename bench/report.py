@@ -290,7 +290,7 @@ def write(results: dict, output: Path) -> None:
         full = streams[top]["paths"].get("full", {})
         verdicts.at_most(f"full chain added per-event delay p99 at {top} streams", full.get("added_delay_p99"), 1000, "µs")
         held_back = sum(b["paths"].get("full", {}).get("held_back", 0) for b in streams.values())
-        complete = all(p["failed"] == 0 for b in streams.values() for p in b["paths"].values())
+        complete = all(b["paths"].get("full", {}).get("failed", 0) == 0 for b in streams.values())
         verdicts.flag("no coalescing (full chain, every level)", held_back == 0, f"{held_back} events held back", "0",
                       "" if complete else "some streams failed: see the table")
     if memory:
@@ -334,6 +334,27 @@ def write(results: dict, output: Path) -> None:
             telemetry.append(
                 f"- At {rate} req/s, tracing on − off: p50 {on['p50'] - off['p50']:+.0f} µs, p99 {on['p99'] - off['p99']:+.0f} µs{cpu}."
             )
+    # -- the framework floor: what Pingora itself costs, and what Sluice adds on top of it --
+    floor_lines = []
+    for rate, block in latency.items():
+        paths = block["paths"]
+        floor, nginx, passthrough = paths.get("floor"), paths.get("nginx"), paths.get("pass")
+        if floor and nginx and passthrough:
+            floor_lines.append(
+                f"- At {rate} req/s, added p50: nginx {us(nginx.get('added_p50'), True)} µs, Pingora floor "
+                f"{us(floor.get('added_p50'), True)} µs, Sluice passthrough {us(passthrough.get('added_p50'), True)} µs; "
+                f"Sluice over the floor p50 {us(passthrough['p50'] - floor['p50'], True)} µs, "
+                f"p99 {us(passthrough['p99'] - floor['p99'], True)} µs."
+            )
+    if throughput and (throughput.get("floor") or {}).get("held_rate"):
+        def held_of(key: str) -> float | None:
+            return (throughput.get(key) or {}).get("held_rate")
+
+        floor_held = held_of("floor")
+        parts = [f"{LABELS[k]} {ratio(held_of(k), floor_held):.2f}×" for k in ("nginx", "pass", "full", "full-notrace")
+                 if held_of(k)]
+        floor_lines.append(f"- Held throughput relative to the Pingora floor ({floor_held:.0f} req/s): {', '.join(parts)}.")
+
     sink = results.get("otlp_sink") or {}
     if sink:
         telemetry.append(f"- The local collector received {sink.get('requests', 0)} OTLP exports ({sink.get('bytes', 0) / 1e6:.1f} MB) during the run.")
@@ -403,6 +424,13 @@ Raw results of the last run: `bench-out/last/results.json` (re-render with `pyth
 ### Cost of telemetry (issue 7)
 
 {chr(10).join(telemetry) or '- not measured in this run'}
+
+### The framework floor
+
+A bare Pingora proxy (`bench/floor`) on the same mock: the floor − nginx distance is Pingora's and tokio's own cost
+on this machine, which Sluice cannot go below while it runs on them; Sluice passthrough − floor is Sluice's own.
+
+{chr(10).join(floor_lines) or '- not measured in this run'}
 """
     notes = Path(__file__).resolve().parent / "NOTES.md"
     if notes.exists() and not results["settings"].get("smoke"):
