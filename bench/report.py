@@ -384,7 +384,7 @@ Raw results of the last run: `bench-out/last/results.json` (re-render with `pyth
 - **Paths**, all in this one run against the same mock: {', '.join(LABELS[k] for k in paths_run) or 'see below'}.
   - nginx {host['nginx']}: 2 workers, upstream keepalive, HTTP/1.1 upstream, no access log, no buffering.
   - Pingora floor (`bench/floor`): Pingora 0.9's own proxy with nothing on it — one upstream over Pingora's pooled
-    connector, a path prefix removed, 2 threads, the same allocator as Sluice. Sluice passthrough − floor is what
+    connector, a path prefix removed, 2 threads, the same allocator (jemalloc) as Sluice. Sluice passthrough − floor is what
     Sluice itself adds; floor − nginx is the framework's (Pingora and tokio) cost.
   - Sluice passthrough: route `/pass`, no Sluice key, no filters, no tracing.
   - Sluice full chain: auth (a Sluice key, tenant lookup), limits (GCRA rate, daily requests, daily tokens with a

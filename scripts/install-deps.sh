@@ -17,6 +17,7 @@ dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v cc >/dev/null || need+=(build-essential)
+command -v make >/dev/null || need+=(make)   # jemalloc is built from source by tikv-jemalloc-sys
 command -v openssl >/dev/null || need+=(openssl)   # TLS upstream test certificates
 command -v curl >/dev/null || need+=(curl ca-certificates)   # HTTPS_PROXY tests' client
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)

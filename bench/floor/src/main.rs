@@ -10,7 +10,11 @@ use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// The same allocator options as Sluice's (src/main.rs).
+#[export_name = "_rjem_malloc_conf"]
+pub static MALLOC_CONF: &u8 = &b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0];
 
 #[derive(Parser, Debug)]
 struct Args {
