@@ -255,6 +255,10 @@ def write(results: dict, output: Path) -> None:
             + "\n\n" + reload_text
         )
 
+    def held(key: str) -> float | None:
+        """A path's highest rate held in the throughput phase."""
+        return ((throughput or {}).get(key) or {}).get("held_rate")
+
     # -- verdicts --
     top_rate = str(max(int(r) for r in latency)) if latency else None
     if top_rate:
@@ -275,9 +279,6 @@ def write(results: dict, output: Path) -> None:
             if hit.get("p50") is not None and direct.get("p50") is not None:
                 verdicts.at_most(f"cache hit p50 − direct p50 at {rate} req/s", hit["p50"] - direct["p50"], 0, "µs")
     if throughput:
-        def held(key: str) -> float | None:
-            return (throughput.get(key) or {}).get("held_rate")
-
         full_held = held("full")
         verdicts.at_least("full chain held throughput ÷ nginx's", ratio(full_held, held("nginx")), 0.7, "×")
         for peer, factor in (("litellm", 10), ("portkey", 3)):
@@ -346,13 +347,10 @@ def write(results: dict, output: Path) -> None:
                 f"Sluice over the floor p50 {us(passthrough['p50'] - floor['p50'], True)} µs, "
                 f"p99 {us(passthrough['p99'] - floor['p99'], True)} µs."
             )
-    if throughput and (throughput.get("floor") or {}).get("held_rate"):
-        def held_of(key: str) -> float | None:
-            return (throughput.get(key) or {}).get("held_rate")
-
-        floor_held = held_of("floor")
-        parts = [f"{LABELS[k]} {ratio(held_of(k), floor_held):.2f}×" for k in ("nginx", "pass", "full", "full-notrace")
-                 if held_of(k)]
+    if held("floor"):
+        floor_held = held("floor")
+        parts = [f"{LABELS[k]} {ratio(held(k), floor_held):.2f}×" for k in ("nginx", "pass", "full", "full-notrace")
+                 if held(k)]
         floor_lines.append(f"- Held throughput relative to the Pingora floor ({floor_held:.0f} req/s): {', '.join(parts)}.")
 
     sink = results.get("otlp_sink") or {}

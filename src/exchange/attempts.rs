@@ -487,14 +487,12 @@ async fn write_request(
         .ok_or_else(|| Error::explain(ErrorType::InternalError, "request head already sent"))?;
     // Pingora flushes the head on its own; corked, the head and the body leave in one segment,
     // and the upstream reads the request in one go.
-    let corked = Cork::on(upstream);
+    let _corked = Cork::on(upstream);
     upstream.write_request_header(Box::new(request)).await?;
     if !body.is_empty() {
         upstream.write_request_body(body.clone(), true).await?;
     }
-    let finished = upstream.finish_request_body().await;
-    drop(corked);
-    finished
+    upstream.finish_request_body().await
 }
 
 /// `TCP_CORK` on an HTTP/1 upstream connection while a request is written; released (and the

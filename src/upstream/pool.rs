@@ -79,11 +79,6 @@ impl UpstreamConnector {
         }
     }
 
-    /// Idle HTTP/1 connections held now.
-    pub fn idle_count(&self) -> usize {
-        self.idle.count()
-    }
-
     /// Closes idle connections that expired or that the upstream closed.
     pub fn sweep(&self) {
         self.idle.sweep(Instant::now());
@@ -161,6 +156,7 @@ impl IdlePool {
         drop(evicted);
     }
 
+    #[cfg(test)]
     fn count(&self) -> usize {
         self.by_peer
             .lock()
@@ -210,12 +206,28 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::{TcpListener, TcpStream};
 
-    async fn pair() -> (Stream, TcpStream) {
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap());
         let (client, accepted) = tokio::join!(client, listener.accept());
-        let stream: Stream = Box::new(l4::stream::Stream::from(client.unwrap()));
-        (stream, accepted.unwrap().0)
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    fn wrap(client: TcpStream) -> Stream {
+        Box::new(l4::stream::Stream::from(client))
+    }
+
+    async fn pair() -> (Stream, TcpStream) {
+        let (client, server) = tcp_pair().await;
+        (wrap(client), server)
+    }
+
+    /// A connection whose upstream closed it, once the client side has seen the end.
+    async fn closed() -> Stream {
+        let (client, server) = tcp_pair().await;
+        drop(server);
+        client.readable().await.unwrap();
+        wrap(client)
     }
 
     #[tokio::test]
@@ -234,13 +246,11 @@ mod tests {
     #[tokio::test]
     async fn closed_expired_or_chatty_connections_are_not_reused() {
         let pool = IdlePool::new(4, Duration::from_secs(60));
-        let (closed, server) = pair().await;
-        drop(server);
-        let (chatty, mut server) = pair().await;
+        let (chatty, mut server) = tcp_pair().await;
         server.write_all(b"HTTP/1.1 408\r\n\r\n").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        pool.put(1, closed);
-        pool.put(1, chatty);
+        chatty.readable().await.unwrap();
+        pool.put(1, closed().await);
+        pool.put(1, wrap(chatty));
         assert!(pool.take(1).is_none());
 
         let (open, _server) = pair().await;
@@ -259,10 +269,7 @@ mod tests {
             pool.put(1, stream);
         }
         assert_eq!(pool.count(), 2);
-        let (closed, server) = pair().await;
-        drop(server);
-        pool.put(3, closed);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        pool.put(3, closed().await);
         pool.sweep(Instant::now());
         assert_eq!(
             pool.count(),
