@@ -69,7 +69,10 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
     let _ = store.shared().tracer.set(tracer.clone());
 
     // One pool of upstream connections for the proxy and forward listeners.
-    let connector = Arc::new(UpstreamConnector::new(settings.upstream_pool_size));
+    let connector = Arc::new(UpstreamConnector::new(
+        settings.upstream_pool_size,
+        settings.upstream_idle_timeout,
+    ));
     let proxy = SluiceProxy::new(store.clone(), inflight.clone(), connector.clone());
     let mut server_options = HttpServerOptions::default();
     server_options.h2c = true;

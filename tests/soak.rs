@@ -1,7 +1,9 @@
 //! Soak: steady load at 70 % of the saturation measured at the start of the run, a third of it
 //! streamed, 3 % of requests with an injected upstream fault. After warm-up (the first quarter),
 //! RSS at the end exceeds the highest RSS of the first half after warm-up by no more than
-//! `SLUICE_SOAK_RSS_GROWTH` percent (default 5), open descriptors stay flat, and nothing panics. Requests without a fault all succeed.
+//! `SLUICE_SOAK_RSS_GROWTH` percent (default 5), and nothing panics. Requests without a fault all
+//! succeed. Once the callers hang up and the idle upstream connections expire, the sidecar holds
+//! no more descriptors than before the load: none leaked on any path, faults included.
 //!
 //! `SLUICE_SOAK_SECS` sets the length (default 20; `make harden`: 1800).
 
@@ -14,6 +16,9 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const PATH: &str = "/openai/v1/chat/completions";
+/// Short, so the pooled upstream connections are gone soon after the load and the descriptor
+/// count can be compared with the one before it.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(2);
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -71,11 +76,13 @@ async fn a_long_run_does_not_grow_or_leak() {
     let allowed_growth: f64 = env("SLUICE_SOAK_RSS_GROWTH", 5.0);
     let mock = mock().await;
     let sidecar = Sidecar::start(&format!(
-        "server: {{ drain_timeout: 10s, upstream_pool_size: 64 }}\n{}",
+        "server: {{ drain_timeout: 10s, upstream_pool_size: 64, upstream_idle_timeout: {}s }}\n{}",
+        UPSTREAM_IDLE.as_secs(),
         passthrough_policy(&mock.url())
     ))
     .await;
     let pid = sidecar.pid();
+    let fds_before_load = open_fds(pid);
     let proxy = Arc::new(sidecar.proxy.clone());
     let client = reqwest::Client::new();
 
@@ -146,7 +153,6 @@ async fn a_long_run_does_not_grow_or_leak() {
     // that), while a leak keeps climbing through the second half and past that level.
     let after_warm_up: Vec<_> = samples.iter().filter(|s| s.0 >= warm_up).collect();
     let settle_end = warm_up + (Duration::from_secs(seconds) - warm_up) / 2;
-    let baseline_fds = after_warm_up[0].2;
     let baseline_rss = after_warm_up
         .iter()
         .filter(|s| s.0 < settle_end)
@@ -157,10 +163,20 @@ async fn a_long_run_does_not_grow_or_leak() {
     let last = samples.last().unwrap();
     let growth = (last.1 as f64 - baseline_rss as f64) / baseline_rss as f64 * 100.0;
     let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+
+    // The callers hang up; the pool's sweep (every second) closes what expired.
+    drop(client);
+    let mut fds_after = open_fds(pid);
+    let deadline = Instant::now() + UPSTREAM_IDLE + Duration::from_secs(10);
+    while fds_after > fds_before_load && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        fds_after = open_fds(pid);
+    }
     eprintln!(
         "soak: {seconds} s at {rate:.0} req/s (70 % of {saturation:.0}), {sent} requests, \
          {failed} failed; RSS settled at {baseline_rss} KiB, peak {peak_rss} KiB, end {} KiB \
-         ({growth:+.1} %); fds {baseline_fds} -> {}",
+         ({growth:+.1} %); fds {fds_before_load} before, {} at the end of the load, \
+         {fds_after} after",
         last.1, last.2
     );
     assert_eq!(
@@ -173,6 +189,9 @@ async fn a_long_run_does_not_grow_or_leak() {
         growth <= allowed_growth,
         "RSS grew {growth:.1} % after warm-up"
     );
-    assert!(last.2 <= baseline_fds + 16, "descriptors grew");
+    assert!(
+        fds_after <= fds_before_load,
+        "descriptors leaked: {fds_before_load} before the load, {fds_after} after"
+    );
     assert!(!sidecar.logs().contains("panicked"), "a panic was logged");
 }

@@ -27,7 +27,6 @@ use crate::telemetry::traces::{Span, Tracer};
 use crate::telemetry::Metrics;
 use crate::upstream::health::Permit;
 use crate::upstream::keys::backoff_asked;
-use crate::upstream::pool::POOL_IDLE;
 use crate::upstream::{KeyLease, NoKey, Resolver, Upstream, UpstreamConnector};
 use opentelemetry::trace::{Span as _, SpanContext, Status};
 use opentelemetry::KeyValue;
@@ -434,7 +433,7 @@ async fn send_untimed(
     let mut peer = HttpPeer::new(addr, upstream.tls, upstream.host.clone());
     peer.options.connection_timeout = Some(upstream.connect_timeout);
     peer.options.total_connection_timeout = Some(upstream.connect_timeout);
-    peer.options.idle_timeout = Some(POOL_IDLE);
+    peer.options.idle_timeout = Some(connector.idle_timeout());
     peer.options.write_timeout = Some(upstream.idle_timeout);
     if upstream.tls {
         peer.options.alpn = ALPN::H2H1;

@@ -85,6 +85,7 @@ pub fn compile_text(
         threads: file.server.threads,
         drain_timeout: file.server.drain_timeout.0,
         upstream_pool_size: file.server.upstream_pool_size,
+        upstream_idle_timeout: file.server.upstream_idle_timeout.0,
         client_body_timeout: file.server.client_body_timeout.0,
         max_header_bytes: file.server.max_header_bytes.0,
     };

@@ -125,6 +125,7 @@ pub struct ServerRuntime {
     pub threads: usize,
     pub drain_timeout: Duration,
     pub upstream_pool_size: usize,
+    pub upstream_idle_timeout: Duration,
     pub client_body_timeout: Duration,
     pub max_header_bytes: u64,
 }

@@ -380,6 +380,10 @@ pub struct ServerSettings {
     /// Idle HTTP/1 upstream connections kept for reuse, per upstream address.
     #[serde(default = "default_pool_size")]
     pub upstream_pool_size: usize,
+    /// How long an idle upstream connection is kept for reuse. Keep it below the provider's
+    /// own idle timeout, so a reused connection is rarely one the provider is closing.
+    #[serde(default = "default_upstream_idle_timeout")]
+    pub upstream_idle_timeout: Duration,
     /// How long a downstream client may take between two reads of its request body.
     #[serde(default = "default_client_body_timeout")]
     pub client_body_timeout: Duration,
@@ -395,6 +399,7 @@ impl Default for ServerSettings {
             threads: default_threads(),
             drain_timeout: default_drain_timeout(),
             upstream_pool_size: default_pool_size(),
+            upstream_idle_timeout: default_upstream_idle_timeout(),
             client_body_timeout: default_client_body_timeout(),
             max_header_bytes: default_max_header_bytes(),
         }
@@ -409,6 +414,9 @@ fn default_drain_timeout() -> Duration {
 }
 fn default_pool_size() -> usize {
     256
+}
+fn default_upstream_idle_timeout() -> Duration {
+    Duration(std::time::Duration::from_secs(60))
 }
 fn default_client_body_timeout() -> Duration {
     Duration(std::time::Duration::from_secs(60))

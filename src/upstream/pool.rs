@@ -25,9 +25,6 @@ use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use tokio::io::AsyncReadExt;
 
-/// How long an idle upstream connection stays in the pool.
-pub const POOL_IDLE: Duration = Duration::from_secs(60);
-
 /// How often the sweep looks for expired or closed idle connections.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -36,18 +33,25 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 pub struct UpstreamConnector {
     pingora: Connector,
     idle: IdlePool,
+    idle_timeout: Duration,
 }
 
 impl UpstreamConnector {
     /// `pool_size`: idle HTTP/1 connections kept per upstream address, and the size of
-    /// Pingora's pool for HTTP/2.
-    pub fn new(pool_size: usize) -> Self {
+    /// Pingora's pool for HTTP/2; `idle_timeout`: how long an idle connection is kept.
+    pub fn new(pool_size: usize, idle_timeout: Duration) -> Self {
         let mut options = ConnectorOptions::new(pool_size);
         options.keepalive_pool_size = pool_size;
         Self {
             pingora: Connector::new(Some(options)),
-            idle: IdlePool::new(pool_size, POOL_IDLE),
+            idle: IdlePool::new(pool_size, idle_timeout),
+            idle_timeout,
         }
+    }
+
+    /// How long an idle upstream connection is kept for reuse.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
     }
 
     /// A session to `peer` and whether its connection was reused.
@@ -73,7 +77,7 @@ impl UpstreamConnector {
             }
             other => {
                 self.pingora
-                    .release_http_session(other, peer, Some(POOL_IDLE))
+                    .release_http_session(other, peer, Some(self.idle_timeout))
                     .await
             }
         }
