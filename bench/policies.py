@@ -143,8 +143,8 @@ def sluice_scaling(
     """A Sluice with TENANT_COUNT tenants (each one key) for the scaling runs: `/full` as in the
     main runs (tracing off), `/keys-N` the full chain over one upstream with N provider keys,
     and the filter ladder's routes `/ladder-STEP`. The tenants' keys are written to KEYS_FILE
-    (`keys_file`, as a large deployment keeps them): a policy file may be at most 4 MiB, and
-    100,000 tenants with their key hashes are 13 MB."""
+    (`keys_file`, as a large deployment keeps them): 100,000 tenants with their key hashes are
+    13 MB, and both files are JSON, as a tool exporting them would write them."""
     open_tenant = tenant_count  # index of the extra tenant whose tier has no limits
     ladder_filters = {
         "none": [],

@@ -313,12 +313,11 @@ def write(results: dict, output: Path) -> None:
                 100 * (high / low - 1), 5, "%",
             )
         most_tenants = max(int(k.split("-")[1]) for k in tenant_keys)
-        if most_tenants < 100_000:
-            verdicts.flag(
-                "a policy with 100,000 tenants", False, "refused at load", "loads and serves",
-                "a policy file may hold 250,000 YAML nodes and 4 MiB (keys_file has the same node budget): "
-                f"about 50,000 tenants; the runs here stop at {most_tenants:,}",
-            )
+        verdicts.flag(
+            "a policy with 100,000 tenants", most_tenants >= 100_000,
+            f"loads and serves {most_tenants:,}" if most_tenants >= 100_000 else f"not run (largest {most_tenants:,})",
+            "loads and serves",
+        )
         reload = scaling["reload"]
         verdicts.at_most(f"reload time at {reload['tenants']:,} tenants (slowest)", max(reload["times_s"]) * 1000, 1000, "ms")
         failed = reload["load"]["total"] - reload["load"]["ok"]

@@ -35,8 +35,29 @@ use sluice_filters::glob::Glob;
 pub use store::{PolicyStore, ReloadOutcome};
 pub use watch::PolicyWatcher;
 
-/// Largest policy file accepted: a policy is configuration, not data.
-const MAX_POLICY_BYTES: u64 = 4 * 1024 * 1024;
+/// Largest policy file accepted: room for about 300,000 tenants written one per line; beyond
+/// that, tenants' keys belong in a `keys_file`.
+const MAX_POLICY_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Largest file a policy may name (a keys file, a provider key, a CA): a million keys in a keys
+/// file is about 90 MB.
+const MAX_REFERENCED_BYTES: u64 = 128 * 1024 * 1024;
+
+/// Reads a whole file, refusing it beyond `limit` bytes without reading more than that.
+fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read the file: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!(
+            "the file is larger than {limit} bytes, the most accepted"
+        ));
+    }
+    Ok(bytes)
+}
 
 /// A compiled, immutable policy. Requests hold an `Arc` of the one they started with.
 #[derive(Debug)]
@@ -50,7 +71,8 @@ pub struct Policy {
     pub routes: Vec<Route>,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     /// The policy as written, secrets shown as `<redacted>`, for `GET /admin/policy`.
-    pub redacted: serde_json::Value,
+    /// Kept as JSON text: as a `serde_json::Value` a 100,000-tenant policy took about 70 MiB.
+    pub redacted: Box<serde_json::value::RawValue>,
     /// Tiers, tenants and keys, shared by the routes' auth filters.
     pub directory: Arc<Directory>,
     /// The files this policy was made from (the policy, its keys file): what reload watches.
@@ -432,15 +454,13 @@ pub fn load(path: &Path, shared: &SharedState) -> Result<Policy, PolicyErrors> {
         file: file.clone(),
         errors: vec![PolicyError::new("", message)],
     };
-    let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
-    if meta.len() > MAX_POLICY_BYTES {
-        return Err(fail(format!(
-            "the file is {} bytes; a policy may be at most {MAX_POLICY_BYTES}",
-            meta.len()
-        )));
-    }
-    let text =
-        std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
+    let bytes = read_limited(path, MAX_POLICY_BYTES).map_err(fail)?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        fail(format!(
+            "the file is not UTF-8 (byte {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
     compile::compile_text(&text, path, &|name| std::env::var(name).ok(), shared).map_err(|errors| {
         PolicyErrors {
             file: file.clone(),

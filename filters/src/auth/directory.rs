@@ -1,11 +1,12 @@
 //! Who may call: tiers, tenants and their keys, compiled from the policy (and its keys file).
 //! Immutable; a reload builds a new one.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::keys::KeyHash;
+use super::keys::{KeyHash, KeyHashMap};
 use crate::glob::{any_matches, Glob};
 
 /// What a tier may use. Its limits belong to the limits filter.
@@ -44,7 +45,7 @@ pub struct KeyRecord {
 pub struct Directory {
     tiers: HashMap<Arc<str>, Arc<Tier>>,
     tenants: HashMap<Arc<str>, Arc<Tenant>>,
-    keys: HashMap<KeyHash, KeyRecord>,
+    keys: KeyHashMap<KeyRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +89,13 @@ impl Directory {
         self.tiers.get(name)
     }
 
+    /// Room for `tenants` more tenants and `keys` more keys, so a large policy's directory is
+    /// built without rehashing.
+    pub fn reserve(&mut self, tenants: usize, keys: usize) {
+        self.tenants.reserve(tenants);
+        self.keys.reserve(keys);
+    }
+
     pub fn add_tenant(&mut self, name: &str, tier: &str) -> Result<(), DirectoryError> {
         if self.tenants.contains_key(name) {
             return Err(DirectoryError::DuplicateTenant(name.to_owned()));
@@ -124,21 +132,20 @@ impl Directory {
             .tenant(tenant)
             .cloned()
             .ok_or_else(|| DirectoryError::UnknownTenant(tenant.to_owned()))?;
-        if let Some(existing) = self.keys.get(&hash) {
-            return Err(DirectoryError::DuplicateKey(
-                existing.tenant.name.to_string(),
-            ));
+        match self.keys.entry(hash) {
+            Entry::Occupied(existing) => Err(DirectoryError::DuplicateKey(
+                existing.get().tenant.name.to_string(),
+            )),
+            Entry::Vacant(slot) => {
+                slot.insert(KeyRecord {
+                    tenant,
+                    label: label.map(Into::into),
+                    expires,
+                    revoked,
+                });
+                Ok(())
+            }
         }
-        self.keys.insert(
-            hash,
-            KeyRecord {
-                tenant,
-                label: label.map(Into::into),
-                expires,
-                revoked,
-            },
-        );
-        Ok(())
     }
 
     pub fn key(&self, hash: &KeyHash) -> Option<&KeyRecord> {

@@ -1,10 +1,46 @@
 //! Sluice keys: random secrets handed to callers, stored only as SHA-256 hashes.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+
 use sha2::{Digest, Sha256};
 
 /// The SHA-256 of a key: what the policy stores and what a presented key is compared by.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct KeyHash([u8; 32]);
+
+/// A key hash hashes as its first eight bytes: a SHA-256 digest is uniform already, and no
+/// caller can aim at a bucket without a preimage, so hashing all 32 bytes again (SipHash) bought
+/// nothing on every lookup and on every key of a reload.
+impl Hash for KeyHash {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut prefix = [0u8; 8];
+        prefix.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(prefix));
+    }
+}
+
+/// A map by key hash, with [`DigestHasher`].
+pub type KeyHashMap<V> = HashMap<KeyHash, V, BuildHasherDefault<DigestHasher>>;
+
+/// Passes a [`KeyHash`]'s prefix through as the hash (see its `Hash`).
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached for types other than `KeyHash`; FNV-1a keeps it a proper hash.
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 impl std::fmt::Debug for KeyHash {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
