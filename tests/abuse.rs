@@ -20,19 +20,6 @@ fn scale() -> usize {
         .unwrap_or(1)
 }
 
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 async fn connect(sidecar: &Sidecar) -> TcpStream {
     TcpStream::connect(sidecar.proxy.trim_start_matches("http://"))
         .await
@@ -129,7 +116,8 @@ async fn bodies_over_the_limit_are_refused_before_they_are_read() {
 async fn idle_slow_and_streaming_clients_do_not_starve_legitimate_traffic() {
     let mock = mock().await;
     // Idle upstream connections expire after 2 s, so what stays open after the test is exactly
-    // what was open before it; a long connect timeout, as the in-process mock accepts slowly while the test floods it.
+    // what was open before it; a long connect timeout, as the in-process mock accepts slowly
+    // while the test floods it.
     let sidecar = Sidecar::start(&format!(
         r#"server: {{ drain_timeout: 10s, client_body_timeout: 3s, upstream_pool_size: 16, upstream_idle_timeout: 2s }}
 upstreams:
@@ -225,15 +213,11 @@ routes:
     drop(client);
 
     // Descriptors back to where they were once the clients are gone.
-    let deadline = Instant::now() + Duration::from_secs(12);
-    while open_fds(pid) > fds_idle {
-        assert!(
-            Instant::now() < deadline,
-            "descriptors: idle {fds_idle}, busy {fds_busy}, now {}",
-            open_fds(pid)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let fds_after = descriptors_settle(pid, fds_idle, Duration::from_secs(12)).await;
+    assert!(
+        fds_after <= fds_idle,
+        "descriptors: idle {fds_idle}, busy {fds_busy}, now {fds_after}"
+    );
     eprintln!(
         "abuse: {} idle, {} slow heads, {} slow bodies, {} streams; 200 legitimate requests in \
          {legit:?}; fds {fds_idle} -> {fds_busy} -> {}; RSS {rss_idle} KiB -> {rss_busy} KiB -> {} KiB",
@@ -241,7 +225,7 @@ routes:
         100 * n,
         50 * n,
         200 * n,
-        open_fds(pid),
+        fds_after,
         rss_kib(pid)
     );
 }

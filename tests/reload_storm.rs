@@ -54,10 +54,6 @@ async fn reload(sidecar: &Sidecar) -> (u16, serde_json::Value) {
     (status, response.json().await.unwrap_or_default())
 }
 
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_reloads_under_load_lose_nothing() {
     let reloads: usize = std::env::var("SLUICE_HARDEN_RELOADS")

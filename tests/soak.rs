@@ -27,19 +27,6 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-fn proc_status(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
 /// One request of the mix: `n` picks streamed or not (a third), and three in a hundred a fault.
 async fn one(client: &reqwest::Client, proxy: &str, n: usize) -> Result<(), String> {
     let stream = n.is_multiple_of(3);
@@ -142,11 +129,11 @@ async fn a_long_run_does_not_grow_or_leak() {
         while tasks.try_join_next().is_some() {}
         if last_sample.elapsed() >= Duration::from_secs(1) {
             last_sample = Instant::now();
-            samples.push((started.elapsed(), proc_status(pid, "VmRSS:"), open_fds(pid)));
+            samples.push((started.elapsed(), rss_kib(pid), open_fds(pid)));
         }
     }
     while tasks.join_next().await.is_some() {}
-    samples.push((started.elapsed(), proc_status(pid, "VmRSS:"), open_fds(pid)));
+    samples.push((started.elapsed(), rss_kib(pid), open_fds(pid)));
 
     // Growth is judged against the highest RSS of the first half after warm-up, not its first
     // sample: allocator arenas and pools keep settling for a while (a 20 s run saw +3 MiB of
@@ -166,12 +153,12 @@ async fn a_long_run_does_not_grow_or_leak() {
 
     // The callers hang up; the pool's sweep (every second) closes what expired.
     drop(client);
-    let mut fds_after = open_fds(pid);
-    let deadline = Instant::now() + UPSTREAM_IDLE + Duration::from_secs(10);
-    while fds_after > fds_before_load && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        fds_after = open_fds(pid);
-    }
+    let fds_after = descriptors_settle(
+        pid,
+        fds_before_load,
+        UPSTREAM_IDLE + Duration::from_secs(10),
+    )
+    .await;
     eprintln!(
         "soak: {seconds} s at {rate:.0} req/s (70 % of {saturation:.0}), {sent} requests, \
          {failed} failed; RSS settled at {baseline_rss} KiB, peak {peak_rss} KiB, end {} KiB \

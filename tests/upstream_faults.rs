@@ -27,10 +27,6 @@ fn stream_contents(body: &str) -> Vec<String> {
         .collect()
 }
 
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
 /// How one request ended.
 #[derive(Debug, PartialEq, Eq, Hash, Clone, Copy)]
 enum Ending {
@@ -187,15 +183,11 @@ routes:
     let (ending, _) = call(false, vec![]).await;
     assert_eq!(ending.0, Ending::Complete);
     drop(client);
-    let deadline = Instant::now() + Duration::from_secs(12);
-    while open_fds(sidecar.pid()) > fds_before {
-        assert!(
-            Instant::now() < deadline,
-            "descriptors {fds_before} -> {}",
-            open_fds(sidecar.pid())
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let fds_after = descriptors_settle(sidecar.pid(), fds_before, Duration::from_secs(12)).await;
+    assert!(
+        fds_after <= fds_before,
+        "descriptors {fds_before} -> {fds_after}"
+    );
     eprintln!(
         "upstream faults, {per_fault} requests each:\n{}",
         report.join("\n")

@@ -151,7 +151,7 @@ pub fn compile_text(
     }
     let (hash, watched) = sources.finish();
     let redacted = serde_json::value::to_raw_value(&file)
-        .unwrap_or_else(|_| serde_json::value::to_raw_value(&()).expect("null serializes"));
+        .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned());
     Ok(Policy {
         hash,
         loaded_at: SystemTime::now(),

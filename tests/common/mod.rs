@@ -10,6 +10,34 @@ use std::time::{Duration, Instant};
 
 pub use sluice_mock::{MockConfig, MockServer};
 
+/// Open file descriptors of process `pid`.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until process `pid` holds at most `baseline` descriptors, or `within` has passed
+/// (connections close asynchronously: callers hanging up, idle upstream connections expiring);
+/// returns the count it ended with.
+pub async fn descriptors_settle(pid: u32, baseline: usize, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    let mut fds = open_fds(pid);
+    while fds > baseline && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fds = open_fds(pid);
+    }
+    fds
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
