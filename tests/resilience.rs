@@ -561,6 +561,101 @@ routes:
     assert_eq!(event["type"], "error");
     assert_eq!(event["error"]["type"], "api_error");
     assert!(!text.contains("message_stop"));
+
+    // The failures after the head are visible in the metrics, per upstream.
+    let metrics = sidecar.metrics().await;
+    for upstream in ["first", "claude"] {
+        let labels = [("upstream", upstream)];
+        assert_eq!(
+            metrics.value("sluice_upstream_broke_total", &labels),
+            Some(1.0),
+            "{upstream}"
+        );
+    }
+    assert_eq!(
+        metrics.value("sluice_upstream_broke_total", &[("upstream", "second")]),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_breaks_inside_an_event_ends_with_a_whole_error_event() {
+    let mock = mock().await;
+    mock.set_fault(Some(Fault::ResetMidEvent));
+    let policy = format!(
+        r#"
+upstreams:
+  openai: {{ provider: openai, base_url: "{u}" }}
+  claude: {{ provider: anthropic, base_url: "{u}" }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough }}
+  - {{ name: anthropic, match: {{ path_prefix: /anthropic }}, upstream: claude, auth: passthrough }}
+"#,
+        u = mock.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .header("x-mock-chunks", "6")
+        .json(&chat_body("this will break inside an event", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (text, failed) = read_to_break(response).await;
+    assert!(failed, "the body must not end cleanly: {text}");
+    // Every event the caller got is whole JSON; the last is the error, and the half event
+    // the upstream sent before breaking is not among them.
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    assert!(events.len() >= 2, "{text}");
+    for event in &events {
+        let data = event
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("{event:?} in {text}"));
+        let parsed: serde_json::Value =
+            serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data:?} in {text}"));
+        assert!(parsed.is_object());
+    }
+    let last: serde_json::Value =
+        serde_json::from_str(events.last().unwrap().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_unavailable", "{last}");
+    assert!(text.ends_with("\n\n"), "{text:?}");
+
+    let response = reqwest::Client::new()
+        .post(format!("{}/anthropic/v1/messages", sidecar.proxy))
+        .header("x-mock-chunks", "6")
+        .json(&serde_json::json!({"model": "claude-haiku-4-5", "max_tokens": 20, "stream": true, "messages": [{"role": "user", "content": "break inside"}]}))
+        .send()
+        .await
+        .unwrap();
+    let (text, failed) = read_to_break(response).await;
+    assert!(failed);
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let data = last
+        .strip_prefix("event: error\ndata: ")
+        .unwrap_or_else(|| panic!("the error event is not whole: {text:?}"));
+    let event: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(event["error"]["type"], "api_error");
+    for event in text.split_terminator("\n\n") {
+        let data = event
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .unwrap();
+        assert!(
+            serde_json::from_str::<serde_json::Value>(data).is_ok(),
+            "{event:?}"
+        );
+    }
+
+    // Both breaks are counted against their upstream.
+    let metrics = sidecar.metrics().await;
+    for upstream in ["openai", "claude"] {
+        assert_eq!(
+            metrics.value("sluice_upstream_broke_total", &[("upstream", upstream)]),
+            Some(1.0),
+            "{upstream}"
+        );
+    }
 }
 
 async fn read_to_break(response: reqwest::Response) -> (String, bool) {

@@ -8,8 +8,8 @@
 //! Answers are derived from the request (`"echo: " + the last message`) so tests can check them.
 //! Per-request control headers override the instance settings:
 //! `x-mock-status` (+ `x-mock-retry-after`), `x-mock-first-byte-ms`, `x-mock-chunk-ms`,
-//! `x-mock-chunks`, `x-mock-fault: reset-mid-stream | stall | stall-mid-stream |
-//! reset-before-head | end-without-terminator | malformed-events`, and
+//! `x-mock-chunks`, `x-mock-fault: reset-mid-stream | reset-mid-event | stall |
+//! stall-mid-stream | reset-before-head | end-without-terminator | malformed-events`, and
 //! `x-mock-stamp: 1`, which starts each SSE event with a comment line `: sent_ns=<ns>` holding
 //! the wall-clock time (ns since the Unix epoch) the event was handed to the server, so a
 //! client on the same machine measures each event's delay (`make bench`'s streaming runs).
@@ -66,6 +66,9 @@ pub enum Fault {
     },
     /// Send about half the events, then abort the connection.
     ResetMidStream,
+    /// Send about half the events and the first half of the next one (cut inside its JSON),
+    /// then abort the connection.
+    ResetMidEvent,
     /// Never send the response head.
     Stall,
     /// Send about half the events, then hang.
@@ -83,6 +86,7 @@ impl Fault {
     pub fn parse(name: &str) -> Option<Fault> {
         match name {
             "reset-mid-stream" => Some(Fault::ResetMidStream),
+            "reset-mid-event" => Some(Fault::ResetMidEvent),
             "stall" => Some(Fault::Stall),
             "stall-mid-stream" => Some(Fault::StallMidStream),
             "reset-before-head" => Some(Fault::ResetBeforeHead),
@@ -484,7 +488,7 @@ async fn respond(
     let stream = api.always_streams() || (asked_to_stream && api.streams());
     let mut response = if !stream {
         match plan.fault {
-            Some(Fault::ResetMidStream) => broken_body(true),
+            Some(Fault::ResetMidStream | Fault::ResetMidEvent) => broken_body(true),
             Some(Fault::StallMidStream) => broken_body(false),
             _ => json_response(StatusCode::OK, &answer.whole()),
         }
@@ -576,6 +580,8 @@ fn streamed_response(
         fault: Option<Fault>,
         stamp: bool,
         finished: bool,
+        /// Half an event went out: the next poll aborts the connection.
+        cut: bool,
     }
     impl Drop for Progress {
         fn drop(&mut self) {
@@ -595,6 +601,7 @@ fn streamed_response(
         // Only SSE has comment lines; event-stream frames are left as they are.
         stamp: plan.stamp && content_type == "text/event-stream",
         finished: false,
+        cut: false,
     };
     let stream = futures_util::stream::unfold(progress, |mut progress| async move {
         if progress.finished {
@@ -603,8 +610,20 @@ fn streamed_response(
         if progress.sent > 0 && !progress.delay.is_zero() {
             tokio::time::sleep(progress.delay).await;
         }
+        if progress.cut {
+            // Pending once first, so the half event is flushed before the abort.
+            tokio::task::yield_now().await;
+            progress.finished = true;
+            return Some((Err(std::io::Error::other("injected reset")), progress));
+        }
         if progress.sent == progress.half.max(1) {
             match progress.fault {
+                Some(Fault::ResetMidEvent) => {
+                    let event = progress.events.next()?;
+                    progress.cut = true;
+                    // Flushed on its own before the abort, as a provider's last packet would be.
+                    return Some((Ok(event.slice(..event.len() / 2)), progress));
+                }
                 Some(Fault::ResetMidStream) => {
                     // Ending with an error makes the server abort the connection mid-body; being
                     // pending once first flushes the events already sent, even with no delay.

@@ -723,9 +723,13 @@ pub fn succeed_circuits(launched: &mut Launched) {
     }
 }
 
-/// A delivered response broke midway: the upstream's circuit hears of it.
+/// A delivered response broke midway: counted, and the upstream's circuit hears of it.
 pub fn broke_midway(launched: &Launched, metrics: &Metrics) {
     let upstream = &launched.target.upstream;
+    metrics
+        .upstream_broke
+        .with_label_values(&[&upstream.name])
+        .inc();
     if upstream.health.breaker.on_failure(&upstream.breaker) {
         metrics
             .circuit_opens

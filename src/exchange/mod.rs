@@ -6,6 +6,7 @@
 //! HTTP/2 through Pingora's connector), and the response is streamed downstream chunk by chunk.
 
 mod attempts;
+mod framing;
 pub mod headers;
 mod inflight;
 mod record;
@@ -30,6 +31,7 @@ use sluice_filters::usage::{carries_content, inject_include_usage, Dialect, Usag
 use sluice_filters::ChunkVerdict;
 
 use attempts::{Answered, AttemptError, Judged, Launched, Next, Plan};
+use framing::{EventFramer, Framing};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::policy::{Policy, PolicyStore, Route, Target};
@@ -87,10 +89,11 @@ impl ProxyHttp for SluiceProxy {
     async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> pingora::Result<bool> {
         let _counted = self.inflight.enter();
         let policy = self.policies.current();
-        self.exchange(session, &policy)
-            .await
-            .map(|()| true)
-            .map_err(Close::into_pingora)
+        let exchange = std::panic::AssertUnwindSafe(self.exchange(session, &policy));
+        match futures_util::FutureExt::catch_unwind(exchange).await {
+            Ok(result) => result.map(|()| true).map_err(Close::into_pingora),
+            Err(_panic) => Err(self.answer_panic(session, &policy).await),
+        }
     }
 
     async fn upstream_peer(&self, _: &mut Session, _: &mut ()) -> pingora::Result<Box<HttpPeer>> {
@@ -118,6 +121,26 @@ impl ProxyHttp for SluiceProxy {
 }
 
 impl SluiceProxy {
+    /// After a panic in an exchange (the hook has reported where, without its message): the
+    /// caller gets an error in its provider's shape instead of a dropped connection, and the
+    /// connection, in an unknown state, is not reused.
+    async fn answer_panic(&self, session: &mut Session, policy: &Policy) -> Box<Error> {
+        let request = session.req_header();
+        let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
+        let route = policy.route_for(request_host(request), path);
+        let provider = route.map_or(ProviderKind::Openai, |r| r.provider);
+        let name = route.map_or_else(|| Arc::from("-"), |r| r.name.clone());
+        tracing::error!(route = %name, "the exchange panicked; answered 500");
+        let status = StatusCode::INTERNAL_SERVER_ERROR;
+        record::count_early_rejection(self.policies.metrics(), &name, status);
+        session.set_keepalive(None);
+        if session.response_written().is_none() {
+            let body = provider.error_body(ErrorKind::Internal, "internal error");
+            let _ = write_simple(session, status, &[], body).await;
+        }
+        Error::explain(ErrorType::InternalError, "the exchange panicked")
+    }
+
     async fn exchange(&self, session: &mut Session, policy: &Policy) -> Result<(), Close> {
         let arrived = (Instant::now(), SystemTime::now());
         let metrics = self.policies.metrics();
@@ -216,6 +239,8 @@ impl SluiceProxy {
         let mut last_error: Option<Rejection> = None;
         let mut launch_at = Some(Instant::now());
         let mut hedge_at: Option<Instant> = None;
+        // The latest attempt's upstream: the access log and span name it when none answers.
+        let mut tried: Option<Arc<str>> = None;
         loop {
             if running.is_empty() {
                 match launch_at {
@@ -223,6 +248,7 @@ impl SluiceProxy {
                         launch_at = None;
                         match self.launch(&mut plan, ex, false) {
                             Ok(Some((attempt, target))) => {
+                                tried = Some(target.upstream.name.clone());
                                 hedge_at = plan.hedge_at(target);
                                 running.push(attempt);
                             }
@@ -242,6 +268,8 @@ impl SluiceProxy {
                 biased;
                 gone = session.as_downstream_mut().read_body_or_idle(true) => {
                     ex.outcome = Outcome::CallerGone;
+                    ex.attempts = plan.made;
+                    ex.upstream = tried;
                     return Err(Close::CallerGone(caller_gone(gone)));
                 }
                 Some((mut launched, result)) = running.next(), if !running.is_empty() => {
@@ -280,7 +308,8 @@ impl SluiceProxy {
                     hedge_at = None;
                     if plan.take_retry(metrics) {
                         plan.next_for_hedge();
-                        if let Ok(Some((attempt, _))) = self.launch(&mut plan, ex, true) {
+                        if let Ok(Some((attempt, target))) = self.launch(&mut plan, ex, true) {
+                            tried = Some(target.upstream.name.clone());
                             metrics.hedges.with_label_values(&[&route.name, "launched"]).inc();
                             running.push(attempt);
                         }
@@ -304,6 +333,8 @@ impl SluiceProxy {
                 .await;
         }
         let rejection = last_error.unwrap_or_else(|| plan.unavailable_rejection());
+        ex.attempts = plan.made;
+        ex.upstream = tried;
         refuse(session, route.provider, ex, rejection).await
     }
 
@@ -323,6 +354,8 @@ impl SluiceProxy {
         launched.span =
             record::attempt_span(tracer, plan.trace.as_ref(), ex, plan.made + 1, &launched);
         let (request, body) = attempts::build_request(plan.route, ex, &launched, tracer)?;
+        #[cfg(debug_assertions)]
+        crate::telemetry::panics::canary(&ex.request, &request);
         let upstream = &launched.target.upstream;
         if plan.made > 0 {
             let kind = if hedge { "hedge" } else { "retry" };
@@ -513,6 +546,15 @@ impl SluiceProxy {
         event_stream: bool,
         logged: &mut Option<BytesMut>,
     ) -> Result<StreamEnd, Close> {
+        // Only whole events go downstream, so an error event Sluice adds after a break (or a
+        // cut) starts on an event boundary rather than inside half an event.
+        let content_type = upstream_session
+            .response_header()
+            .and_then(|head| head.headers.get(header::CONTENT_TYPE))
+            .map_or(&b""[..], |v| v.as_bytes());
+        let mut framer = Framing::of(content_type)
+            .filter(|_| event_stream)
+            .map(EventFramer::new);
         loop {
             let chunk = tokio::select! {
                 biased;
@@ -541,7 +583,6 @@ impl SluiceProxy {
                             Err(e) => Err(Close::CallerGone(e)),
                         };
                     }
-                    ex.response_bytes += chunk.len() as u64;
                     if event_stream && carries_content(&chunk) {
                         let now = Instant::now();
                         let timings = &mut ex.timings;
@@ -553,14 +594,10 @@ impl SluiceProxy {
                         timings.last_content = Some(now);
                         timings.content_events += 1;
                     }
-                    if let Some(logged) = logged.as_mut() {
-                        let room = record::LOGGED_BODY_LIMIT.saturating_sub(logged.len());
-                        logged.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if let Some(framer) = framer.as_mut() {
+                        chunk = framer.push(chunk);
                     }
-                    if let Err(e) = session.write_response_body(Some(chunk), false).await {
-                        ex.outcome = Outcome::CallerGone;
-                        return Err(Close::CallerGone(e));
-                    }
+                    send_body(session, ex, logged, chunk).await?;
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -568,7 +605,10 @@ impl SluiceProxy {
                     // which its SDK raises; and every caller an unfinished body, never one
                     // that looks complete.
                     ex.outcome = Outcome::UpstreamBroke;
-                    tracing::info!(route = %ex.route, "upstream broke mid-response: {e}");
+                    // The incomplete event held back is dropped: the caller must not parse
+                    // half of it.
+                    let partial = framer.as_ref().is_some_and(EventFramer::holds_partial);
+                    tracing::info!(route = %ex.route, partial, "upstream broke mid-response: {e}");
                     if event_stream {
                         let event = route.provider.stream_error_event(
                             ErrorKind::UpstreamUnavailable,
@@ -587,7 +627,8 @@ impl SluiceProxy {
         }
         if event_stream && expects_closing_event(ex) && !meter.saw_stream_end() {
             // A clean end of a stream that never said it was done looks complete to an SDK:
-            // the caller gets an explicit error event and an unfinished body instead.
+            // the caller gets an explicit error event and an unfinished body instead. A held
+            // incomplete event is dropped, as after a break.
             ex.outcome = Outcome::UpstreamBroke;
             tracing::info!(route = %ex.route, "upstream ended a stream without its final event");
             let event = route.provider.stream_error_event(
@@ -603,12 +644,38 @@ impl SluiceProxy {
             );
             return Ok(StreamEnd::Broke(error));
         }
+        // The upstream finished: whatever it sent after its last boundary is its own.
+        if let Some(rest) = framer.as_mut().map(EventFramer::finish) {
+            send_body(session, ex, logged, rest).await?;
+        }
         Ok(StreamEnd::Complete)
     }
 
     async fn release(&self, upstream_session: HttpSession, peer: &HttpPeer) {
         self.connector.release(upstream_session, peer).await;
     }
+}
+
+/// Sends response body bytes downstream, counted and (when the policy logs bodies) kept.
+async fn send_body(
+    session: &mut Session,
+    ex: &mut Exchange,
+    logged: &mut Option<BytesMut>,
+    chunk: Bytes,
+) -> Result<(), Close> {
+    if chunk.is_empty() {
+        return Ok(());
+    }
+    ex.response_bytes += chunk.len() as u64;
+    if let Some(logged) = logged.as_mut() {
+        let room = record::LOGGED_BODY_LIMIT.saturating_sub(logged.len());
+        logged.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+    if let Err(e) = session.write_response_body(Some(chunk), false).await {
+        ex.outcome = Outcome::CallerGone;
+        return Err(Close::CallerGone(e));
+    }
+    Ok(())
 }
 
 /// How a response body ended.
@@ -840,25 +907,40 @@ async fn refuse(
 ) -> Result<(), Close> {
     ex.status = Some(rejection.status);
     ex.outcome = Outcome::Refused;
+    let timings = &mut ex.timings;
+    if timings.upstream_start.is_some() && timings.upstream_end().is_none() {
+        // Every attempt failed: the time until now was spent on the upstream, not in Sluice.
+        timings.upstream_failed = Some(Instant::now());
+    }
     tracing::debug!(route = %ex.route, status = rejection.status.as_u16(), "{}", rejection.message);
-    let result = respond_rejection(session, provider, rejection, ex.started).await;
+    let timing = record::server_timing(ex, false);
+    let result = write_rejection(session, provider, rejection, timing).await;
     ex.timings.head_sent = Some(Instant::now());
     result
 }
 
-/// Answers with an error of Sluice's own in the provider's shape. The connection is closed
-/// afterwards if the request body was not read to its end.
+/// Answers with an error of Sluice's own in the provider's shape, before any exchange began.
+/// The connection is closed afterwards if the request body was not read to its end.
 async fn respond_rejection(
     session: &mut Session,
     provider: ProviderKind,
     rejection: Rejection,
     started: Instant,
 ) -> Result<(), Close> {
+    write_rejection(session, provider, rejection, record::own_timing(started)).await
+}
+
+/// Writes a rejection in the provider's shape with its `server-timing`.
+async fn write_rejection(
+    session: &mut Session,
+    provider: ProviderKind,
+    rejection: Rejection,
+    timing: Option<HeaderValue>,
+) -> Result<(), Close> {
     let body = provider.error_body(rejection.kind, &rejection.message);
     let mut headers = rejection.headers;
     headers.extend(provider.error_header(rejection.kind));
-    let own = started.elapsed().as_secs_f64() * 1000.0;
-    if let Ok(timing) = HeaderValue::from_str(&format!("sluice;dur={own:.3}")) {
+    if let Some(timing) = timing {
         headers.push((http::HeaderName::from_static("server-timing"), timing));
     }
     write_simple(session, rejection.status, &headers, body).await

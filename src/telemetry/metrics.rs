@@ -38,7 +38,8 @@ pub struct Metrics {
     pub filters: FilterMetrics,
     /// Requests by `route`, `upstream`, `model`, `status`, `cache`, `tier`, `tenant`.
     pub requests: IntCounterVec,
-    /// The whole exchange, by `route`.
+    /// The whole exchange, by `route` and `cache` (`hit` for an answer from the cache, empty
+    /// otherwise): a hit's microseconds would hide the upstream's seconds in one distribution.
     pub request_duration: HistogramVec,
     /// Sluice's own time in an exchange (before the upstream, and between the upstream's
     /// head and the caller's), by `route`.
@@ -75,6 +76,9 @@ pub struct Metrics {
     /// Attempts after a request's first, by the `upstream` they went to and `kind` (retry,
     /// hedge).
     pub upstream_retries: IntCounterVec,
+    /// Responses whose body broke after the head went downstream (reset, or a stream ended
+    /// without its final event), by `upstream`: failures no attempt count shows.
+    pub upstream_broke: IntCounterVec,
     /// Retries not made because the `upstream`'s retry budget was spent.
     pub retry_budget_exhausted: IntCounterVec,
     /// Hedged requests by `route` and `result`: launched, won (the hedge answered first).
@@ -271,8 +275,8 @@ impl Default for Metrics {
             ),
             request_duration: make.histograms(
                 "sluice_request_duration_seconds",
-                "The whole exchange, as the caller sees it.",
-                &["route"],
+                "The whole exchange, as the caller sees it, by route and cache (hit, or empty).",
+                &["route", "cache"],
                 LATENCY_BUCKETS,
             ),
             overhead: make.histograms(
@@ -353,6 +357,11 @@ impl Default for Metrics {
                 "Attempts after a request's first, by the upstream they went to and kind.",
                 &["upstream", "kind"],
             ),
+            upstream_broke: make.counters(
+                "sluice_upstream_broke_total",
+                "Responses whose body broke after the head was sent, by upstream.",
+                &["upstream"],
+            ),
             retry_budget_exhausted: make.counters(
                 "sluice_retry_budget_exhausted_total",
                 "Retries not made because the upstream's retry budget was spent.",
@@ -422,7 +431,10 @@ impl Default for Metrics {
 /// A route's histograms, resolved once per policy so a request does not look them up.
 #[derive(Debug, Clone)]
 pub struct RouteMetrics {
+    /// Exchanges not answered from the cache.
     pub duration: Histogram,
+    /// Exchanges answered from the cache.
+    pub cache_hit_duration: Histogram,
     pub overhead: Histogram,
     pub queue_wait: Histogram,
     pub time_to_first_token: Histogram,
@@ -434,7 +446,8 @@ impl Metrics {
     pub fn for_route(&self, route: &str) -> RouteMetrics {
         let labels = [route];
         RouteMetrics {
-            duration: self.request_duration.with_label_values(&labels),
+            duration: self.request_duration.with_label_values(&[route, ""]),
+            cache_hit_duration: self.request_duration.with_label_values(&[route, "hit"]),
             overhead: self.overhead.with_label_values(&labels),
             queue_wait: self.queue_wait.with_label_values(&labels),
             time_to_first_token: self.time_to_first_token.with_label_values(&labels),

@@ -64,8 +64,11 @@ def test_openai_sdk_sees_provider_errors(sidecar, mock_requests):
     assert len(mock_requests()) == 1
 
 
-def test_sdks_raise_when_a_stream_breaks(sidecar):
-    breaking = {"x-mock-fault": "reset-mid-stream", "x-mock-chunks": "6", "x-mock-chunk-ms": "30"}
+# reset-mid-event: the connection drops inside an event, after half its JSON; Sluice's error
+# event must still parse (no json.JSONDecodeError, no httpx.RemoteProtocolError instead).
+@pytest.mark.parametrize("fault", ["reset-mid-stream", "reset-mid-event"])
+def test_sdks_raise_when_a_stream_breaks(sidecar, fault):
+    breaking = {"x-mock-fault": fault, "x-mock-chunks": "6", "x-mock-chunk-ms": "30"}
     client = openai.OpenAI(base_url=f"{sidecar}/openai/v1", api_key="sk-caller", max_retries=0)
     stream = client.chat.completions.create(
         model="gpt-4o-mini",
