@@ -76,20 +76,118 @@ async fn three_replicas_admit_exactly_the_quota_together() {
     assert_eq!(ready["limits_store"], "redis");
 }
 
-/// Reads an integer key straight from Redis.
-fn redis_get(port: u16, key: &str) -> Option<u64> {
+/// Runs one command straight on Redis; its integer answer (an integer reply, or a bulk string
+/// holding one), `None` for nil.
+fn redis_int(port: u16, args: &[&str]) -> Option<u64> {
     use std::io::{BufRead, BufReader, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(stream, "*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).ok()?;
+    let mut command = format!("*{}\r\n", args.len());
+    for arg in args {
+        command += &format!("${}\r\n{arg}\r\n", arg.len());
+    }
+    stream.write_all(command.as_bytes()).ok()?;
     let mut reader = BufReader::new(stream);
     let mut header = String::new();
     reader.read_line(&mut header).ok()?;
+    if let Some(integer) = header.strip_prefix(':') {
+        return integer.trim().parse().ok();
+    }
     if header.starts_with("$-1") {
         return None;
     }
     let mut value = String::new();
     reader.read_line(&mut value).ok()?;
     value.trim().parse().ok()
+}
+
+/// Reads an integer key straight from Redis.
+fn redis_get(port: u16, key: &str) -> Option<u64> {
+    redis_int(port, &["GET", key])
+}
+
+/// Today's tokens-per-day key of tenant `a`.
+fn tokens_today_key() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    format!("sluice:{{a}}:t2:{}", now - now % 86_400)
+}
+
+/// Waits up to `within` for `done`, failing with `what`.
+async fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TCP link to Redis that a test cuts and restores: Redis stays up with its data, as in a
+/// network blip (stopping `redis-server` would lose every counter, so a test could not tell
+/// a replayed settlement from an empty Redis).
+struct RedisLink {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pipes: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl RedisLink {
+    async fn start(redis_port: u16) -> RedisLink {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let pipes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (open_, pipes_) = (open.clone(), pipes.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                // While cut, a connection is accepted and closed at once.
+                if !open_.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(mut outbound) =
+                    tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                else {
+                    continue;
+                };
+                let pipe = tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                });
+                pipes_.lock().unwrap().push(pipe);
+            }
+        });
+        RedisLink {
+            port,
+            open,
+            pipes,
+            accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Drops every open connection and refuses new ones.
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for pipe in self.pipes.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for RedisLink {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
 }
 
 #[tokio::test]
@@ -279,4 +377,146 @@ async fn concurrency_is_shared_across_replicas() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn readyz_recovers_without_traffic() {
+    let mut redis = RedisServer::start();
+    let mock = mock().await;
+    let closed = Sidecar::start(&policy(
+        &mock.url(),
+        &redis.url(),
+        "fail_closed",
+        "{ requests_per_day: 1000 }",
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    assert_eq!(call(&client, &closed).await, 200);
+    redis.stop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while reqwest::get(format!("{}/readyz", closed.admin))
+        .await
+        .unwrap()
+        .status()
+        != 503
+    {
+        assert!(std::time::Instant::now() < deadline, "never unready");
+        assert_eq!(call(&client, &closed).await, 503);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let proxied = mock.request_count();
+
+    // Out of /readyz, the replica gets no traffic: it must find Redis back by itself.
+    redis.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while reqwest::get(format!("{}/readyz", closed.admin))
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz stayed 503 after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = closed.metrics().await;
+    assert_eq!(
+        metrics.value("sluice_limits_store_up", &[("backend", "redis")]),
+        Some(1.0)
+    );
+    assert_eq!(mock.request_count(), proxied, "no proxied call was needed");
+    assert_eq!(call(&client, &closed).await, 200);
+}
+
+#[tokio::test]
+async fn a_lost_settlement_is_replayed() {
+    let redis = RedisServer::start();
+    let link = RedisLink::start(redis.port).await;
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&policy(
+        &mock.url(),
+        &link.url(),
+        "fail_open",
+        "{ concurrent: 1, tokens_per_day: 100000 }",
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    let mut body = chat_body("held through a blip", true);
+    body["stream_options"] = serde_json::json!({"include_usage": true});
+    let stream = || {
+        client
+            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+            .bearer_auth(KEY)
+            .header("x-mock-chunk-ms", "100")
+            .header("x-mock-chunks", "4")
+            .json(&body)
+            .send()
+    };
+    let (inflight, tokens_key) = ("sluice:{a}:inflight", tokens_today_key());
+    let open = stream().await.unwrap();
+    assert_eq!(open.status(), 200);
+    let reserved = 100_000 - remaining_tokens(&open).await;
+    assert_eq!(redis_int(redis.port, &["ZCARD", inflight]), Some(1));
+
+    // Redis goes out of reach while the stream runs; the stream ends, its settlement fails.
+    link.cut();
+    let text = open.text().await.unwrap();
+    let used = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+        .find_map(|event| event["usage"]["total_tokens"].as_u64())
+        .expect("a usage chunk");
+    assert_ne!(used, reserved);
+    let admin = sidecar.admin.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let ready: serde_json::Value = reqwest::get(format!("{admin}/readyz"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if ready["limits_store"]
+            .as_str()
+            .unwrap()
+            .contains("fail_open")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the settlement did not fail: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        redis_int(redis.port, &["ZCARD", inflight]),
+        Some(1),
+        "place held"
+    );
+    assert_eq!(
+        redis_get(redis.port, &tokens_key),
+        Some(reserved),
+        "reservation stands"
+    );
+
+    // Redis is reachable again: with no request, the kept settlement lands.
+    link.restore();
+    eventually(
+        Duration::from_secs(5),
+        "the settlement was not replayed",
+        || {
+            redis_int(redis.port, &["ZCARD", inflight]) == Some(0)
+                && redis_get(redis.port, &tokens_key) == Some(used)
+        },
+    )
+    .await;
+    // The place is free and the tokens counted from the settled figure.
+    let next = stream().await.unwrap();
+    assert_eq!(next.status(), 200);
+    assert_eq!(remaining_tokens(&next).await, 100_000 - used - reserved);
+    next.bytes().await.unwrap();
 }

@@ -13,7 +13,9 @@ local month_end = tonumber(ARGV[3])
 local scopes = tonumber(ARGV[4])
 local request_id = ARGV[5]
 -- In-flight requests are members of a sorted set scored by when they lapse: a replica that dies
--- mid-request cannot give its places back, and its members lapse one by one.
+-- mid-request cannot give its places back, and its members lapse one by one. Every admitted
+-- request is a member, limited concurrency or not: settle.lua applies a settlement only when it
+-- removes the member, so a settlement replayed after a lost reply is applied once.
 local IN_FLIGHT_LAPSE_MS = 3600 * 1000
 local request_spans = {60, 3600, 86400}
 local token_spans = {60, 86400}
@@ -67,8 +69,8 @@ for i = 0, scopes - 1 do
     end
   end
   local concurrent = tonumber(ARGV[b + 10])
+  redis.call('ZREMRANGEBYSCORE', p .. 'inflight', '-inf', now_ms)
   if concurrent >= 0 then
-    redis.call('ZREMRANGEBYSCORE', p .. 'inflight', '-inf', now_ms)
     if redis.call('ZCARD', p .. 'inflight') + 1 > concurrent then
       return {0, i, 8, 1000}
     end
@@ -100,10 +102,8 @@ for i = 0, scopes - 1 do
       redis.call('EXPIREAT', key, finish + 3600)
     end
   end
-  if tonumber(ARGV[b + 10]) >= 0 then
-    local inflight = p .. 'inflight'
-    redis.call('ZADD', inflight, now_ms + IN_FLIGHT_LAPSE_MS, request_id)
-    redis.call('PEXPIRE', inflight, IN_FLIGHT_LAPSE_MS)
-  end
+  local inflight = p .. 'inflight'
+  redis.call('ZADD', inflight, now_ms + IN_FLIGHT_LAPSE_MS, request_id)
+  redis.call('PEXPIRE', inflight, IN_FLIGHT_LAPSE_MS)
 end
 return {1, req[1], req[2], req[3], tok[1], tok[2], tok[3], secs}

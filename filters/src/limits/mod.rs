@@ -182,10 +182,12 @@ impl Drop for Admission {
                 let (redis, room, alerts) = (redis.clone(), self.room.clone(), self.alerts.clone());
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     runtime.spawn(async move {
-                        if let Ok(fired) = redis.settle(&charge, used, cost).await {
+                        // Kept and replayed later if Redis does not answer now.
+                        let done = move |fired| {
                             alerts.emit(fired);
-                        }
-                        room.capacity_changed();
+                            room.capacity_changed();
+                        };
+                        redis.settle(charge, used, cost, Box::new(done)).await;
                     });
                 }
             }

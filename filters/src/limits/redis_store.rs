@@ -3,6 +3,7 @@
 //! run after the response without holding the caller. No local leases: a request waits for
 //! one round trip, and the bound is exact across replicas.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -31,7 +32,22 @@ pub enum OnError {
 /// closed at once instead of each waiting on a dead server).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
+/// While Redis is unreachable, a background task pings it this often: a `fail_closed`
+/// replica out of `/readyz` gets no traffic, so no request would ever find Redis back.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Settlements that failed are kept (oldest dropped past this many) and replayed when Redis
+/// answers again, so in-flight places, token reservations and spend are settled after a blip.
+const MAX_PENDING_SETTLEMENTS: usize = 10_000;
+
 pub struct RedisCounters {
+    inner: Arc<Inner>,
+    pub on_error: OnError,
+    admit: redis::Script,
+}
+
+/// What the recovery probe shares with the requests.
+struct Inner {
     client: redis::Client,
     connection: tokio::sync::Mutex<Option<ConnectionManager>>,
     /// Milliseconds since `started` of the last failed connection attempt.
@@ -40,11 +56,32 @@ pub struct RedisCounters {
     healthy: AtomicBool,
     timeout: Duration,
     prefix: String,
-    pub on_error: OnError,
+    on_error: OnError,
     /// Counts every failed call (the process's `sluice_limits_store_errors_total`).
     errors: prometheus::IntCounter,
-    admit: redis::Script,
     settle: redis::Script,
+    backlog: std::sync::Mutex<Backlog>,
+    /// Failed settlements dropped because the backlog was full.
+    dropped: AtomicU64,
+}
+
+/// Settlements waiting for Redis, and whether a probe is running.
+#[derive(Default)]
+struct Backlog {
+    pending: VecDeque<Pending>,
+    probing: bool,
+    /// Whether this outage has dropped settlements already (logged once per outage).
+    overflowed: bool,
+}
+
+/// Called with the budget alerts a settlement fired, once it has landed.
+pub type Settled = Box<dyn FnOnce(Vec<BudgetAlert>) + Send>;
+
+struct Pending {
+    charge: Charge,
+    used: u64,
+    cost: u64,
+    done: Settled,
 }
 
 impl std::fmt::Debug for RedisCounters {
@@ -98,97 +135,51 @@ impl RedisCounters {
         errors: prometheus::IntCounter,
     ) -> Result<Self, redis::RedisError> {
         Ok(Self {
-            client: redis::Client::open(url)?,
-            connection: tokio::sync::Mutex::new(None),
-            last_failure_ms: AtomicU64::new(0),
-            started: Instant::now(),
-            healthy: AtomicBool::new(true),
-            timeout,
-            prefix: prefix.to_owned(),
+            inner: Arc::new(Inner {
+                client: redis::Client::open(url)?,
+                connection: tokio::sync::Mutex::new(None),
+                last_failure_ms: AtomicU64::new(0),
+                started: Instant::now(),
+                healthy: AtomicBool::new(true),
+                timeout,
+                prefix: prefix.to_owned(),
+                on_error,
+                errors,
+                settle: redis::Script::new(include_str!("settle.lua")),
+                backlog: std::sync::Mutex::default(),
+                dropped: AtomicU64::new(0),
+            }),
             on_error,
-            errors,
             admit: redis::Script::new(include_str!("admit.lua")),
-            settle: redis::Script::new(include_str!("settle.lua")),
         })
     }
 
     /// The key prefix of this deployment (`state.prefix`).
     pub fn prefix(&self) -> &str {
-        &self.prefix
+        &self.inner.prefix
     }
 
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.inner.healthy.load(Ordering::Relaxed)
     }
 
-    fn failed(&self, why: impl std::fmt::Display) -> Unavailable {
-        self.errors.inc();
-        if self.healthy.swap(false, Ordering::Relaxed) {
-            tracing::error!(target: "sluice::limits", "Redis unreachable, limits {}: {why}", match self.on_error {
-                OnError::FailOpen => "not enforced (fail_open)",
-                OnError::FailClosed => "refusing requests (fail_closed)",
-            });
-        }
-        self.last_failure_ms.store(
-            self.started.elapsed().as_millis() as u64 + 1,
-            Ordering::Relaxed,
-        );
-        Unavailable(why.to_string())
+    /// Failed settlements waiting for Redis to answer again.
+    pub fn pending_settlements(&self) -> usize {
+        self.inner.backlog().pending.len()
     }
 
-    fn succeeded(&self) {
-        if !self.healthy.swap(true, Ordering::Relaxed) {
-            tracing::info!(target: "sluice::limits", "Redis reachable again, limits enforced");
-        }
+    /// Failed settlements dropped, oldest first, because too many were waiting.
+    pub fn dropped_settlements(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
     }
 
     /// The multiplexed connection (shared with the cache's shared tier), made on first use.
     pub(crate) async fn connection(&self) -> Result<ConnectionManager, Unavailable> {
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
-        }
-        let last = self.last_failure_ms.load(Ordering::Relaxed);
-        if last > 0
-            && self.started.elapsed().as_millis() as u64 + 1 - last
-                < RETRY_AFTER_FAILURE.as_millis() as u64
-        {
-            return Err(Unavailable("recently unreachable".to_owned()));
-        }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
-        match tokio::time::timeout(
-            self.timeout * 2,
-            self.client.get_connection_manager_with_config(config),
-        )
-        .await
-        {
-            Ok(Ok(connection)) => {
-                *slot = Some(connection.clone());
-                Ok(connection)
-            }
-            Ok(Err(e)) => Err(self.failed(e)),
-            Err(_) => Err(self.failed("connection timed out")),
-        }
-    }
-
-    /// Runs a script within the timeout, keeping the health flag current.
-    async fn run(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Vec<i64>, Unavailable> {
-        let mut connection = self.connection().await?;
-        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await {
-            Ok(Ok(reply)) => {
-                self.succeeded();
-                Ok(reply)
-            }
-            Ok(Err(e)) => Err(self.failed(e)),
-            Err(_) => Err(self.failed("no answer in time")),
-        }
+        self.inner.connection().await
     }
 
     fn key_prefix(&self, scope: &str) -> String {
-        format!("{}:{{{scope}}}:", self.prefix)
+        self.inner.key_prefix(scope)
     }
 
     /// The same contract as the memory store's `admit`, across every replica.
@@ -226,7 +217,7 @@ impl RedisCounters {
                 .arg(opt(limits.budget_micros()))
                 .arg(opt(stop));
         }
-        let reply: Vec<i64> = self.run(&invocation).await?;
+        let reply: Vec<i64> = self.inner.run(&invocation).await?;
         if reply.first() == Some(&0) && reply.len() >= 4 {
             let index = reply[1] as usize;
             let limit = limit_name(reply[2]);
@@ -270,9 +261,225 @@ impl RedisCounters {
         Ok(Ok((standings, charge)))
     }
 
-    /// Settles a request; returns the budget alerts it fired.
-    pub async fn settle(
-        &self,
+    /// Settles a request; `done` gets the budget alerts it fired. When Redis cannot be
+    /// reached the settlement waits in a bounded backlog and is replayed once Redis answers
+    /// (settle.lua applies a request's settlement at most once, so a replay after a lost
+    /// reply changes nothing).
+    pub async fn settle(&self, charge: Charge, used_tokens: u64, cost_micros: u64, done: Settled) {
+        match self.inner.settle(&charge, used_tokens, cost_micros).await {
+            Ok(fired) => done(fired),
+            Err(_) => self.inner.keep(Pending {
+                charge,
+                used: used_tokens,
+                cost: cost_micros,
+                done,
+            }),
+        }
+    }
+
+    /// A scope's spend this month (for budget downgrades).
+    pub async fn spent_micros(&self, scope: &str, wall: SystemTime) -> Result<u64, Unavailable> {
+        let (month_start, _) = month_bounds(epoch_secs(wall));
+        let key = format!("{}spend:{month_start}", self.key_prefix(scope));
+        let inner = &self.inner;
+        let mut connection = inner.connection().await?;
+        let result: redis::RedisResult<Option<u64>> = match tokio::time::timeout(
+            inner.timeout,
+            redis::cmd("GET").arg(key).query_async(&mut connection),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => return Err(inner.failed("no answer in time")),
+        };
+        result
+            .map(Option::unwrap_or_default)
+            .map_err(|e| inner.failed(e))
+    }
+}
+
+impl Inner {
+    fn backlog(&self) -> std::sync::MutexGuard<'_, Backlog> {
+        self.backlog.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn key_prefix(&self, scope: &str) -> String {
+        format!("{}:{{{scope}}}:", self.prefix)
+    }
+
+    fn failed(self: &Arc<Self>, why: impl std::fmt::Display) -> Unavailable {
+        self.errors.inc();
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::error!(target: "sluice::limits", "Redis unreachable, limits {}: {why}", match self.on_error {
+                OnError::FailOpen => "not enforced (fail_open)",
+                OnError::FailClosed => "refusing requests (fail_closed)",
+            });
+        }
+        self.last_failure_ms.store(
+            self.started.elapsed().as_millis() as u64 + 1,
+            Ordering::Relaxed,
+        );
+        self.watch();
+        Unavailable(why.to_string())
+    }
+
+    fn succeeded(&self) {
+        if !self.healthy.swap(true, Ordering::Relaxed) {
+            tracing::info!(target: "sluice::limits", "Redis reachable again, limits enforced");
+        }
+    }
+
+    /// Starts the recovery probe unless one runs: it pings Redis every `PROBE_EVERY`
+    /// without holding any request, marks the store healthy when Redis answers (so `/readyz`
+    /// and `sluice_limits_store_up` recover with no traffic), replays the kept settlements,
+    /// and ends once Redis is healthy with nothing left to replay. It holds the store weakly:
+    /// a reload that replaces the store ends it.
+    fn watch(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        {
+            let mut backlog = self.backlog();
+            if backlog.probing {
+                return;
+            }
+            backlog.probing = true;
+        }
+        let store = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                let Some(inner) = store.upgrade() else { return };
+                if !inner.is_healthy() && !inner.ping().await {
+                    continue;
+                }
+                inner.succeeded();
+                inner.replay().await;
+                let mut backlog = inner.backlog();
+                if inner.is_healthy() && backlog.pending.is_empty() {
+                    backlog.probing = false;
+                    backlog.overflowed = false;
+                    return;
+                }
+            }
+        });
+    }
+
+    /// One PING within the timeout, on the shared connection (made here if there is none,
+    /// outside the connection lock so that requests never wait on the probe).
+    async fn ping(&self) -> bool {
+        let existing = self.connection.lock().await.clone();
+        let mut connection = match existing {
+            Some(connection) => connection,
+            None => match self.connect().await {
+                Ok(connection) => {
+                    let mut slot = self.connection.lock().await;
+                    slot.get_or_insert(connection).clone()
+                }
+                Err(_) => return false,
+            },
+        };
+        let ping = redis::cmd("PING");
+        let reply = tokio::time::timeout(self.timeout, ping.query_async::<String>(&mut connection));
+        matches!(reply.await, Ok(Ok(_)))
+    }
+
+    /// Runs the kept settlements in order; stops at the first that fails (it stays first).
+    async fn replay(self: &Arc<Self>) {
+        loop {
+            let Some(pending) = self.backlog().pending.pop_front() else {
+                return;
+            };
+            match self
+                .settle(&pending.charge, pending.used, pending.cost)
+                .await
+            {
+                Ok(fired) => (pending.done)(fired),
+                Err(_) => {
+                    self.backlog().pending.push_front(pending);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Keeps a failed settlement for the probe to replay; past the bound the oldest goes
+    /// (its in-flight place then lapses and its reservation stands: see the README).
+    fn keep(self: &Arc<Self>, pending: Pending) {
+        {
+            let mut backlog = self.backlog();
+            if backlog.pending.len() >= MAX_PENDING_SETTLEMENTS {
+                backlog.pending.pop_front();
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                if !std::mem::replace(&mut backlog.overflowed, true) {
+                    tracing::error!(target: "sluice::limits", "Redis unreachable: more than {MAX_PENDING_SETTLEMENTS} settlements waiting, the oldest are dropped");
+                }
+            }
+            backlog.pending.push_back(pending);
+        }
+        self.watch();
+    }
+
+    async fn connect(&self) -> Result<ConnectionManager, String> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        match tokio::time::timeout(
+            self.timeout * 2,
+            self.client.get_connection_manager_with_config(config),
+        )
+        .await
+        {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("connection timed out".to_owned()),
+        }
+    }
+
+    async fn connection(self: &Arc<Self>) -> Result<ConnectionManager, Unavailable> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            return Ok(connection.clone());
+        }
+        let last = self.last_failure_ms.load(Ordering::Relaxed);
+        if last > 0
+            && self.started.elapsed().as_millis() as u64 + 1 - last
+                < RETRY_AFTER_FAILURE.as_millis() as u64
+        {
+            return Err(Unavailable("recently unreachable".to_owned()));
+        }
+        match self.connect().await {
+            Ok(connection) => {
+                *slot = Some(connection.clone());
+                Ok(connection)
+            }
+            Err(why) => Err(self.failed(why)),
+        }
+    }
+
+    /// Runs a script within the timeout, keeping the health flag current.
+    async fn run(
+        self: &Arc<Self>,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<i64>, Unavailable> {
+        let mut connection = self.connection().await?;
+        match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection)).await {
+            Ok(Ok(reply)) => {
+                self.succeeded();
+                Ok(reply)
+            }
+            Ok(Err(e)) => Err(self.failed(e)),
+            Err(_) => Err(self.failed("no answer in time")),
+        }
+    }
+
+    async fn settle(
+        self: &Arc<Self>,
         charge: &Charge,
         used_tokens: u64,
         cost_micros: u64,
@@ -319,25 +526,6 @@ impl RedisCounters {
                 })
             })
             .collect())
-    }
-
-    /// A scope's spend this month (for budget downgrades).
-    pub async fn spent_micros(&self, scope: &str, wall: SystemTime) -> Result<u64, Unavailable> {
-        let (month_start, _) = month_bounds(epoch_secs(wall));
-        let key = format!("{}spend:{month_start}", self.key_prefix(scope));
-        let mut connection = self.connection().await?;
-        let result: redis::RedisResult<Option<u64>> = match tokio::time::timeout(
-            self.timeout,
-            redis::cmd("GET").arg(key).query_async(&mut connection),
-        )
-        .await
-        {
-            Ok(result) => result,
-            Err(_) => return Err(self.failed("no answer in time")),
-        };
-        result
-            .map(Option::unwrap_or_default)
-            .map_err(|e| self.failed(e))
     }
 }
 

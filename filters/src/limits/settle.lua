@@ -11,8 +11,10 @@ local fired = {}
 for i = 0, scopes - 1 do
   local b = 6 + i * 6
   local p = ARGV[b + 1]
-  redis.call('ZREM', p .. 'inflight', request_id)
-  if used ~= reserved then
+  -- Applied once: a replay of a settlement that landed (its reply lost) finds no member. A
+  -- request that outlived its lapse settles nothing either; its reservation stands.
+  local open = redis.call('ZREM', p .. 'inflight', request_id) == 1
+  if open and used ~= reserved then
     for w = 1, 3 do
       local key = p .. 't' .. w .. ':' .. ARGV[b + 1 + w]
       if redis.call('EXISTS', key) == 1 then
@@ -22,7 +24,7 @@ for i = 0, scopes - 1 do
     end
   end
   local budget = tonumber(ARGV[b + 5])
-  if budget >= 0 and cost > 0 then
+  if open and budget >= 0 and cost > 0 then
     local spend_key = p .. 'spend:' .. month_start
     local spent = redis.call('INCRBY', spend_key, cost)
     redis.call('EXPIRE', spend_key, 40 * 86400)
