@@ -78,6 +78,7 @@ fn main() -> ExitCode {
         Command::Run { config } => {
             // Held for the process's life: dropping it would stop the log writer thread.
             let _log_writer = init_logging();
+            sluice::telemetry::panics::install_hook();
             match server::run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(errors) => {

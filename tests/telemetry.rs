@@ -362,7 +362,10 @@ async fn metrics_count_what_was_sent_and_timings_are_reported() {
     assert_eq!(metrics.value("sluice_requests_total", &denied), Some(1.0));
     let route = [("route", "openai")];
     assert_eq!(
-        metrics.value("sluice_request_duration_seconds_count", &route),
+        metrics.value(
+            "sluice_request_duration_seconds_count",
+            &[("route", "openai"), ("cache", "")]
+        ),
         Some(6.0)
     );
     assert_eq!(
@@ -713,4 +716,302 @@ fn urlencoding(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// `server-timing` entries by name: `dur` in milliseconds (or `desc`).
+fn server_timing(response: &reqwest::Response) -> std::collections::HashMap<String, String> {
+    let header = response.headers()["server-timing"].to_str().unwrap();
+    header
+        .split(',')
+        .filter_map(|entry| {
+            let (name, param) = entry.trim().split_once(';')?;
+            let (_, value) = param.split_once('=')?;
+            Some((name.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+fn timing_ms(timings: &std::collections::HashMap<String, String>, name: &str) -> f64 {
+    timings[name].parse().unwrap()
+}
+
+/// The JSON access lines written so far.
+fn access_lines(sidecar: &Sidecar) -> Vec<serde_json::Value> {
+    sidecar
+        .logs()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|entry| entry["target"] == "sluice::access")
+        .collect()
+}
+
+/// Waits for `count` access lines of a route.
+async fn wait_for_access(sidecar: &Sidecar, route: &str, count: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lines: Vec<_> = access_lines(sidecar)
+            .into_iter()
+            .filter(|entry| entry["fields"]["route"] == route)
+            .collect();
+        if lines.len() >= count || Instant::now() > deadline {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const ACCESS_LOG_JSON: [(&str, &str); 2] = [
+    ("SLUICE_LOG", "sluice::access=info"),
+    ("SLUICE_LOG_FORMAT", "json"),
+];
+
+/// Every attempt failed (refused connections; a stalled upstream timed out twice): the time
+/// went to the upstream, not to Sluice, and the attempts are counted.
+#[tokio::test]
+async fn a_failed_upstream_s_time_is_the_upstream_s_and_its_attempts_are_counted() {
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let stalled = mock().await;
+    stalled.set_fault(Some(Fault::Stall));
+    let (url, collector) = http_collector().await;
+    let policy = format!(
+        r#"
+telemetry:
+  otlp: {{ endpoint: "{url}", protocol: http/protobuf, export_interval: 100ms }}
+upstreams:
+  dead: {{ provider: openai, base_url: "{dead}" }}
+  stalled: {{ provider: openai, base_url: "{stalled}" }}
+routes:
+  - name: dead
+    match: {{ path_prefix: /dead }}
+    upstream: dead
+    auth: passthrough
+    retry: {{ attempts: 3, backoff: {{ base: 1ms, max: 2ms }} }}
+  - name: stalled
+    match: {{ path_prefix: /stalled }}
+    upstream: stalled
+    auth: passthrough
+    retry: {{ attempts: 2, attempt_timeout: 150ms, on: [first_byte_timeout], backoff: {{ base: 1ms, max: 2ms }} }}
+"#,
+        stalled = stalled.url()
+    );
+    let sidecar = Sidecar::start_with_env(&policy, &ACCESS_LOG_JSON).await;
+    for (route, status, upstream_at_least) in [("dead", 502, 0.0), ("stalled", 504, 300.0)] {
+        let response = reqwest::Client::new()
+            .post(format!("{}/{route}/v1/chat/completions", sidecar.proxy))
+            .json(&chat_body("fail", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{route}");
+        let timings = server_timing(&response);
+        assert!(
+            timing_ms(&timings, "sluice") < 20.0,
+            "{route}: the upstream's time is not Sluice's: {timings:?}"
+        );
+        assert!(
+            timing_ms(&timings, "upstream") >= upstream_at_least,
+            "{route}: {timings:?}"
+        );
+        assert!(!timings.contains_key("ttft"), "no token came: {timings:?}");
+    }
+
+    for (route, attempts) in [("dead", 3), ("stalled", 2)] {
+        let lines = wait_for_access(&sidecar, route, 1).await;
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let fields = &lines[0]["fields"];
+        assert_eq!(fields["attempts"], attempts, "{route}: {fields}");
+        assert_eq!(fields["upstream"], route, "{route}: the upstream tried");
+        assert!(fields["upstream_ms"].as_f64().is_some(), "{fields}");
+    }
+    // Metrics are recorded before the access line is written.
+    let metrics = sidecar.metrics().await;
+    for (route, total_at_least) in [("dead", 0.0), ("stalled", 0.3)] {
+        let labels = [("route", route)];
+        let overhead = metrics
+            .value("sluice_overhead_seconds_sum", &labels)
+            .unwrap();
+        let total = metrics
+            .value("sluice_request_duration_seconds_sum", &labels)
+            .unwrap();
+        assert!(overhead < 0.02, "{route}: overhead {overhead} s");
+        assert!(total >= total_at_least, "{route}: total {total} s");
+    }
+
+    let spans = collector
+        .wait_for("two server spans", |spans| {
+            spans.iter().filter(|s| s.kind == 2).count() >= 2
+        })
+        .await;
+    let server = |route: &str| {
+        spans
+            .iter()
+            .find(|s| s.kind == 2 && string_attribute(s, "sluice.route") == Some(route))
+            .unwrap_or_else(|| panic!("a server span for {route}"))
+    };
+    assert_eq!(int_attribute(server("dead"), "sluice.attempts"), Some(3));
+    assert_eq!(
+        string_attribute(server("dead"), "sluice.upstream"),
+        Some("dead")
+    );
+    assert_eq!(int_attribute(server("stalled"), "sluice.attempts"), Some(2));
+    assert_eq!(
+        spans.iter().filter(|s| s.kind == 3).count(),
+        5,
+        "a client span per attempt"
+    );
+}
+
+/// Cache hits answer in microseconds: their latency is kept apart from the upstream's, in the
+/// histogram (`cache="hit"`) and in `/admin/stats` (not in the route's percentiles).
+#[tokio::test]
+async fn cache_hits_are_timed_apart_from_the_upstream() {
+    let mock = mock().await;
+    mock.set_first_byte_delay(Duration::from_millis(150));
+    let policy = format!(
+        r#"
+telemetry: {{ stats: {{ windows: [1m, 7s] }} }}
+upstreams:
+  openai: {{ provider: openai, base_url: "{url}" }}
+routes:
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    upstream: openai
+    auth: passthrough
+    filters:
+      - cache: {{ ttl: 1h }}
+"#,
+        url = mock.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "cache me"}],
+    });
+    const HITS: usize = 5;
+    for i in 0..=HITS {
+        let response = reqwest::Client::new()
+            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let expected = if i == 0 { "miss" } else { "hit" };
+        assert_eq!(
+            response.headers()["x-sluice-cache"],
+            expected,
+            "request {i}"
+        );
+        response.bytes().await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let hits = [("route", "openai"), ("cache", "hit")];
+    let others = [("route", "openai"), ("cache", "")];
+    let metrics = loop {
+        let metrics = sidecar.metrics().await;
+        let count = metrics.value("sluice_request_duration_seconds_count", &hits);
+        if count == Some(HITS as f64) || Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        metrics.value("sluice_request_duration_seconds_count", &hits),
+        Some(HITS as f64)
+    );
+    assert_eq!(
+        metrics.value("sluice_request_duration_seconds_count", &others),
+        Some(1.0),
+        "the miss"
+    );
+    let hit_seconds = metrics
+        .value("sluice_request_duration_seconds_sum", &hits)
+        .unwrap();
+    assert!(
+        hit_seconds < 0.1,
+        "hits did not wait on the upstream: {hit_seconds}"
+    );
+    assert!(metrics.value("sluice_request_duration_seconds_sum", &others) >= Some(0.15));
+
+    let stats: serde_json::Value = reqwest::get(format!("{}/admin/stats", sidecar.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // A custom window shows next to the default one.
+    for window in ["1m", "7s"] {
+        let summary = &stats["routes"]["openai"][window];
+        assert_eq!(summary["requests"], 1, "{window}: {stats}");
+        assert_eq!(summary["cache_hits"], HITS, "{window}: {stats}");
+        assert!(
+            summary["total_ms"]["p50"].as_f64().unwrap() >= 150.0,
+            "{window}: only the miss is in the percentiles: {stats}"
+        );
+        assert!(
+            summary["cache_hit_ms"]["p99"].as_f64().unwrap() < 100.0,
+            "{stats}"
+        );
+    }
+}
+
+/// A request that panics while it holds the caller's key and the provider's (the debug-build
+/// canary puts both in the panic message): the caller gets a provider-shaped 500 at once, the
+/// process goes on serving, and neither key reaches the logs, spans or the answer.
+#[tokio::test]
+async fn a_panic_answers_500_and_leaks_no_key() {
+    let (primary, backup) = (mock().await, mock().await);
+    let (url, collector) = http_collector().await;
+    let policy = traced_policy(&primary, &backup, &url, "http/protobuf");
+    let sidecar = Sidecar::start_with_env(
+        &policy,
+        &[("SLUICE_LOG", "trace"), ("SLUICE_TEST_PANIC", "1")],
+    )
+    .await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let panicked = client
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth(CALLER_KEY)
+        .header("traceparent", format!("00-{TRACE_ID}-{CALLER_SPAN}-01"))
+        .header("x-sluice-test-panic", "1")
+        .json(&chat_body("panic", false))
+        .send()
+        .await
+        .expect("an answer, not a dropped or hung connection");
+    assert_eq!(panicked.status(), 500);
+    let body = panicked.text().await.unwrap();
+    let error: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+    assert!(
+        error["error"]["message"].is_string(),
+        "OpenAI's shape: {body}"
+    );
+    assert!(primary.requests().is_empty(), "nothing went upstream");
+
+    // The process goes on serving.
+    let next = traced_call(&sidecar, &chat_body("after the panic", false)).await;
+    assert_eq!(next.status(), 200);
+
+    collector
+        .wait_for("the server span of the request after the panic", |spans| {
+            spans.iter().any(|s| s.kind == 2)
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !sidecar.logs().contains("panic at") {
+        assert!(Instant::now() < deadline, "the panic is reported");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = sidecar.logs();
+    assert!(logs.contains("withheld"), "{logs}");
+    assert!(logs.contains("the exchange panicked"), "{logs}");
+    let spans = format!("{:?}", collector.spans());
+    for secret in [CALLER_KEY, PROVIDER_KEY] {
+        for (place, text) in [("logs", &logs), ("spans", &spans), ("error body", &body)] {
+            assert!(!text.contains(secret), "{secret} in {place}");
+        }
+    }
 }

@@ -99,6 +99,8 @@ pub struct Timings {
     pub upstream_start: Option<Instant>,
     /// The chosen attempt's response head arrived.
     pub upstream_head: Option<Instant>,
+    /// Every attempt failed without a response head: when Sluice gave up on the upstream.
+    pub upstream_failed: Option<Instant>,
     /// The response head went to the caller.
     pub head_sent: Option<Instant>,
     /// The first and latest streamed events that carried content (text, tool arguments).
@@ -112,23 +114,31 @@ pub struct Timings {
 
 impl Timings {
     /// Sluice's own share of the time to the response head: before the first attempt (the
-    /// queue excepted) and between the upstream's head and the caller's. For an answer made
-    /// without the upstream, everything up to the head.
+    /// queue excepted) and after the upstream's part ended (its head, or the last attempt's
+    /// failure) up to the caller's head. For an answer made without the upstream, everything
+    /// up to the head.
     pub fn overhead(&self, started: Instant) -> Option<Duration> {
         let head_sent = self.head_sent?;
-        let own = match (self.upstream_start, self.upstream_head) {
-            (Some(start), Some(head)) => {
-                start.saturating_duration_since(started) + head_sent.saturating_duration_since(head)
+        let own = match (self.upstream_start, self.upstream_end()) {
+            (Some(start), Some(end)) => {
+                start.saturating_duration_since(started) + head_sent.saturating_duration_since(end)
             }
             _ => head_sent.saturating_duration_since(started),
         };
         Some(own.saturating_sub(self.queued))
     }
 
-    /// From the first attempt to the chosen attempt's head (retries and backoff included).
+    /// When the upstream's part ended: the chosen attempt's head, or the give-up after every
+    /// attempt failed.
+    pub fn upstream_end(&self) -> Option<Instant> {
+        self.upstream_head.or(self.upstream_failed)
+    }
+
+    /// From the first attempt to the chosen attempt's head, or to the last failure when none
+    /// answered (retries and backoff included).
     pub fn upstream(&self) -> Option<Duration> {
         Some(
-            self.upstream_head?
+            self.upstream_end()?
                 .saturating_duration_since(self.upstream_start?),
         )
     }
@@ -221,4 +231,36 @@ pub struct LocalResponse {
     pub status: StatusCode,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub body: Bytes,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overhead_leaves_out_the_upstream_even_when_every_attempt_failed() {
+        let started = Instant::now();
+        let ms = Duration::from_millis;
+        let answered = Timings {
+            upstream_start: Some(started + ms(1)),
+            upstream_head: Some(started + ms(20)),
+            head_sent: Some(started + ms(22)),
+            ..Timings::default()
+        };
+        assert_eq!(answered.overhead(started), Some(ms(3)));
+        assert_eq!(answered.upstream(), Some(ms(19)));
+        let failed = Timings {
+            upstream_head: None,
+            upstream_failed: Some(started + ms(20)),
+            ..answered
+        };
+        assert_eq!(failed.overhead(started), Some(ms(3)));
+        assert_eq!(failed.upstream(), Some(ms(19)));
+        let local = Timings {
+            head_sent: Some(started + ms(2)),
+            ..Timings::default()
+        };
+        assert_eq!(local.overhead(started), Some(ms(2)));
+        assert_eq!(local.upstream(), None);
+    }
 }

@@ -129,23 +129,30 @@ pub fn attempt_span(
 }
 
 /// `server-timing` for a response head about to go out: Sluice's own time, the upstream's
-/// and, when the answer comes whole, the time to its first token.
+/// (also when every attempt failed: that time was the provider's, not Sluice's) and, when an
+/// answer comes whole, the time to its first token.
 pub fn server_timing(ex: &Exchange, streamed: bool) -> Option<HeaderValue> {
     let mut timings = ex.timings;
     timings.head_sent = Some(Instant::now());
     let sluice = Millis(timings.overhead(ex.started)?);
     let text = match timings.upstream() {
-        Some(upstream) if !streamed => {
+        Some(upstream) if !streamed && timings.upstream_head.is_some() => {
             let upstream = Millis(upstream);
             format!("sluice;dur={sluice}, upstream;dur={upstream}, ttft;dur={upstream}")
         }
         Some(upstream) => format!("sluice;dur={sluice}, upstream;dur={}", Millis(upstream)),
         None => match ex.cache {
-            Some(status) => format!("sluice;dur={sluice:.3}, cache;desc={}", status.as_str()),
-            None => format!("sluice;dur={sluice:.3}"),
+            Some(status) => format!("sluice;dur={sluice}, cache;desc={}", status.as_str()),
+            None => format!("sluice;dur={sluice}"),
         },
     };
     HeaderValue::from_str(&text).ok()
+}
+
+/// `server-timing` for an answer made before any exchange began (no route, bad framing):
+/// everything since the request arrived was Sluice's.
+pub fn own_timing(started: Instant) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("sluice;dur={}", Millis(started.elapsed()))).ok()
 }
 
 /// A duration in milliseconds with three decimals (`1.234`), as `server-timing` writes it:
@@ -195,7 +202,16 @@ pub fn finish(
         ])
         .inc();
     let route_metrics = &route.metrics;
-    route_metrics.duration.observe(total.as_secs_f64());
+    let hit = ex.cache == Some(CacheStatus::Hit);
+    // A hit's latency is the cache's: kept apart from the upstream's in the histogram and the
+    // rolling percentiles (and the SLA rules judged on them).
+    if hit {
+        route_metrics
+            .cache_hit_duration
+            .observe(total.as_secs_f64());
+    } else {
+        route_metrics.duration.observe(total.as_secs_f64());
+    }
     if let Some(overhead) = timings.overhead(ex.started) {
         route_metrics.overhead.observe(overhead.as_secs_f64());
     }
@@ -251,13 +267,17 @@ pub fn finish(
         }
     }
     let failed = status >= 500 || ex.outcome == Outcome::UpstreamBroke;
-    route.stats.record(Sample {
-        first_byte: timings
-            .head_sent
-            .map(|head| head.saturating_duration_since(ex.started)),
-        total,
-        failed,
-    });
+    if hit {
+        route.stats.record_cache_hit(total);
+    } else {
+        route.stats.record(Sample {
+            first_byte: timings
+                .head_sent
+                .map(|head| head.saturating_duration_since(ex.started)),
+            total,
+            failed,
+        });
+    }
     if let Some(mut span) = span {
         annotate(&mut span, ex, model, cost_usd, status, failed);
         span.end();
