@@ -17,6 +17,27 @@ const KEY_B: &str = "sk-sluice-cache-b";
 /// One OpenAI route with the cache filter `cache`, tenants `a` and `b` on a tier with `limits`,
 /// and `extra` top-level YAML (store settings, state).
 fn policy(mock_url: &str, cache: &str, limits: &str, extra: &str) -> String {
+    policy_routes(mock_url, &[("openai", cache)], limits, extra)
+}
+
+/// As [`policy`], with one route per `(name, cache rules)`, matched by `/{name}`, all to the
+/// same mock.
+fn policy_routes(mock_url: &str, routes: &[(&str, &str)], limits: &str, extra: &str) -> String {
+    let routes: String = routes
+        .iter()
+        .map(|(name, cache)| {
+            format!(
+                r#"
+  - name: {name}
+    match: {{ path_prefix: /{name} }}
+    upstream: openai
+    retry: {{ attempts: 1 }}
+    filters:
+      - request_id: {{}}
+      - cache: {cache}"#
+            )
+        })
+        .collect();
     format!(
         r#"
 {extra}
@@ -24,14 +45,7 @@ fn policy(mock_url: &str, cache: &str, limits: &str, extra: &str) -> String {
 # what the cache keeps of them.
 upstreams:
   openai: {{ provider: openai, base_url: "{mock_url}", keys: ["sk-upstream"], key_cooldown: 0s }}
-routes:
-  - name: openai
-    match: {{ path_prefix: /openai }}
-    upstream: openai
-    retry: {{ attempts: 1 }}
-    filters:
-      - request_id: {{}}
-      - cache: {cache}
+routes:{routes}
 tiers:
   free: {{ limits: {limits} }}
 tenants:
@@ -76,8 +90,19 @@ async fn send(
     body: &Value,
     headers: &[(&str, &str)],
 ) -> reqwest::Result<Answer> {
+    send_to(sidecar, "openai", key, body, headers).await
+}
+
+/// As [`send`], on the route `route` of a [`policy_routes`] policy.
+async fn send_to(
+    sidecar: &Sidecar,
+    route: &str,
+    key: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Result<Answer> {
     let mut request = reqwest::Client::new()
-        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .post(format!("{}/{route}/v1/chat/completions", sidecar.proxy))
         .bearer_auth(key)
         .json(body);
     for (name, value) in headers {
@@ -99,6 +124,10 @@ async fn send(
 
 async fn call(sidecar: &Sidecar, key: &str, body: &Value, headers: &[(&str, &str)]) -> Answer {
     send(sidecar, key, body, headers).await.unwrap()
+}
+
+async fn call_to(sidecar: &Sidecar, route: &str, key: &str, body: &Value) -> Answer {
+    send_to(sidecar, route, key, body, &[]).await.unwrap()
 }
 
 async fn cache_stats(sidecar: &Sidecar) -> Value {
@@ -563,6 +592,12 @@ async fn purges_by_tenant_and_route_and_a_rules_change_purges_the_route() {
     sidecar.write_policy(&policy(&mock.url(), "{ ttl: 2h }", NO_LIMITS, ""));
     sidecar.wait_for_reload(&hash).await;
     assert_eq!(call(&sidecar, KEY_B, &body, &[]).await.cache, "miss");
+    // Rules that only decide how entries are used (not what they hold) keep them.
+    let hash = sidecar.policy_hash().await;
+    let how_used = "{ ttl: 2h, charge_hits: true, coalesce_wait: 5s }";
+    sidecar.write_policy(&policy(&mock.url(), how_used, NO_LIMITS, ""));
+    sidecar.wait_for_reload(&hash).await;
+    assert_eq!(call(&sidecar, KEY_B, &body, &[]).await.cache, "hit");
 }
 
 #[tokio::test]
@@ -660,4 +695,250 @@ async fn the_shared_tier_serves_other_replicas_and_redis_down_leaves_the_local_c
         "no long waits on a dead Redis"
     );
     assert!(cache_stats(&b).await["shared_errors"].as_u64().unwrap() >= 1);
+}
+
+#[tokio::test]
+async fn a_shared_scope_serves_every_tenant_of_the_route() {
+    let mock = mock().await;
+    let routes = [("openai", "{ scope: shared }"), ("private", "{}")];
+    let sidecar = Sidecar::start(&policy_routes(&mock.url(), &routes, NO_LIMITS, "")).await;
+    let body = prompt("one answer for everyone", false);
+
+    let a = call(&sidecar, KEY_A, &body, &[]).await;
+    assert_eq!((a.status, a.cache.as_str()), (200, "miss"));
+    let b = call(&sidecar, KEY_B, &body, &[]).await;
+    assert_eq!(
+        (b.status, b.cache.as_str()),
+        (200, "hit"),
+        "scope: shared serves b what a stored"
+    );
+    assert_eq!(b.body, a.body);
+    assert_eq!(mock.request_count(), 1);
+
+    // The route without `scope: shared`, same process, same store: each tenant its own.
+    let a_private = call_to(&sidecar, "private", KEY_A, &body).await;
+    assert_eq!(a_private.cache, "miss", "routes never share entries");
+    let b_private = call_to(&sidecar, "private", KEY_B, &body).await;
+    assert_eq!(
+        b_private.cache, "miss",
+        "tenant b must not see tenant a's entry"
+    );
+    assert_ne!(b_private.id(), a_private.id());
+    let a_again = call_to(&sidecar, "private", KEY_A, &body).await;
+    assert_eq!(
+        (a_again.cache.as_str(), a_again.id()),
+        ("hit", a_private.id())
+    );
+    assert_eq!(mock.request_count(), 3);
+}
+
+#[tokio::test]
+async fn a_route_with_when_always_caches_requests_without_temperature() {
+    let mock = mock().await;
+    let routes = [("openai", "{ when: always }"), ("private", "{}")];
+    let sidecar = Sidecar::start(&policy_routes(&mock.url(), &routes, NO_LIMITS, "")).await;
+    let unset = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "no temperature"}]});
+    let sampled = json!({"model": "gpt-4o-mini", "temperature": 0.9, "messages": []});
+    for body in [&unset, &sampled] {
+        let first = call(&sidecar, KEY_A, body, &[]).await;
+        assert_eq!((first.status, first.cache.as_str()), (200, "miss"));
+        let again = call(&sidecar, KEY_A, body, &[]).await;
+        assert_eq!(
+            (again.cache.as_str(), again.id()),
+            ("hit", first.id()),
+            "when: always caches {body}"
+        );
+    }
+    // The same requests on a route with the default `when: deterministic`: not cached.
+    for body in [&unset, &sampled] {
+        for _ in 0..2 {
+            assert_eq!(
+                call_to(&sidecar, "private", KEY_A, body).await.cache,
+                "bypass"
+            );
+        }
+    }
+    assert_eq!(mock.request_count(), 6);
+}
+
+#[tokio::test]
+async fn a_follower_waits_no_longer_than_coalesce_wait() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&policy(
+        &mock.url(),
+        "{ coalesce_wait: 200ms }",
+        NO_LIMITS,
+        "",
+    ))
+    .await;
+    let body = prompt("a slow leader", false);
+    let started = std::time::Instant::now();
+    // The leader's answer takes 2 s upstream; the follower arrives 100 ms later, waits its
+    // 200 ms, then goes upstream itself (the mock answers it at once).
+    let leader = async {
+        let answer = call(&sidecar, KEY_A, &body, &[("x-mock-first-byte-ms", "2000")]).await;
+        (answer, started.elapsed())
+    };
+    let follower = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let answer = call(&sidecar, KEY_A, &body, &[]).await;
+        (answer, started.elapsed())
+    };
+    let ((leader, leader_took), (follower, follower_took)) = tokio::join!(leader, follower);
+    assert_eq!((leader.status, leader.cache.as_str()), (200, "miss"));
+    assert_eq!((follower.status, follower.cache.as_str()), (200, "miss"));
+    assert_ne!(
+        follower.id(),
+        leader.id(),
+        "the follower's own upstream answer"
+    );
+    assert!(
+        leader_took >= Duration::from_millis(2000),
+        "{leader_took:?}"
+    );
+    assert!(
+        follower_took >= Duration::from_millis(290),
+        "the follower waited for the leader first: {follower_took:?}"
+    );
+    assert!(
+        follower_took < Duration::from_millis(1500),
+        "the follower's wait is bounded: {follower_took:?}"
+    );
+    assert_eq!(mock.request_count(), 2);
+    let stats = cache_stats(&sidecar).await;
+    assert_eq!(stats["coalesced_timeouts"], 1, "{stats}");
+    assert_eq!(stats["coalesced_waits"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn hits_spend_no_budget_unless_charged() {
+    let mock = mock().await;
+    // Output tokens only, $40 each; every answer here is one output token (x-mock-chunks: 1),
+    // so every charged response is $40 against a $100 budget: 50% and 75% alert at the second,
+    // 90% and 95% at the third, and the fourth is refused.
+    let prices = "prices:\n  gpt-4o-mini: { input: 0, output: 40000000 }";
+    let limits = "{ budget_usd_per_month: 100 }";
+    let one_token = [("x-mock-chunks", "1")];
+    let alerts = |metrics: &Metrics, percent: &str| {
+        let labels = [("tier", "free"), ("threshold", percent)];
+        metrics
+            .value("sluice_budget_alerts_total", &labels)
+            .unwrap_or(0.0)
+    };
+    // Spend is settled as each exchange ends, just after its caller has the answer.
+    async fn wait_for_alert(sidecar: &Sidecar, percent: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let labels = [("tier", "free"), ("threshold", percent)];
+            let fired = sidecar
+                .metrics()
+                .await
+                .value("sluice_budget_alerts_total", &labels);
+            if fired == Some(1.0) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the {percent}% budget alert never fired"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let settle = || tokio::time::sleep(Duration::from_millis(150));
+
+    let free = Sidecar::start(&policy(&mock.url(), "{}", limits, prices)).await;
+    let body = prompt("what does a hit cost", false);
+    let miss = call(&free, KEY_A, &body, &one_token).await;
+    assert_eq!((miss.status, miss.cache.as_str()), (200, "miss"));
+    assert_eq!(miss.json()["usage"]["completion_tokens"], 1);
+    settle().await;
+    for _ in 0..4 {
+        let hit = call(&free, KEY_A, &body, &one_token).await;
+        assert_eq!((hit.status, hit.cache.as_str()), (200, "hit"));
+        settle().await;
+    }
+    // Four hits after a $40 miss: still $40 spent, under every alert.
+    let metrics = free.metrics().await;
+    assert_eq!(alerts(&metrics, "50"), 0.0, "a hit spent budget");
+    // A second miss does spend: $80, past 50% and 75%.
+    let other = call(&free, KEY_A, &prompt("another question", false), &one_token).await;
+    assert_eq!(other.cache, "miss");
+    wait_for_alert(&free, "75").await;
+    let metrics = free.metrics().await;
+    assert_eq!(alerts(&metrics, "50"), 1.0);
+    assert_eq!(alerts(&metrics, "90"), 0.0);
+    assert_eq!(mock.request_count(), 2);
+
+    // With `charge_hits`, each hit costs what the answer it replays cost.
+    let charged = Sidecar::start(&policy(
+        &mock.url(),
+        "{ charge_hits: true }",
+        limits,
+        prices,
+    ))
+    .await;
+    assert_eq!(call(&charged, KEY_A, &body, &one_token).await.cache, "miss");
+    settle().await;
+    assert_eq!(call(&charged, KEY_A, &body, &one_token).await.cache, "hit");
+    wait_for_alert(&charged, "75").await;
+    assert_eq!(call(&charged, KEY_A, &body, &one_token).await.cache, "hit");
+    wait_for_alert(&charged, "95").await;
+    let refused = call(&charged, KEY_A, &body, &one_token).await;
+    assert_eq!(refused.status, 429, "$120 of $100 spent, by hits");
+    let message = refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("`budget_usd_per_month` limit of 100"),
+        "{message}"
+    );
+    assert_eq!(mock.request_count(), 3);
+}
+
+#[tokio::test]
+async fn a_purge_clears_the_shared_tier_but_not_other_replicas_local_copies() {
+    let redis = RedisServer::start();
+    let mock = mock().await;
+    let state = format!(
+        "state: {{ backend: redis, url: \"{}\", timeout: 200ms }}\ncache: {{ shared: {{ enabled: true, read_timeout: 100ms }} }}",
+        redis.url()
+    );
+    let text = policy(&mock.url(), "{ ttl: 1h }", NO_LIMITS, &state);
+    let a = Sidecar::start(&text).await;
+    let b = Sidecar::start(&text).await;
+    let shared_writes = |n: u64| {
+        let a = &a;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while cache_stats(a).await["shared_writes"] != n {
+                assert!(std::time::Instant::now() < deadline, "no shared write {n}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let body = prompt("purged everywhere?", false);
+    assert_eq!(call(&a, KEY_A, &body, &[]).await.cache, "miss");
+    shared_writes(1).await;
+    assert_eq!(call(&a, KEY_B, &body, &[]).await.cache, "miss");
+    shared_writes(2).await;
+    // Replica b takes tenant a's answer from the shared tier and keeps a local copy.
+    assert_eq!(call(&b, KEY_A, &body, &[]).await.cache, "hit");
+    assert_eq!(cache_stats(&b).await["shared_hits"], 1);
+
+    let purged = purge(&a, r#"{"tenant": "a"}"#).await;
+    assert_eq!(purged["purged"], 1, "replica a's local entry: {purged}");
+    assert_eq!(
+        purged["shared"]["purged"], 1,
+        "tenant a's record in Redis, not b's: {purged}"
+    );
+    // A replica that never saw the entry misses: it is gone from the shared tier…
+    let fresh = Sidecar::start(&text).await;
+    assert_eq!(call(&fresh, KEY_A, &body, &[]).await.cache, "miss");
+    // …tenant b's record is untouched…
+    assert_eq!(call(&fresh, KEY_B, &body, &[]).await.cache, "hit");
+    // …and a purge does not reach other replicas' local copies (documented): they last until
+    // their TTL, or a purge sent to that replica.
+    assert_eq!(call(&b, KEY_A, &body, &[]).await.cache, "hit");
+    assert_eq!(purge(&b, r#"{"tenant": "a"}"#).await["purged"], 1);
 }

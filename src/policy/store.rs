@@ -137,15 +137,20 @@ impl PolicyStore {
     }
 }
 
-/// Entries made under a route's old cache rules must not be served under its new ones: a
-/// reload that changes (adds, removes) a route's rules purges that route, here and in the
-/// shared tier.
+/// Entries made under a route's old cache rules are never served under its new ones (the
+/// rules' fingerprint is in every key); a reload that changes (adds, removes) a route's rules
+/// also purges that route, here and in the shared tier, so their memory is freed at once.
+/// Changing only `charge_hits` or `coalesce_wait` keeps the entries (see
+/// [`CacheConfig::fingerprint`]).
 fn purge_changed_cache_rules(active: &Policy, next: &Policy) {
-    let rules = |policy: &Policy| -> std::collections::BTreeMap<String, Option<CacheConfig>> {
+    let rules = |policy: &Policy| -> std::collections::BTreeMap<String, Option<[u8; 32]>> {
         policy
             .routes
             .iter()
-            .map(|route| (route.name.to_string(), route.cache_rules.clone()))
+            .map(|route| {
+                let rules = route.cache_rules.as_ref().map(CacheConfig::fingerprint);
+                (route.name.to_string(), rules)
+            })
             .collect()
     };
     let (before, after) = (rules(active), rules(next));

@@ -158,6 +158,24 @@ impl CacheConfig {
     pub fn max_ttl(&self) -> Duration {
         self.max_ttl.unwrap_or(self.ttl)
     }
+
+    /// A digest of the rules that decide what an entry holds and who may be served it (TTLs,
+    /// `when`, `scope`, `max_entry`, `max_ttl`). Keys are made under it, so entries stored
+    /// under other rules are never served; a reload purges a route when it changes.
+    /// `charge_hits` and `coalesce_wait` only decide how entries are used: changing them keeps
+    /// the entries.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let rules = CacheConfig {
+            charge_hits: false,
+            coalesce_wait: Duration::ZERO,
+            ..self.clone()
+        };
+        // Serialising plain data (durations as text, a BTreeMap of models) cannot fail, and its
+        // field order is fixed by the struct.
+        let text = serde_json::to_vec(&rules).unwrap_or_default();
+        sha2::Sha256::digest(&text).into()
+    }
 }
 
 /// The top-level `cache:` block: the store all routes share (one per process).

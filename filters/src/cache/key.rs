@@ -152,6 +152,22 @@ impl CacheKey {
         }
     }
 
+    /// The key under one version of the route's cache rules (see
+    /// [`CacheConfig::fingerprint`](super::CacheConfig::fingerprint)). A reload that changes
+    /// the rules purges the route, but a miss already in flight under the old rules stores its
+    /// answer after that purge; with the rules in the key, that late entry is never found by a
+    /// request under the new rules (it ages out or is evicted instead).
+    pub fn under_rules(self, rules: &[u8; 32]) -> CacheKey {
+        let mut fields = Fields(Sha256::new());
+        fields.field(b"rules");
+        fields.field(rules);
+        fields.field(&self.digest);
+        CacheKey {
+            scope: self.scope,
+            digest: fields.0.finalize().into(),
+        }
+    }
+
     pub fn hex(&self) -> String {
         hex::encode(self.digest)
     }
@@ -202,12 +218,17 @@ pub fn canonical_json(value: &Value) -> Vec<u8> {
     out
 }
 
-/// Whether a request's answer is meant to repeat: `temperature` 0, or a fixed integer `seed`.
+/// Whether a request's answer is meant to repeat: `temperature` 0 (top level, as OpenAI,
+/// Anthropic and Bedrock InvokeModel write it, or in Bedrock Converse's `inferenceConfig`), or
+/// a fixed integer `seed`.
 pub fn is_deterministic(body: &Value) -> bool {
-    let zero_temperature = body
-        .get("temperature")
-        .and_then(Value::as_f64)
-        .is_some_and(|t| t == 0.0);
+    let zero = |temperature: Option<&Value>| {
+        temperature
+            .and_then(Value::as_f64)
+            .is_some_and(|t| t == 0.0)
+    };
+    let zero_temperature =
+        zero(body.get("temperature")) || zero(body.pointer("/inferenceConfig/temperature"));
     let seeded = body
         .get("seed")
         .is_some_and(|seed| seed.is_i64() || seed.is_u64());

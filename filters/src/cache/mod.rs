@@ -54,6 +54,8 @@ pub struct RouteFacts {
 
 pub struct Cache {
     config: CacheConfig,
+    /// `config.fingerprint()`: every key this filter makes is under these rules.
+    rules: [u8; 32],
     store: Arc<CacheStore>,
     facts: RouteFacts,
 }
@@ -92,6 +94,7 @@ struct Plan {
 impl Cache {
     pub fn new(config: CacheConfig, store: Arc<CacheStore>, facts: RouteFacts) -> Self {
         Self {
+            rules: config.fingerprint(),
             config,
             store,
             facts,
@@ -138,7 +141,8 @@ impl Cache {
             credential_scoped: self.facts.credential_scoped,
             stream: ex.facts.stream,
             body: &body,
-        });
+        })
+        .under_rules(&self.rules);
         Some(Plan { key, ttl, controls })
     }
 

@@ -710,3 +710,271 @@ async fn hits_are_free_unless_the_route_charges_them() {
     ));
     assert_eq!(hit.usage.map(|u| u.total()), Some(15));
 }
+
+#[test]
+fn bedrock_converse_temperature_counts_as_deterministic() {
+    // Converse puts sampling parameters in `inferenceConfig`, not at the top level.
+    assert!(is_deterministic(
+        &json!({"messages": [], "inferenceConfig": {"temperature": 0, "maxTokens": 10}})
+    ));
+    assert!(is_deterministic(
+        &json!({"inferenceConfig": {"temperature": 0.0}})
+    ));
+    assert!(!is_deterministic(
+        &json!({"inferenceConfig": {"temperature": 0.5}})
+    ));
+    assert!(!is_deterministic(
+        &json!({"inferenceConfig": {"maxTokens": 10}})
+    ));
+    assert!(!is_deterministic(&json!({"inferenceConfig": 0})));
+}
+
+fn is_hit(verdict: &Verdict) -> Option<Bytes> {
+    match verdict {
+        Verdict::Respond(hit) => Some(hit.body.clone()),
+        _ => None,
+    }
+}
+
+/// Unit twin of the integration test of the same name: `scope: shared` puts every tenant of
+/// the route in one scope; the default keeps each tenant apart, on the same store.
+#[tokio::test]
+async fn a_shared_scope_serves_every_tenant_of_the_route() {
+    let store = store(1 << 20);
+    let shared = cache_filter(
+        &store,
+        CacheConfig {
+            scope: ScopeRule::Shared,
+            ..CacheConfig::default()
+        },
+    );
+    let body = json!({"model": "m", "temperature": 0, "messages": []});
+    let mut first = exchange(&body, "a", &[]);
+    assert!(is_hit(&shared.on_request(&mut first).await).is_none());
+    assert_eq!(first.cache, Some(CacheStatus::Miss));
+    respond(
+        &shared,
+        &mut first,
+        200,
+        &[b"{\"for\":\"all\"}"],
+        Outcome::Completed,
+    );
+    let mut other = exchange(&body, "b", &[]);
+    let served = is_hit(&shared.on_request(&mut other).await);
+    assert_eq!(served.as_deref(), Some(&b"{\"for\":\"all\"}"[..]));
+    assert_eq!(other.cache, Some(CacheStatus::Hit));
+
+    let isolated = cache_filter(&store, CacheConfig::default());
+    let mut own = exchange(&body, "a", &[]);
+    assert!(is_hit(&isolated.on_request(&mut own).await).is_none());
+    respond(
+        &isolated,
+        &mut own,
+        200,
+        &[b"{\"for\":\"a\"}"],
+        Outcome::Completed,
+    );
+    let mut other = exchange(&body, "b", &[]);
+    assert!(
+        is_hit(&isolated.on_request(&mut other).await).is_none(),
+        "a tenant-scoped route never serves b what a stored"
+    );
+}
+
+#[tokio::test]
+async fn when_always_caches_sampled_requests_and_deterministic_does_not() {
+    let store = store(1 << 20);
+    let always = cache_filter(
+        &store,
+        CacheConfig {
+            when: When::Always,
+            ..CacheConfig::default()
+        },
+    );
+    let sampled = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let mut ex = exchange(&sampled, "a", &[]);
+    always.on_request(&mut ex).await;
+    assert_eq!(ex.cache, Some(CacheStatus::Miss));
+    respond(&always, &mut ex, 200, &[b"{\"n\":1}"], Outcome::Completed);
+    let mut again = exchange(&sampled, "a", &[]);
+    let served = is_hit(&always.on_request(&mut again).await);
+    assert_eq!(served.as_deref(), Some(&b"{\"n\":1}"[..]));
+
+    let deterministic = cache_filter(&store, CacheConfig::default());
+    let mut ex = exchange(&sampled, "a", &[]);
+    deterministic.on_request(&mut ex).await;
+    assert_eq!(ex.cache, Some(CacheStatus::Bypass));
+}
+
+/// A miss that started under the old rules and finishes after the reload's purge stores its
+/// entry under the old rules' key, which a request under the new rules never finds.
+#[tokio::test]
+async fn a_miss_in_flight_across_a_rules_change_is_not_served_under_the_new_rules() {
+    let store = store(1 << 20);
+    let old = cache_filter(&store, CacheConfig::default());
+    let new = cache_filter(
+        &store,
+        CacheConfig {
+            ttl: Duration::from_secs(7200),
+            ..CacheConfig::default()
+        },
+    );
+    let body = json!({"seed": 9});
+    let mut in_flight = exchange(&body, "a", &[]);
+    old.on_request(&mut in_flight).await;
+    assert_eq!(in_flight.cache, Some(CacheStatus::Miss));
+    // The reload: the route is purged while the old miss is still upstream.
+    store.purge(&Purge::route("openai"));
+    respond(
+        &old,
+        &mut in_flight,
+        200,
+        &[b"{\"rules\":\"old\"}"],
+        Outcome::Completed,
+    );
+    assert_eq!(store.stats().entries, 1, "the late entry is stored…");
+    let mut under_new = exchange(&body, "a", &[]);
+    assert!(
+        is_hit(&new.on_request(&mut under_new).await).is_none(),
+        "…but never served under the new rules"
+    );
+    // Rules that only decide how entries are used keep them.
+    let charging = cache_filter(
+        &store,
+        CacheConfig {
+            charge_hits: true,
+            coalesce_wait: Duration::from_secs(1),
+            ..CacheConfig::default()
+        },
+    );
+    let mut ex = exchange(&body, "a", &[]);
+    assert!(is_hit(&charging.on_request(&mut ex).await).is_some());
+    assert_ne!(
+        CacheConfig::default().fingerprint(),
+        new.config().fingerprint()
+    );
+}
+
+/// One request as a caller may send it: a JSON body, headers (keyed, unkeyed, cache
+/// controls), streaming or not.
+#[derive(Debug, Clone)]
+struct Sent {
+    body: Value,
+    headers: Vec<(&'static str, String)>,
+    stream: bool,
+}
+
+fn sent() -> impl Strategy<Value = Sent> {
+    let header_names = prop::sample::select(vec![
+        KEYED_HEADERS[0],
+        KEYED_HEADERS[1],
+        KEYED_HEADERS[2],
+        KEYED_HEADERS[3],
+        KEYED_HEADERS[4],
+        "x-unkeyed",
+        "user-agent",
+    ]);
+    let control = prop::sample::select(vec!["no-cache", "no-store", "max-age=600", "private"]);
+    (
+        prop::collection::btree_map("[a-z_]{1,8}", json_value(), 0..5),
+        prop::option::of(prop::sample::select(vec![json!(0), json!(0.0), json!(0.7)])),
+        prop::option::of(0i64..3),
+        prop::collection::vec((header_names, "[a-z0-9.-]{0,8}"), 0..3),
+        prop::option::of(control),
+        any::<bool>(),
+    )
+        .prop_map(|(fields, temperature, seed, headers, control, stream)| {
+            let mut body: serde_json::Map<String, Value> = fields.into_iter().collect();
+            body.insert("stream".into(), Value::Bool(stream));
+            if let Some(temperature) = temperature {
+                body.insert("temperature".into(), temperature);
+            }
+            if let Some(seed) = seed {
+                body.insert("seed".into(), seed.into());
+            }
+            let mut headers: Vec<(&'static str, String)> = headers;
+            if let Some(control) = control {
+                headers.push(("cache-control", control.to_owned()));
+            }
+            Sent {
+                body: Value::Object(body),
+                headers,
+                stream,
+            }
+        })
+}
+
+const ANSWER_A: &[u8] = b"data: {\"for\":\"tenant a\"}\n\n";
+const ANSWER_B: &[u8] = b"data: {\"for\":\"tenant b\"}\n\n";
+
+/// Sends `sent` as `tenant` through the filter; a miss is answered upstream with `answer`.
+/// Returns what a hit served, if the cache answered.
+async fn drive(filter: &Cache, tenant: &str, sent: &Sent, answer: &'static [u8]) -> Option<Bytes> {
+    let headers: Vec<(&str, &str)> = sent
+        .headers
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    let mut ex = exchange(&sent.body, tenant, &headers);
+    ex.facts.stream = sent.stream;
+    let verdict = filter.on_request(&mut ex).await;
+    if let Some(served) = is_hit(&verdict) {
+        return Some(served);
+    }
+    respond(filter, &mut ex, 200, &[answer], Outcome::Completed);
+    None
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// The whole filter, not only the key: whatever two tenants send (bodies, headers, cache
+    /// controls, streaming or not, the same request or not), tenant b is never served what
+    /// tenant a stored, nor a what b stored — unless the route's scope is `shared`, where an
+    /// identical cacheable request from b is served a's answer.
+    #[test]
+    fn another_tenant_is_never_served_what_a_tenant_stored(
+        first in sent(),
+        other in sent(),
+        same in any::<bool>(),
+        shared in any::<bool>(),
+        always in any::<bool>(),
+    ) {
+        let second = if same { first.clone() } else { other };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let store = store(1 << 20);
+            let config = CacheConfig {
+                scope: if shared { ScopeRule::Shared } else { ScopeRule::Tenant },
+                when: if always { When::Always } else { When::Deterministic },
+                coalesce_wait: Duration::from_secs(1),
+                ..CacheConfig::default()
+            };
+            let filter = cache_filter(&store, config);
+            prop_assert_eq!(drive(&filter, "a", &first, ANSWER_A).await, None, "empty store");
+            let a_stored = store.stats().entries == 1;
+            let b_served = drive(&filter, "b", &second, ANSWER_B).await;
+            if !shared {
+                prop_assert_eq!(b_served, None, "tenant b was served from the cache");
+            } else {
+                if let Some(served) = &b_served {
+                    prop_assert_eq!(&served[..], ANSWER_A);
+                }
+                let reads = !second.headers.iter().any(|(name, value)| {
+                    *name == "cache-control" && (value == "no-cache" || value == "no-store")
+                });
+                if same && a_stored && reads {
+                    prop_assert_eq!(b_served.as_deref(), Some(ANSWER_A), "shared scope, same request");
+                }
+            }
+            // And back: a asking again is never served b's answer under its own scope.
+            let a_again = drive(&filter, "a", &first, ANSWER_A).await;
+            if !shared {
+                if let Some(served) = a_again {
+                    prop_assert_eq!(&served[..], ANSWER_A);
+                }
+            }
+            Ok(())
+        })?;
+    }
+}
