@@ -625,3 +625,402 @@ async fn a_rotated_ca_applies_on_reload_and_a_bad_one_is_refused() {
     assert_eq!(sidecar.policy_hash().await, rotated);
     assert_eq!(call(&second_ca).await.unwrap().status(), 200);
 }
+
+/// One HTTP/1.1 response read from `stream` (length-delimited or chunked), the connection left
+/// open: its status and its body.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> (u16, serde_json::Value) {
+    /// Appends what the next read brings.
+    async fn read_more(stream: &mut tokio::net::TcpStream, bytes: &mut Vec<u8>) {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("a response within 10 s")
+            .unwrap();
+        assert!(n > 0, "the connection closed mid-response");
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+    let mut bytes = Vec::new();
+    let head_end = loop {
+        if let Some(at) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        read_more(stream, &mut bytes).await;
+    };
+    let head = String::from_utf8_lossy(&bytes[..head_end]).to_ascii_lowercase();
+    let status = head[9..12].parse().unwrap();
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}: ")).map(str::to_owned))
+    };
+    let body = if let Some(length) = header("content-length") {
+        let length: usize = length.trim().parse().unwrap();
+        while bytes.len() < head_end + length {
+            read_more(stream, &mut bytes).await;
+        }
+        bytes[head_end..head_end + length].to_vec()
+    } else {
+        assert_eq!(
+            header("transfer-encoding").as_deref(),
+            Some("chunked"),
+            "{head}"
+        );
+        while !bytes[head_end..].ends_with(b"0\r\n\r\n") {
+            read_more(stream, &mut bytes).await;
+        }
+        let mut body = Vec::new();
+        let mut rest = &bytes[head_end..];
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size = std::str::from_utf8(&rest[..line_end]).unwrap();
+            let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+            rest = &rest[line_end + 2 + size + 2..];
+        }
+        body
+    };
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+/// A plain `http://` request for an intercepted host, as a client with `HTTP_PROXY` sends it
+/// (absolute form, no CONNECT): it runs the exchange as an intercepted HTTPS call does, and
+/// the connection carries the next request too.
+#[tokio::test]
+async fn absolute_form_requests_to_intercepted_hosts_run_the_exchange() {
+    use tokio::io::AsyncWriteExt;
+    let provider = TlsMock::start(&MOCK_NAMES).await;
+    let sidecar =
+        Sidecar::start_forward(&policy(&provider, "{ requests_per_minute: 1000 }", ""), &[]).await;
+    let forward = sidecar.forward.as_deref().unwrap();
+    let post = |content: &str, key: Option<&str>| {
+        let body = chat_body(content, false).to_string();
+        let auth = key.map_or(String::new(), |key| {
+            format!("Authorization: Bearer {key}\r\n")
+        });
+        format!(
+            "POST http://api.openai.com/v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut connection = tokio::net::TcpStream::connect(forward.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    for content in ["first on the connection", "second on the connection"] {
+        connection
+            .write_all(post(content, Some(KEY)).as_bytes())
+            .await
+            .unwrap();
+        let (status, answer) = read_response(&mut connection).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            answer["choices"][0]["message"]["content"],
+            format!("echo: {content}")
+        );
+    }
+    let seen = provider.mock.requests();
+    assert_eq!(seen.len(), 2);
+    for request in &seen {
+        assert_eq!(request.path, "/v1/chat/completions");
+        assert!(
+            request
+                .headers
+                .contains(&("authorization".into(), "Bearer sk-upstream-openai".into())),
+            "{:?}",
+            request.headers
+        );
+    }
+
+    // Without the Sluice key: refused in OpenAI's shape, and the provider sees nothing.
+    connection
+        .write_all(post("no key", None).as_bytes())
+        .await
+        .unwrap();
+    let (status, error) = read_response(&mut connection).await;
+    assert_eq!(status, 401);
+    assert_eq!(error["error"]["code"], "invalid_api_key", "{error}");
+    assert!(error["error"]["message"].is_string(), "{error}");
+    assert!(error["error"]["type"].is_string(), "{error}");
+    assert_eq!(provider.mock.request_count(), 2);
+    let metrics = sidecar.metrics().await;
+    let intercepted = metrics.value("sluice_forward_total", &[("action", "intercept")]);
+    assert_eq!(intercepted, Some(3.0));
+}
+
+/// A host the user adds to `forward.intercept.hosts`, with its own route and `resolve` entry,
+/// is intercepted; writing the list replaces the defaults, so `api.openai.com` is then not.
+#[tokio::test]
+async fn a_written_intercept_list_replaces_the_defaults() {
+    let provider = TlsMock::start(&["llm.internal.example"]).await;
+    let policy = format!(
+        r#"
+upstreams:
+  internal: {{ provider: openai_compatible, base_url: "https://llm.internal.example", keys: ["sk-upstream-internal"], tls: {{ ca_file: "{ca}" }} }}
+routes:
+  - {{ name: internal-by-host, match: {{ hosts: [llm.internal.example] }}, upstream: internal }}
+tiers:
+  small: {{ limits: {{ requests_per_minute: 1000 }} }}
+tenants:
+  - {{ name: forward-team, tier: small, keys: [{{ hash: "{hash}" }}] }}
+resolve:
+  llm.internal.example: "127.0.0.1:{port}"
+forward:
+  intercept: {{ hosts: [llm.internal.example] }}
+"#,
+        ca = provider.ca_file().display(),
+        port = provider.port(),
+        hash = KeyHash::of(KEY).to_text(),
+    );
+    let sidecar = Sidecar::start_forward(&policy, &[]).await;
+    let client = via_proxy(&sidecar, &sidecar.read_file(CA_CERT), false);
+    let response = chat(
+        &client,
+        "https://llm.internal.example/v1/chat/completions",
+        &chat_body("inside", false),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-upstream"], "internal");
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "echo: inside");
+    let seen = provider.mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0]
+        .headers
+        .contains(&("authorization".into(), "Bearer sk-upstream-internal".into())));
+
+    // A default host, no longer listed: neither intercepted nor tunnelled.
+    let answer = raw_exchange(
+        sidecar.forward.as_deref().unwrap(),
+        b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+    assert!(
+        answer.contains("neither intercepted nor tunnelled"),
+        "{answer}"
+    );
+    assert_eq!(provider.mock.request_count(), 1);
+}
+
+/// A folder laid out as the kubelet mounts a Secret: the files in a timestamped folder,
+/// `..data` a symlink to it, and each name a symlink through `..data`.
+struct SecretMount {
+    dir: tempfile::TempDir,
+    generation: usize,
+}
+
+impl SecretMount {
+    fn new(files: &[(&str, &[u8])]) -> SecretMount {
+        let mut mount = SecretMount {
+            dir: tempfile::tempdir().unwrap(),
+            generation: 0,
+        };
+        mount.swap(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), mount.dir.path().join(name))
+                .unwrap();
+        }
+        mount
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// An update as the kubelet makes it: a new folder, `..data` replaced by a rename (atomic),
+    /// the old folder removed.
+    fn swap(&mut self, files: &[(&str, &[u8])]) {
+        let old = format!("..gen_{}", self.generation);
+        self.generation += 1;
+        let new = format!("..gen_{}", self.generation);
+        std::fs::create_dir(self.path(&new)).unwrap();
+        for (name, bytes) in files {
+            std::fs::write(self.path(&new).join(name), bytes).unwrap();
+        }
+        std::os::unix::fs::symlink(&new, self.path("..data_tmp")).unwrap();
+        std::fs::rename(self.path("..data_tmp"), self.path("..data")).unwrap();
+        if self.generation > 1 {
+            std::fs::remove_dir_all(self.path(&old)).unwrap();
+        }
+    }
+}
+
+/// The CA as deploy/ mounts it (the `sluice-ca` Secret's `tls.crt` and `tls.key`, in a folder
+/// of its own): a Secret update is picked up by the watcher; one that pairs the certificate
+/// with another CA's key is refused naming the key file, and the old CA keeps signing.
+#[tokio::test]
+async fn a_ca_secret_update_swaps_the_signing_ca() {
+    let provider = TlsMock::start(&MOCK_NAMES).await;
+    let (first_ca, first_key, _, _) = test_ca();
+    let (second_ca, second_key, _, _) = test_ca();
+    let mut secret = SecretMount::new(&[("tls.crt", &first_ca), ("tls.key", &first_key)]);
+    let forward = format!(
+        "forward:\n  ca: {{ cert_file: \"{}\", key_file: \"{}\", generate: false }}\n",
+        secret.path("tls.crt").display(),
+        secret.path("tls.key").display()
+    );
+    let sidecar = Sidecar::start_forward(
+        &policy(&provider, "{ requests_per_minute: 1000 }", &forward),
+        &[],
+    )
+    .await;
+    let call = |trusted: &[u8]| {
+        let client = via_proxy(&sidecar, trusted, false);
+        async move {
+            client
+                .post("https://api.openai.com/v1/chat/completions")
+                .bearer_auth(KEY)
+                .json(&chat_body("secret", false))
+                .send()
+                .await
+        }
+    };
+    assert_eq!(call(&first_ca).await.unwrap().status(), 200);
+    let before = sidecar.policy_hash().await;
+
+    // A half-made update: the new certificate with the old key.
+    secret.swap(&[("tls.crt", &second_ca), ("tls.key", &first_key)]);
+    let response = sidecar.admin_reload().await;
+    assert_eq!(response.status(), 422);
+    let report: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        report["errors"][0]["path"], "forward.ca.key_file",
+        "{report}"
+    );
+    let message = report["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("does not belong to the CA certificate") && message.contains("tls.key"),
+        "{report}"
+    );
+    assert_eq!(sidecar.policy_hash().await, before);
+    assert_eq!(call(&first_ca).await.unwrap().status(), 200);
+
+    // The whole update: no reload asked for, the watcher sees the `..data` swap.
+    secret.swap(&[("tls.crt", &second_ca), ("tls.key", &second_key)]);
+    sidecar.wait_for_reload(&before).await;
+    assert_eq!(call(&second_ca).await.unwrap().status(), 200);
+    assert!(call(&first_ca).await.is_err(), "the old CA still signs");
+}
+
+/// A generated CA goes where `forward.ca` says, folders made as needed: the certificate
+/// readable by the app, the key by Sluice's user alone; and it is the CA that signs.
+#[tokio::test]
+async fn a_ca_is_generated_into_configured_nested_paths() {
+    use std::os::unix::fs::PermissionsExt;
+    let provider = TlsMock::start(&MOCK_NAMES).await;
+    let forward =
+        "forward:\n  ca: { cert_file: trust/for/app/ca.pem, key_file: private/sluice/ca.key }\n";
+    let sidecar = Sidecar::start_forward(
+        &policy(&provider, "{ requests_per_minute: 1000 }", forward),
+        &[],
+    )
+    .await;
+    let folder = sidecar.policy_path.parent().unwrap();
+    let mode = |path: &str| {
+        std::fs::metadata(folder.join(path))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("trust/for/app/ca.pem"), 0o644);
+    assert_eq!(mode("private/sluice/ca.key"), 0o600);
+    assert!(!folder.join(CA_CERT).exists() && !folder.join(CA_KEY).exists());
+    let generated = sidecar.read_file("trust/for/app/ca.pem");
+    let response = chat(
+        &via_proxy(&sidecar, &generated, false),
+        "https://api.openai.com/v1/chat/completions",
+        &chat_body("nested", false),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+}
+
+/// A CA certificate and key (PEM) made with rcgen, valid from `not_before` to `not_after`.
+fn ca_valid_between(
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Out-of-date Test CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let certificate = params.self_signed(&key).unwrap();
+    (certificate.pem(), key.serialize_pem())
+}
+
+#[test]
+fn a_lone_key_or_an_expired_ca_stops_the_start() {
+    let routes = "upstreams:\n  openai: { provider: openai, base_url: \"https://api.openai.com\" }\nroutes:\n  - { name: openai, match: { hosts: [api.openai.com] }, upstream: openai }\n";
+    let (_, ca_key, _, _) = test_ca();
+    let cert_missing = run_expecting_failure(routes, &[(CA_KEY, &ca_key)]);
+    assert!(
+        cert_missing.contains("forward.ca.cert_file"),
+        "{cert_missing}"
+    );
+    assert!(
+        cert_missing.contains(CA_CERT) && cert_missing.contains("does not exist, but the key does"),
+        "{cert_missing}"
+    );
+
+    let now = time::OffsetDateTime::now_utc();
+    let (expired, expired_key) = ca_valid_between(
+        now - time::Duration::days(30),
+        now - time::Duration::days(1),
+    );
+    let expired_error = run_expecting_failure(
+        routes,
+        &[
+            (CA_CERT, expired.as_bytes()),
+            (CA_KEY, expired_key.as_bytes()),
+        ],
+    );
+    assert!(
+        expired_error.contains("forward.ca.cert_file"),
+        "{expired_error}"
+    );
+    assert!(
+        expired_error.contains(CA_CERT) && expired_error.contains("expired on"),
+        "{expired_error}"
+    );
+    let (future, future_key) = ca_valid_between(
+        now + time::Duration::days(1),
+        now + time::Duration::days(30),
+    );
+    let future_error = run_expecting_failure(
+        routes,
+        &[
+            (CA_CERT, future.as_bytes()),
+            (CA_KEY, future_key.as_bytes()),
+        ],
+    );
+    assert!(
+        future_error.contains("is not valid before"),
+        "{future_error}"
+    );
+    // The key is never quoted.
+    let keys = [
+        String::from_utf8_lossy(&ca_key).into_owned(),
+        expired_key,
+        future_key,
+    ];
+    for stderr in [&cert_missing, &expired_error, &future_error] {
+        for key in &keys {
+            for line in key.lines().filter(|line| !line.starts_with("-----")) {
+                assert!(!stderr.contains(line), "key material in: {stderr}");
+            }
+        }
+    }
+}

@@ -2,6 +2,7 @@
 //! `api_base`, `Host`, `X-Forwarded-Host`, an absolute request URI, a CONNECT target, an
 //! upstream's redirect — makes Sluice connect anywhere the policy did not name. A sinkhole
 //! listener stands for "anywhere else" and must see no connection at all.
+//! The forward listener with a wildcard tunnel list reaches no private address either.
 //! (No cross-tenant cache hit: tests/cache.rs. The forward listener's rules: tests/forward.rs.)
 
 mod common;
@@ -113,4 +114,54 @@ routes:
     assert_eq!(response.status(), 307);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(sinkhole.accepted(), 0, "Sluice followed the redirect");
+}
+
+/// The forward listener with `tunnel.hosts: ["*"]`: any host may be asked for, yet no spelling
+/// of a loopback, link-local or unspecified address — dotted, decimal, short, IPv4-mapped,
+/// IPv6, a name resolving there — is dialled, by `CONNECT` or by an absolute-form request.
+#[tokio::test]
+async fn forward_wildcard_tunnel_never_reaches_private_addresses() {
+    let mock = mock().await;
+    let sinkhole = Sinkhole::start().await;
+    let sink = sinkhole.addr.port();
+    let body = format!(
+        "{}forward:\n  tunnel: {{ hosts: [\"*\"], ports: [80, {sink}] }}\n",
+        passthrough_policy(&mock.url())
+    );
+    let sidecar = Sidecar::start_forward(&body, &[]).await;
+    let listener = sidecar.forward.as_deref().unwrap();
+    let targets = [
+        format!("127.0.0.1:{sink}"),
+        format!("2130706433:{sink}"),
+        format!("127.1:{sink}"),
+        format!("[::ffff:127.0.0.1]:{sink}"),
+        format!("[::1]:{sink}"),
+        "169.254.169.254:80".to_owned(),
+        format!("localhost:{sink}"),
+        format!("0.0.0.0:{sink}"),
+    ];
+    for target in &targets {
+        for request in [
+            format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"),
+            format!("GET http://{target}/latest/meta-data HTTP/1.1\r\nHost: {target}\r\n\r\n"),
+        ] {
+            let answer = raw_exchange(listener, request.as_bytes(), Duration::from_secs(5)).await;
+            let line = request.lines().next().unwrap();
+            assert!(
+                answer.starts_with("HTTP/1.1 403 Forbidden\r\n"),
+                "{line}: {answer}"
+            );
+            assert!(
+                answer.contains("which the policy does not let tunnels reach"),
+                "{line}: {answer}"
+            );
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(sinkhole.accepted(), 0, "a private address was dialled");
+    let metrics = sidecar.metrics().await;
+    let counted = |action: &str| metrics.value("sluice_forward_total", &[("action", action)]);
+    assert_eq!(counted("refuse"), Some(2.0 * targets.len() as f64));
+    assert_eq!(counted("tunnel"), Some(0.0));
+    assert_eq!(mock.request_count(), 0);
 }

@@ -260,11 +260,74 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn pattern(text: &str) -> HostPattern {
         HostPattern::parse(text).unwrap()
+    }
+
+    /// Rules with nothing intercepted, `tunnel_hosts` tunnelled on any port, and a CA made in
+    /// memory (never used to sign here).
+    pub(in crate::forward) fn tunnel_policy(
+        tunnel_hosts: &[&str],
+        allow_private: bool,
+    ) -> ForwardPolicy {
+        ForwardPolicy {
+            intercept_hosts: Vec::new(),
+            intercept_ports: vec![443],
+            tunnel_hosts: tunnel_hosts.iter().map(|host| pattern(host)).collect(),
+            tunnel_ports: (1..=u16::MAX).collect(),
+            allow_private,
+            connect_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            ca: Arc::new(CertificateAuthority::generate(1).unwrap().0),
+            ca_origin: CaOrigin::Files,
+        }
+    }
+
+    #[test]
+    fn a_wildcard_tunnel_names_no_private_address() {
+        let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+        let metadata: IpAddr = "169.254.169.254".parse().unwrap();
+        let public: IpAddr = "1.1.1.1".parse().unwrap();
+
+        // `*` lets any host be asked for, but names no address: private ones stay refused,
+        // whatever the host was written as.
+        let any = tunnel_policy(&["*"], false);
+        assert!(!pattern("*").names("127.0.0.1"));
+        assert_eq!(
+            any.decide("127.0.0.1", 80, Asked::Connect),
+            Decision::Tunnel
+        );
+        for host in ["127.0.0.1", "localhost", "metadata.internal", "127.1"] {
+            assert!(!any.may_reach(host, loopback, false), "{host}");
+            assert!(!any.may_reach(host, metadata, false), "{host}");
+        }
+        assert!(any.may_reach("one.one.one.one", public, false));
+        // A wildcard that happens to match an address's text does not name it either.
+        let globbed = tunnel_policy(&["127.0.0.*"], false);
+        assert_eq!(
+            globbed.decide("127.0.0.1", 80, Asked::Connect),
+            Decision::Tunnel
+        );
+        assert!(!globbed.may_reach("127.0.0.1", loopback, false));
+
+        // The address written out in `tunnel.hosts` is named, for that host text only: not for
+        // a name that resolves to it, nor for another address.
+        let exact = tunnel_policy(&["127.0.0.1"], false);
+        assert!(exact.may_reach("127.0.0.1", loopback, false));
+        assert!(!exact.may_reach("localhost", loopback, false));
+        assert!(!exact.may_reach("127.0.0.1", metadata, false));
+
+        // A `resolve:` entry names the address it gives.
+        assert!(any.may_reach("tunnel.example", loopback, true));
+
+        // `allow_private` lets every address through.
+        let open = tunnel_policy(&["*"], true);
+        assert!(open.may_reach("localhost", loopback, false));
+        assert!(open.may_reach("169.254.169.254", metadata, false));
     }
 
     #[test]

@@ -42,9 +42,25 @@ pub async fn dial(
     host: &str,
     port: u16,
 ) -> Result<TcpStream, DialError> {
+    dial_with(forward, overrides, host, port, resolve).await
+}
+
+/// [`dial`] with the name lookup given, so that a test can make a name resolve to any mix of
+/// addresses (DNS cannot be told to in a test).
+async fn dial_with<'a, R, F>(
+    forward: &ForwardPolicy,
+    overrides: &ResolveOverrides,
+    host: &'a str,
+    port: u16,
+    lookup: R,
+) -> Result<TcpStream, DialError>
+where
+    R: FnOnce(&'a str, u16, Duration) -> F,
+    F: std::future::Future<Output = Result<Vec<SocketAddr>, DialError>>,
+{
     let addresses: Vec<SocketAddr> = match overrides.get(host, port) {
         Some(address) => vec![address],
-        None => resolve(host, port, forward.connect_timeout).await?,
+        None => lookup(host, port, forward.connect_timeout).await?,
     };
     let from_override = overrides.get(host, port).is_some();
     if let Some(forbidden) = addresses
@@ -158,7 +174,39 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::super::rules::tests::tunnel_policy;
     use super::*;
+
+    #[tokio::test]
+    async fn a_name_with_one_private_address_is_refused_whole() {
+        // Where the private address points: it must see no connection.
+        let private = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let private_addr = private.local_addr().unwrap();
+        let port = private_addr.port();
+        let public: SocketAddr = SocketAddr::new("1.1.1.1".parse().unwrap(), port);
+        let forward = tunnel_policy(&["*"], false);
+        let overrides = ResolveOverrides::default();
+        // The public address first: a check of the first answer only would dial it.
+        let lookup = |_: &str, _: u16, _: Duration| async move { Ok(vec![public, private_addr]) };
+        let refused = dial_with(&forward, &overrides, "rebinding.example", port, lookup)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, DialError::Forbidden { address, .. } if *address == private_addr.ip()),
+            "{refused}"
+        );
+        let accepted = tokio::time::timeout(Duration::from_millis(100), private.accept()).await;
+        assert!(accepted.is_err(), "the private address was dialled");
+
+        // The same lookup under `allow_private`: the addresses are tried in order, and the
+        // private one answers.
+        let open = tunnel_policy(&["*"], true);
+        let only_private = |_: &str, _: u16, _: Duration| async move { Ok(vec![private_addr]) };
+        dial_with(&open, &overrides, "rebinding.example", port, only_private)
+            .await
+            .unwrap();
+        assert!(private.accept().await.is_ok());
+    }
 
     #[tokio::test]
     async fn splice_passes_bytes_and_closes_both_ways() {

@@ -171,3 +171,79 @@ fn default_ca_cert_file() -> Spanned<String> {
 fn default_ca_key_file() -> Spanned<String> {
     unspanned("sluice-ca.key".to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::forward::rules::{Asked, Decision, ForwardPolicy};
+    use crate::policy::{compile_text, SharedState};
+
+    const ROUTES: &str = "upstreams:\n  openai: { provider: openai, base_url: \"https://api.openai.com\" }\nroutes:\n  - { name: openai, match: { hosts: [api.openai.com] }, upstream: openai }\n";
+
+    /// The forward rules of a policy with `listen.forward` and `forward` as given (no CA files:
+    /// `check` makes a stand-in in memory, nothing is written).
+    fn rules(forward: &str) -> std::sync::Arc<ForwardPolicy> {
+        let text = format!(
+            "listen: {{ proxy: 127.0.0.1:1, admin: 127.0.0.1:2, forward: 127.0.0.1:3 }}\n{ROUTES}{forward}"
+        );
+        let policy = compile_text(
+            &text,
+            Path::new("/nonexistent/sluice.yaml"),
+            &|_| None,
+            &SharedState::default(),
+        )
+        .unwrap();
+        policy.forward.clone().unwrap()
+    }
+
+    #[test]
+    fn the_default_list_intercepts_the_providers_within_one_label() {
+        let defaults = rules("");
+        let intercepted = |host: &str| defaults.decide(host, 443, Asked::Connect);
+        for host in [
+            "api.openai.com",
+            "api.anthropic.com",
+            "eastus.openai.azure.com",
+            "bedrock-runtime.us-east-1.amazonaws.com",
+        ] {
+            assert_eq!(intercepted(host), Decision::Intercept, "{host}");
+        }
+        // A wildcard stands for one label: deeper or look-alike names are not the provider's.
+        for host in [
+            "a.b.openai.azure.com",
+            "openai.azure.com",
+            "bedrock-runtime.us-east-1.amazonaws.com.evil.example",
+            "bedrock.us-east-1.amazonaws.com",
+            "example.com",
+        ] {
+            assert!(
+                matches!(intercepted(host), Decision::Refuse(_)),
+                "{host} intercepted"
+            );
+        }
+        // The defaults are the same with an empty `forward:` block.
+        assert_eq!(
+            rules("forward: {}\n").decide("eastus.openai.azure.com", 443, Asked::Connect),
+            Decision::Intercept
+        );
+    }
+
+    #[test]
+    fn a_written_intercept_list_replaces_the_defaults() {
+        let written = rules("forward: { intercept: { hosts: [llm.internal.example] } }\n");
+        assert_eq!(
+            written.decide("llm.internal.example", 443, Asked::Connect),
+            Decision::Intercept
+        );
+        for host in ["api.openai.com", "eastus.openai.azure.com"] {
+            assert!(
+                matches!(
+                    written.decide(host, 443, Asked::Connect),
+                    Decision::Refuse(_)
+                ),
+                "{host} still intercepted"
+            );
+        }
+    }
+}
