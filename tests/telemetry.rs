@@ -20,9 +20,13 @@ use prost::Message;
 use sluice_filters::auth::keys::KeyHash;
 use sluice_mock::Fault;
 
-/// What a collector received: every span, with its resource's `service.name`.
+/// What a collector received: every span, with its resource's `service.name`, and the
+/// headers of each export (HTTP collector).
 #[derive(Clone, Default)]
-struct Received(Arc<Mutex<Vec<(String, Span)>>>);
+struct Received(
+    Arc<Mutex<Vec<(String, Span)>>>,
+    Arc<Mutex<Vec<axum::http::HeaderMap>>>,
+);
 
 impl Received {
     fn take(&self, request: ExportTraceServiceRequest) {
@@ -80,17 +84,20 @@ async fn http_collector() -> (String, Received) {
     let state = received.clone();
     let app = axum::Router::new().route(
         "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let state = state.clone();
-            async move {
-                let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
-                state.take(request);
-                (
-                    [("content-type", "application/x-protobuf")],
-                    ExportTraceServiceResponse::default().encode_to_vec(),
-                )
-            }
-        }),
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let state = state.clone();
+                async move {
+                    state.1.lock().unwrap().push(headers);
+                    let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                    state.take(request);
+                    (
+                        [("content-type", "application/x-protobuf")],
+                        ExportTraceServiceResponse::default().encode_to_vec(),
+                    )
+                }
+            },
+        ),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -467,31 +474,38 @@ async fn an_unreachable_collector_costs_requests_nothing() {
     }
 }
 
+/// A latency rule and a success-rate rule break (injected latency; injected 500s) and heal:
+/// each once, in the metrics, the log and a span event — exported although the policy samples
+/// no requests.
 #[tokio::test]
 async fn an_sla_rule_breaks_and_recovers() {
     let mock = mock().await;
+    let (collector_url, collector) = http_collector().await;
     let policy = format!(
         r#"
 telemetry:
+  otlp: {{ endpoint: "{collector_url}", protocol: http/protobuf, export_interval: 100ms, sampling_ratio: 0 }}
   sla:
     - {{ name: fast-chat, route: openai, window: 2s, p95: 150ms, min_requests: 3 }}
+    - {{ name: reliable, route: openai, window: 2s, success_rate: 90, min_requests: 3 }}
 upstreams:
-  openai: {{ provider: openai, base_url: "{url}" }}
+  openai: {{ provider: openai, base_url: "{url}", circuit_breaker: {{ enabled: false }} }}
 routes:
-  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough }}
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough, retry: {{ attempts: 1 }} }}
 "#,
         url = mock.url()
     );
     let sidecar = Sidecar::start_with_env(&policy, &[("SLUICE_LOG", "info")]).await;
-    let call = || async {
-        let response = reqwest::Client::new()
+    let send = || async {
+        reqwest::Client::new()
             .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
             .json(&chat_body("sla", false))
             .send()
             .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+            .unwrap()
+            .status()
     };
+    let call = || async { assert_eq!(send().await, 200) };
     mock.set_first_byte_delay(Duration::from_millis(300));
     for _ in 0..4 {
         call().await;
@@ -522,9 +536,54 @@ routes:
         Some(1.0),
         "once"
     );
+
+    // Failures: the success-rate rule breaks, and heals once they leave the window.
+    let reliable = [("rule", "reliable")];
+    mock.set_fault(Some(Fault::Status {
+        status: 500,
+        retry_after: None,
+    }));
+    let breaches = ("sluice_sla_breaches_total", &reliable[..], 1.0);
+    wait_for_metric(&sidecar, breaches, Duration::from_secs(5), async || {
+        assert_eq!(send().await, 500);
+    })
+    .await;
+    mock.set_fault(None);
+    let recoveries = ("sluice_sla_recoveries_total", &reliable[..], 1.0);
+    wait_for_metric(&sidecar, recoveries, Duration::from_secs(8), call).await;
+
     let logs = sidecar.logs();
-    assert_eq!(logs.matches("SLA broken").count(), 1, "{logs}");
-    assert_eq!(logs.matches("SLA recovered").count(), 1, "{logs}");
+    assert_eq!(logs.matches("SLA broken").count(), 2, "{logs}");
+    assert_eq!(logs.matches("SLA recovered").count(), 2, "{logs}");
+    let spans = collector
+        .wait_for("a broken and a recovered event per rule", |spans| {
+            spans.iter().filter(|s| s.name.starts_with("sla ")).count() >= 4
+        })
+        .await;
+    assert!(
+        spans.iter().all(|s| s.name.starts_with("sla ")),
+        "requests are not sampled"
+    );
+    for name in ["fast-chat", "reliable"] {
+        let events: Vec<&str> = spans
+            .iter()
+            .filter(|s| s.name == format!("sla {name}"))
+            .flat_map(|s| &s.events)
+            .inspect(|event| {
+                let rule = event
+                    .attributes
+                    .iter()
+                    .find(|kv| kv.key == "sluice.sla.rule");
+                assert!(
+                    matches!(rule.and_then(|kv| kv.value.as_ref()).and_then(|v| v.value.as_ref()),
+                        Some(Value::StringValue(r)) if r == name),
+                    "{event:?}"
+                );
+            })
+            .map(|event| event.name.as_str())
+            .collect();
+        assert_eq!(events, ["sla.broken", "sla.recovered"], "{name}");
+    }
 }
 
 #[tokio::test]
@@ -1013,5 +1072,142 @@ async fn a_panic_answers_500_and_leaks_no_key() {
         for (place, text) in [("logs", &logs), ("spans", &spans), ("error body", &body)] {
             assert!(!text.contains(secret), "{secret} in {place}");
         }
+    }
+}
+
+/// The policy's OTLP header reaches the collector (and nowhere else); a sampling ratio of 0
+/// traces only callers whose `traceparent` is sampled; a limit's 429 and a cache hit show on
+/// their spans.
+#[tokio::test]
+async fn otlp_headers_sampling_and_decisions() {
+    const OTLP_KEY: &str = "otlp-canary-5d2e81";
+    let mock = mock().await;
+    let (url, collector) = http_collector().await;
+    let policy = format!(
+        r#"
+telemetry:
+  otlp:
+    endpoint: "{url}"
+    protocol: http/protobuf
+    export_interval: 100ms
+    sampling_ratio: 0
+    headers: {{ x-api-key: "${{OTLP_TEST_KEY}}" }}
+upstreams:
+  openai: {{ provider: openai, base_url: "{mock}", keys: ["{PROVIDER_KEY}"] }}
+routes:
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    upstream: openai
+    filters:
+      - cache: {{ ttl: 1h }}
+tiers:
+  free: {{ limits: {{ requests_per_minute: 4 }} }}
+tenants:
+  - {{ name: team, tier: free, keys: [{{ hash: "{hash}" }}] }}
+"#,
+        mock = mock.url(),
+        hash = KeyHash::of(CALLER_KEY).to_text(),
+    );
+    let sidecar = Sidecar::start_with_env(
+        &policy,
+        &[("SLUICE_LOG", "trace"), ("OTLP_TEST_KEY", OTLP_KEY)],
+    )
+    .await;
+    let cacheable = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "sampled?"}],
+    });
+    let call = |trace: Option<(String, &'static str)>, body: serde_json::Value| {
+        let mut request = reqwest::Client::new()
+            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+            .bearer_auth(CALLER_KEY)
+            .json(&body);
+        if let Some((trace_id, flags)) = trace {
+            request = request.header(
+                "traceparent",
+                format!("00-{trace_id}-{CALLER_SPAN}-{flags}"),
+            );
+        }
+        async move { request.send().await.unwrap() }
+    };
+    let trace = |n: u32| format!("{n:032x}");
+    // Not traced: no traceparent (ratio 0), and a caller's unsampled one.
+    let first = call(None, cacheable.clone()).await;
+    assert_eq!(first.headers()["x-sluice-cache"], "miss");
+    let unsampled = call(Some((trace(1), "00")), cacheable.clone()).await;
+    assert_eq!(unsampled.status(), 200);
+    // Traced: the caller sampled it.
+    let hit = call(Some((trace(2), "01")), cacheable.clone()).await;
+    assert_eq!(hit.headers()["x-sluice-cache"], "hit");
+    let mut limited = None;
+    for n in 3..10 {
+        let response = call(
+            Some((trace(n), "01")),
+            chat_body(&format!("limit {n}"), false),
+        )
+        .await;
+        if response.status() == 429 {
+            limited = Some(trace(n));
+            break;
+        }
+    }
+    let limited = limited.expect("the limit answers 429");
+
+    let spans = collector
+        .wait_for("the hit's and the 429's server spans", |spans| {
+            spans.iter().any(|s| hex::encode(&s.trace_id) == limited)
+        })
+        .await;
+    let sampled: Vec<String> = (2..10).map(trace).collect();
+    for span in &spans {
+        assert!(
+            sampled.contains(&hex::encode(&span.trace_id)),
+            "an unsampled request was traced: {}",
+            span.name
+        );
+    }
+    let server = |trace_id: &str| {
+        spans
+            .iter()
+            .find(|s| s.kind == 2 && hex::encode(&s.trace_id) == trace_id)
+            .expect("a server span")
+    };
+    let hit_span = server(&trace(2));
+    assert_eq!(string_attribute(hit_span, "sluice.cache"), Some("hit"));
+    assert!(
+        spans
+            .iter()
+            .all(|s| !(s.kind == 3 && s.trace_id == hit_span.trace_id)),
+        "a hit makes no upstream attempt"
+    );
+    let limited_span = server(&limited);
+    assert_eq!(
+        int_attribute(limited_span, "http.response.status_code"),
+        Some(429)
+    );
+    assert!(
+        limited_span
+            .events
+            .iter()
+            .any(|e| e.name == "sluice.limited"),
+        "{:?}",
+        limited_span.events
+    );
+
+    // The export header went to the collector, and nowhere else.
+    let exports = collector.1.lock().unwrap().clone();
+    assert!(!exports.is_empty());
+    assert!(exports
+        .iter()
+        .all(|headers| headers.get("x-api-key").is_some_and(|v| v == OTLP_KEY)));
+    let policy_text = reqwest::get(format!("{}/admin/policy", sidecar.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (place, text) in [("logs", sidecar.logs()), ("/admin/policy", policy_text)] {
+        assert!(!text.contains(OTLP_KEY), "the OTLP header in {place}");
     }
 }

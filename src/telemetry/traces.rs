@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{
-    Span as _, SpanContext, SpanKind, Status, TraceContextExt, TraceFlags, Tracer as _,
-    TracerProvider as _,
+    SamplingDecision, SamplingResult, Span as _, SpanContext, SpanKind, Status, TraceContextExt,
+    TraceFlags, TraceState, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
@@ -186,13 +186,19 @@ impl Tracer {
         let _ = request.insert_header(TRACESTATE, span.trace_state().header());
     }
 
-    /// An SLA rule broke or healed: a span of its own with the event.
+    /// An SLA rule broke or healed: a span of its own with the event, always exported (the
+    /// sampling ratio thins out requests, not alerts).
     pub fn sla_event(&self, rule: &SlaRule, event: &'static str, why: &str) {
         let Some(inner) = &self.inner else { return };
         let mut span = inner
             .tracer
             .span_builder(format!("sla {}", rule.name))
             .with_kind(SpanKind::Internal)
+            .with_sampling_result(SamplingResult {
+                decision: SamplingDecision::RecordAndSample,
+                attributes: Vec::new(),
+                trace_state: TraceState::default(),
+            })
             .start_with_context(&inner.tracer, &Context::new());
         span.add_event(
             event,
