@@ -281,6 +281,27 @@ async fn token_reservations_settle_to_reported_usage() {
         "the caller sees exactly what it asked for: {text}"
     );
     assert!(text.ends_with("data: [DONE]\n\n"));
+    // Every event is intact JSON with exactly the fields of a stream without usage (the mock,
+    // like OpenAI, wrote `"usage":null` into each content chunk under the injected option).
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    for event in &events[..events.len() - 1] {
+        let data = event
+            .strip_prefix("data: ")
+            .expect("one data line per event");
+        let chunk: serde_json::Value = serde_json::from_str(data).unwrap();
+        let mut fields: Vec<&str> = chunk
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            ["choices", "created", "id", "model", "object"],
+            "{event}"
+        );
+    }
     let sent_upstream: serde_json::Value =
         serde_json::from_slice(&mock.requests().last().unwrap().body).unwrap();
     assert_eq!(sent_upstream["stream_options"]["include_usage"], true);

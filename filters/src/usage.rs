@@ -167,6 +167,9 @@ impl UsageMeter {
             self.buffer.extend_from_slice(&chunk[chunk.len() - keep..]);
             return chunk;
         }
+        // Byte ranges of this chunk to leave out, in order: the injected usage event, and the
+        // `,"usage":null` OpenAI writes into every content chunk under `include_usage`.
+        let mut cuts: Vec<(usize, usize)> = Vec::new();
         let mut strip: Option<(usize, usize)> = None;
         let mut line_start = 0;
         // Where the current event began in this chunk: a usage event is cut out whole, with
@@ -185,18 +188,36 @@ impl UsageMeter {
             let end = line_start + offset;
             let completes_earlier = !self.buffer.is_empty();
             let blank = !completes_earlier && matches!(&chunk[line_start..end], b"" | b"\r");
+            let mut null_usage = false;
             let is_usage_event = if completes_earlier {
                 if self.buffer.len() + (end - line_start) <= MAX_LINE {
                     self.buffer.extend_from_slice(&chunk[line_start..end]);
                     let line = std::mem::take(&mut self.buffer);
+                    null_usage = self.strip_usage_chunk && has_null_usage(&line);
                     self.read_line(&line)
                 } else {
                     self.buffer.clear();
                     false
                 }
             } else {
-                self.read_line(&chunk[line_start..end])
+                let line = &chunk[line_start..end];
+                null_usage = self.strip_usage_chunk && has_null_usage(line);
+                self.read_line(line)
             };
+            if null_usage {
+                // The field ends the line; it is cut when it lies in this chunk (a line that
+                // began earlier is already partly sent: a field split across the boundary
+                // stays).
+                let stop = if end > line_start && chunk[end - 1] == b'\r' {
+                    end - 1
+                } else {
+                    end
+                };
+                if stop - line_start > NULL_USAGE.len() {
+                    // The field and its closing brace lie in this chunk; the brace stays.
+                    cuts.push((stop - 1 - NULL_USAGE.len(), stop - 1));
+                }
+            }
             if is_usage_event && self.strip_usage_chunk && !completes_earlier && strip.is_none() {
                 // The event is this line plus its blank terminator line.
                 let mut stop = end + 1;
@@ -216,15 +237,23 @@ impl UsageMeter {
         if line_start < chunk.len() && self.buffer.len() + (chunk.len() - line_start) <= MAX_LINE {
             self.buffer.extend_from_slice(&chunk[line_start..]);
         }
-        match strip {
-            Some((from, to)) => {
-                let mut out = BytesMut::with_capacity(chunk.len() - (to - from));
-                out.extend_from_slice(&chunk[..from]);
-                out.extend_from_slice(&chunk[to..]);
-                out.freeze()
-            }
-            None => chunk,
+        if let Some((from, to)) = strip {
+            // Lines before the usage event in this chunk keep their cuts; none lies inside it.
+            cuts.retain(|&(start, _)| start < from);
+            cuts.push((from, to));
         }
+        if cuts.is_empty() {
+            return chunk;
+        }
+        let removed: usize = cuts.iter().map(|(from, to)| to - from).sum();
+        let mut out = BytesMut::with_capacity(chunk.len() - removed);
+        let mut kept_from = 0;
+        for (from, to) in cuts {
+            out.extend_from_slice(&chunk[kept_from..from]);
+            kept_from = to;
+        }
+        out.extend_from_slice(&chunk[kept_from..]);
+        out.freeze()
     }
 
     /// The body is complete: a non-streaming body is read for its usage now.
@@ -264,8 +293,12 @@ impl UsageMeter {
         let Some(data) = line.strip_prefix(b"data:") else {
             return false;
         };
-        // Only events that carry usage are parsed at all.
-        if memchr::memmem::find(data, b"\"usage\"").is_none() {
+        // Only events that carry usage are parsed at all (OpenAI's `"usage":null` on every
+        // content chunk carries none).
+        if memchr::memmem::find(data, b"\"usage\"").is_none()
+            || (memchr::memmem::find(data, b"\"usage\":null").is_some()
+                && memchr::memmem::find(data, b"\"usage\":{").is_none())
+        {
             return false;
         }
         let Ok(event) = serde_json::from_slice::<Value>(data.trim_ascii_start()) else {
@@ -383,6 +416,20 @@ impl UsageMeter {
 /// Whether an SSE line closes a stream of this dialect: OpenAI's `[DONE]` (chat and
 /// completions), the Responses API's final events, Anthropic's `message_stop`, or an error
 /// event (a stream may end after one).
+/// What OpenAI appends to each content chunk of a stream with `include_usage`.
+const NULL_USAGE: &[u8] = br#","usage":null"#;
+
+/// Whether an SSE line is an OpenAI data line ending with `,"usage":null}`: the field is the
+/// chunk object's last, as OpenAI writes it (inside a JSON string a quote is escaped, so the
+/// bytes cannot come from content).
+fn has_null_usage(line: &[u8]) -> bool {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.starts_with(b"data:")
+        && line
+            .strip_suffix(b"}")
+            .is_some_and(|rest| rest.ends_with(NULL_USAGE))
+}
+
 fn ends_stream(dialect: Dialect, line: &[u8]) -> bool {
     const OPENAI: &[&[u8]] = &[
         b"data: [DONE]",
@@ -612,6 +659,66 @@ mod tests {
             out,
             "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n"
         );
+    }
+
+    #[test]
+    fn injected_null_usage_fields_are_cut_and_every_other_byte_kept() {
+        // OpenAI under `include_usage`: `"usage":null` ends every content chunk.
+        let content = |text: &str, eol: &str| {
+            format!("data: {{\"id\":\"1\",\"choices\":[{{\"delta\":{{\"content\":\"{text}\"}}}}],\"usage\":null}}{eol}{eol}")
+        };
+        let usage = "data: {\"id\":\"1\",\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2}}\n\n";
+        // Content that merely mentions the field (escaped inside a string) is left alone.
+        let quoted = r#"say \",\"usage\":null"#;
+        let upstream = [
+            content("a", "\n"),
+            content(quoted, "\n"),
+            content("b", "\r\n"),
+            usage.to_owned(),
+            "data: [DONE]\n\n".to_owned(),
+        ]
+        .concat();
+        let expected = upstream.replace(",\"usage\":null}", "}").replace(usage, "");
+        assert!(expected.contains(r#"\",\"usage\":null"#));
+        // Whole, one event per chunk, and in small pieces (a field split across chunks).
+        for step in [upstream.len(), 7, 3, 1] {
+            let mut meter = UsageMeter::new(Dialect::OpenAi, true, true);
+            let pieces: Vec<&str> = if step == upstream.len() {
+                vec![&upstream]
+            } else {
+                upstream
+                    .as_bytes()
+                    .chunks(step)
+                    .map(|piece| std::str::from_utf8(piece).unwrap())
+                    .collect()
+            };
+            let out = feed_all(&mut meter, &pieces);
+            if step == upstream.len() {
+                assert_eq!(out, expected);
+            } else {
+                // Whatever the split, nothing but the injected bytes is ever removed.
+                assert!(is_subsequence(&expected, &out) && is_subsequence(&out, &upstream));
+            }
+            assert_eq!(
+                meter.usage(),
+                Some(Usage {
+                    input_tokens: 4,
+                    output_tokens: 2
+                })
+            );
+        }
+        let events: Vec<&str> = upstream.split_inclusive("\n\n").collect();
+        let mut meter = UsageMeter::new(Dialect::OpenAi, true, true);
+        assert_eq!(feed_all(&mut meter, &events), expected);
+        // A caller that asked for usage gets OpenAI's stream unchanged.
+        let mut meter = UsageMeter::new(Dialect::OpenAi, true, false);
+        assert_eq!(feed_all(&mut meter, &events), upstream);
+    }
+
+    /// Whether `inner`'s bytes appear in `outer` in order.
+    fn is_subsequence(inner: &str, outer: &str) -> bool {
+        let mut outer = outer.bytes();
+        inner.bytes().all(|b| outer.any(|o| o == b))
     }
 
     #[test]

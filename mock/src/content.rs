@@ -360,11 +360,11 @@ impl Answer {
                 .map(|(name, value)| Bytes::from(format!("event: {name}\ndata: {value}\n\n")))
                 .collect(),
             Api::Completions => {
-                let mut events: Vec<Bytes> = self.pieces.iter().enumerate().map(|(i, piece)| data(json!({
+                let mut events: Vec<Bytes> = self.pieces.iter().enumerate().map(|(i, piece)| data(with_null_usage(json!({
                     "id": self.id, "object": "text_completion", "created": CREATED, "model": self.model,
                     "choices": [{"index": 0, "text": piece, "logprobs": null,
                                  "finish_reason": if i == last { json!("stop") } else { Value::Null }}],
-                }))).collect();
+                }), include_usage))).collect();
                 if include_usage {
                     events.push(data(
                         json!({"id": self.id, "object": "text_completion", "created": CREATED,
@@ -380,11 +380,11 @@ impl Answer {
                     if i == 0 {
                         delta["role"] = json!("assistant");
                     }
-                    data(json!({
+                    data(with_null_usage(json!({
                         "id": self.id, "object": "chat.completion.chunk", "created": CREATED, "model": self.model,
                         "choices": [{"index": 0, "delta": delta, "logprobs": null,
                                      "finish_reason": if i == last { json!("stop") } else { Value::Null }}],
-                    }))
+                    }), include_usage))
                 }).collect();
                 if include_usage {
                     events.push(data(
@@ -397,6 +397,15 @@ impl Answer {
             }
         }
     }
+}
+
+/// OpenAI's content chunks under `stream_options.include_usage`: each carries `"usage":null`
+/// (last, as OpenAI writes it) before the usage-only chunk that ends the stream.
+fn with_null_usage(mut chunk: Value, include_usage: bool) -> Value {
+    if include_usage {
+        chunk["usage"] = Value::Null;
+    }
+    chunk
 }
 
 /// A deterministic 8-dimension vector from the input's bytes.
@@ -479,6 +488,13 @@ mod tests {
             .contains("\"usage\""));
         assert_eq!(&events[4][..], b"data: [DONE]\n\n");
         assert_eq!(answer.events(false).len(), 4);
+        // Like OpenAI: every content chunk says `"usage":null` when usage was asked for.
+        for event in &events[..3] {
+            assert!(event.ends_with(b",\"usage\":null}\n\n"), "{event:?}");
+        }
+        for event in answer.events(false) {
+            assert!(!event.windows(7).any(|w| w == b"\"usage\""), "{event:?}");
+        }
     }
 
     #[test]
