@@ -188,6 +188,21 @@ async fn a_refused_key_is_disabled_until_reload() {
     wait_for_new_hash(&sidecar, &before).await;
     let upstreams = admin_upstreams(&sidecar).await;
     assert_eq!(key_state(&upstreams, "openai", "a")["state"], "ok");
+
+    // A 403 (the key lost access) disables it just the same.
+    mock.clear();
+    mock.set_key_fault("sk-a", status(403, None));
+    for _ in 0..2 {
+        assert_eq!(chat(&sidecar, &chat_body("x", false)).await.status(), 200);
+    }
+    assert_eq!(keys_seen(&mock), ["sk-a", "sk-b", "sk-b"]);
+    let upstreams = admin_upstreams(&sidecar).await;
+    assert_eq!(key_state(&upstreams, "openai", "a")["state"], "disabled");
+    let metrics = sidecar.metrics().await;
+    assert_eq!(
+        metrics.value("sluice_keys_disabled_total", &labels),
+        Some(2.0)
+    );
 }
 
 async fn wait_for_new_hash(sidecar: &Sidecar, old: &str) {
@@ -636,6 +651,19 @@ routes:
         .unwrap_or_else(|| panic!("the error event is not whole: {text:?}"));
     let event: serde_json::Value = serde_json::from_str(data).unwrap();
     assert_eq!(event["error"]["type"], "api_error");
+    // The caller sent no anthropic-version: the upstream got the default one.
+    let to_anthropic = mock
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/v1/messages")
+        .unwrap();
+    assert!(
+        to_anthropic
+            .headers
+            .contains(&("anthropic-version".to_owned(), "2023-06-01".to_owned())),
+        "{:?}",
+        to_anthropic.headers
+    );
     for event in text.split_terminator("\n\n") {
         let data = event
             .lines()
@@ -681,7 +709,7 @@ upstreams:
     provider: openai
     base_url: "{url}"
     keys:
-      - {{ key: sk-heavy, name: heavy, weight: 3 }}
+      - {{ key: sk-heavy, name: heavy, weight: 3, max_concurrent: 1 }}
       - {{ key: sk-light, name: light, weight: 1 }}
       - {{ key: sk-mini, name: mini, models: ["gpt-4o-mini"], weight: 100 }}
 routes:
@@ -708,4 +736,342 @@ routes:
         ["sk-mini"],
         "the heaviest key that may serve it"
     );
+
+    // Three at once, each held 300 ms: by weight heavy would take two of any three, but its
+    // cap is one request in flight, so light takes the others.
+    mock.clear();
+    let slow = || {
+        reqwest::Client::new()
+            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+            .header("x-mock-first-byte-ms", "300")
+            .json(&serde_json::json!({"model": "gpt-4o", "messages": []}))
+            .send()
+    };
+    let (a, b, c) = tokio::join!(slow(), slow(), slow());
+    for response in [a, b, c] {
+        assert_eq!(response.unwrap().status(), 200);
+    }
+    let seen = keys_seen(&mock);
+    let count = |key: &str| seen.iter().filter(|k| *k == key).count();
+    assert_eq!((count("sk-heavy"), count("sk-light")), (1, 2), "{seen:?}");
+}
+
+async fn post(sidecar: &Sidecar, prefix: &str, body: &serde_json::Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}{prefix}/v1/chat/completions", sidecar.proxy))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_connect_error_falls_back_to_the_next_target() {
+    let alive = mock().await;
+    // Nothing listens there: the connection is refused.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let policy = format!(
+        r#"
+upstreams:
+  dead: {{ provider: openai, base_url: "{dead}" }}
+  alive: {{ provider: openai, base_url: "{a}" }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, auth: passthrough, targets: [dead, alive] }}
+"#,
+        a = alive.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    let response = chat(&sidecar, &chat_body("elsewhere", false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-upstream"], "alive");
+    assert_eq!(alive.request_count(), 1);
+    let metrics = sidecar.metrics().await;
+    let labels = [("upstream", "dead"), ("outcome", "connect_error")];
+    assert_eq!(
+        metrics.value("sluice_upstream_attempts_total", &labels),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn named_statuses_are_retried_only_when_listed() {
+    let (first, second) = (mock().await, mock().await);
+    let policy = format!(
+        r#"
+upstreams:
+  first: {{ provider: openai, base_url: "{f}", circuit_breaker: {{ enabled: false }} }}
+  second: {{ provider: openai, base_url: "{s}" }}
+routes:
+  - name: listed
+    match: {{ path_prefix: /listed }}
+    auth: passthrough
+    targets: [first, second]
+    retry: {{ on: [408, 529] }}
+  - name: unlisted
+    match: {{ path_prefix: /unlisted }}
+    auth: passthrough
+    targets: [first, second]
+    retry: {{ on: [connect_error, 409] }}
+"#,
+        f = first.url(),
+        s = second.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    // 408 falls among 4xx and 529 (Anthropic's "overloaded") among 5xx: only the list counts.
+    for code in [408, 529] {
+        first.set_fault(status(code, None));
+        let before = second.request_count();
+        let listed = post(&sidecar, "/listed", &chat_body("again", false)).await;
+        assert_eq!(listed.status(), 200, "{code} listed: retried");
+        assert_eq!(listed.headers()["x-sluice-upstream"], "second");
+        assert_eq!(second.request_count(), before + 1);
+        let unlisted = post(&sidecar, "/unlisted", &chat_body("once", false)).await;
+        assert_eq!(unlisted.status(), code, "{code} not listed: relayed");
+        assert_eq!(unlisted.headers()["x-sluice-upstream"], "first");
+        assert_eq!(second.request_count(), before + 1, "{code}: no retry");
+    }
+    assert_eq!(first.request_count(), 4);
+}
+
+#[tokio::test]
+async fn retry_after_is_waited_out_up_to_the_cap() {
+    let only = mock().await;
+    let policy = format!(
+        r#"
+upstreams:
+  only: {{ provider: openai, base_url: "{u}", circuit_breaker: {{ enabled: false }} }}
+routes:
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    auth: passthrough
+    upstream: only
+    retry: {{ attempts: 2, retry_after_max: 5s, backoff: {{ base: 1ms, max: 1ms }} }}
+"#,
+        u = only.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    // Under the cap: the second attempt waits the second the provider asked for.
+    only.set_fault(status(503, Some("1")));
+    let started = Instant::now();
+    let response = chat(&sidecar, &chat_body("wait", false)).await;
+    let took = started.elapsed();
+    assert_eq!(
+        response.status(),
+        503,
+        "both attempts failed: the answer relayed"
+    );
+    assert_eq!(only.request_count(), 2);
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // Beyond the cap: not worth waiting for, so not retried; the caller hears it at once.
+    only.set_fault(status(503, Some("60")));
+    let started = Instant::now();
+    let response = chat(&sidecar, &chat_body("later", false)).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "60");
+    assert_eq!(only.request_count(), 3, "exactly one attempt");
+    assert!(started.elapsed() < Duration::from_millis(900));
+}
+
+#[tokio::test]
+async fn a_failing_keys_circuit_opens_and_the_other_key_serves() {
+    let mock = mock().await;
+    let policy = format!(
+        r#"
+upstreams:
+  openai:
+    provider: openai
+    base_url: "{url}"
+    keys:
+      - {{ key: sk-a, name: a }}
+      - {{ key: sk-b, name: b }}
+    circuit_breaker: {{ consecutive_failures: 2, open_for: 30s }}
+routes:
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    upstream: openai
+    auth: passthrough
+    retry: {{ backoff: {{ base: 1ms, max: 1ms }} }}
+"#,
+        url = mock.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    mock.set_key_fault("sk-a", status(500, None));
+    for _ in 0..4 {
+        assert_eq!(chat(&sidecar, &chat_body("x", false)).await.status(), 200);
+    }
+    assert_eq!(
+        keys_seen(&mock),
+        ["sk-a", "sk-b", "sk-a", "sk-b", "sk-b", "sk-b"],
+        "a failed twice, its circuit opened, and b served alone"
+    );
+    let upstreams = admin_upstreams(&sidecar).await;
+    let a = key_state(&upstreams, "openai", "a");
+    assert_eq!(a["circuit"], "open", "{upstreams}");
+    assert_eq!(a["state"], "circuit_open", "{upstreams}");
+    assert_eq!(key_state(&upstreams, "openai", "b")["circuit"], "closed");
+    let metrics = sidecar.metrics().await;
+    let key = |name| [("upstream", "openai"), ("key", name)];
+    assert_eq!(metrics.value("sluice_circuit_state", &key("a")), Some(2.0));
+    assert_eq!(metrics.value("sluice_circuit_state", &key("b")), Some(0.0));
+    assert_eq!(
+        metrics.value("sluice_circuit_state", &key("")),
+        Some(0.0),
+        "b's successes keep the upstream's own circuit closed"
+    );
+    assert_eq!(
+        metrics.value("sluice_circuit_opens_total", &key("a")),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_key_read_from_a_file_follows_the_file() {
+    let mock = mock().await;
+    let policy = format!(
+        r#"
+upstreams:
+  openai:
+    provider: openai
+    base_url: "{url}"
+    keys: [{{ file: openai.key, name: mounted }}]
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough }}
+"#,
+        url = mock.url()
+    );
+    let sidecar = Sidecar::start_with_files(&policy, &[("openai.key", "sk-from-file-1\n")]).await;
+    assert_eq!(chat(&sidecar, &chat_body("x", false)).await.status(), 200);
+    assert_eq!(keys_seen(&mock), ["sk-from-file-1"]);
+    assert!(!sidecar.logs().contains("sk-from-file"), "never logged");
+
+    // The Secret is rotated: the file is rewritten, and the next requests carry the new key.
+    sidecar.write_file("openai.key", "sk-from-file-2\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        mock.clear();
+        assert_eq!(chat(&sidecar, &chat_body("x", false)).await.status(), 200);
+        if keys_seen(&mock) == ["sk-from-file-2"] {
+            break;
+        }
+        assert_eq!(keys_seen(&mock), ["sk-from-file-1"]);
+        assert!(Instant::now() < deadline, "the new key was never used");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!sidecar.logs().contains("sk-from-file"), "never logged");
+}
+
+#[tokio::test]
+async fn a_percentile_hedge_waits_for_enough_samples_then_fires() {
+    let (primary, backup) = (mock().await, mock().await);
+    primary.set_first_byte_delay(Duration::from_millis(40));
+    let policy = format!(
+        r#"
+upstreams:
+  primary: {{ provider: openai, base_url: "{p}" }}
+  backup: {{ provider: openai, base_url: "{b}" }}
+routes:
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    auth: passthrough
+    targets: [primary, backup]
+    hedge: {{ after: p95 }}
+"#,
+        p = primary.url(),
+        b = backup.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    // Fewer than 20 first-byte samples: no percentile to trust, no hedge.
+    for _ in 0..20 {
+        let response = chat(&sidecar, &chat_body("warm", false)).await;
+        assert_eq!(response.headers()["x-sluice-upstream"], "primary");
+    }
+    assert_eq!(backup.request_count(), 0);
+    // Now primary stalls: the hedge goes out after primary's p95 (~40 ms), not its 2 s.
+    primary.set_first_byte_delay(Duration::from_secs(2));
+    let started = Instant::now();
+    let response = chat(&sidecar, &chat_body("hedged", false)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-sluice-upstream"], "backup");
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    let metrics = sidecar.metrics().await;
+    for result in ["launched", "won"] {
+        let labels = [("route", "openai"), ("result", result)];
+        assert_eq!(metrics.value("sluice_hedges_total", &labels), Some(1.0));
+    }
+}
+
+#[tokio::test]
+async fn a_hedged_request_counts_once_against_the_callers_limit() {
+    use sluice_filters::auth::keys::KeyHash;
+    let (slow, fast) = (mock().await, mock().await);
+    slow.set_first_byte_delay(Duration::from_secs(2));
+    let caller = "sk-sluice-hedged-caller";
+    let policy = format!(
+        r#"
+upstreams:
+  slow: {{ provider: openai, base_url: "{s}", keys: [sk-slow] }}
+  fast: {{ provider: openai, base_url: "{f}", keys: [sk-fast] }}
+routes:
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    targets: [slow, fast]
+    hedge: {{ after: 100ms }}
+tiers:
+  small: {{ limits: {{ requests_per_minute: 2 }} }}
+tenants:
+  - {{ name: t, tier: small, keys: [{{ hash: "{hash}" }}] }}
+"#,
+        s = slow.url(),
+        f = fast.url(),
+        hash = KeyHash::of(caller).to_text(),
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    let call = || {
+        reqwest::Client::new()
+            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+            .bearer_auth(caller)
+            .json(&chat_body("hedged", false))
+            .send()
+    };
+    for _ in 0..2 {
+        let response = call().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-sluice-upstream"], "fast");
+    }
+    let third = call().await.unwrap();
+    assert_eq!(
+        third.status(),
+        429,
+        "two requests, four attempts: two counted"
+    );
+    assert_eq!((slow.request_count(), fast.request_count()), (2, 2));
+    let metrics = sidecar.metrics().await;
+    let launched = [("route", "openai"), ("result", "launched")];
+    assert_eq!(metrics.value("sluice_hedges_total", &launched), Some(2.0));
+}
+
+#[tokio::test]
+async fn a_429_with_only_a_reset_header_rests_the_key_that_long() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&two_keys(&mock)).await;
+    // No retry-after and no x-ratelimit-remaining-requests: the reset is all there is.
+    mock.set_key_fault("sk-a", status(429, None));
+    let response = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .header("x-mock-ratelimit-reset-requests", "45s")
+        .json(&chat_body("x", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(keys_seen(&mock), ["sk-a", "sk-b"]);
+    let upstreams = admin_upstreams(&sidecar).await;
+    let a = key_state(&upstreams, "openai", "a");
+    assert_eq!(a["state"], "resting", "{upstreams}");
+    let resting = a["resting_ms"].as_u64().unwrap();
+    // 45 s as asked, not the 10 s default cooldown.
+    assert!((43_000..=45_000).contains(&resting), "{resting}");
 }

@@ -7,7 +7,8 @@
 //!
 //! Answers are derived from the request (`"echo: " + the last message`) so tests can check them.
 //! Per-request control headers override the instance settings:
-//! `x-mock-status` (+ `x-mock-retry-after`), `x-mock-first-byte-ms`, `x-mock-chunk-ms`,
+//! `x-mock-status` (+ `x-mock-retry-after`; `x-mock-ratelimit-reset-requests`, sent back as
+//! `x-ratelimit-reset-requests` with any status fault), `x-mock-first-byte-ms`, `x-mock-chunk-ms`,
 //! `x-mock-chunks`, `x-mock-fault: reset-mid-stream | reset-mid-event | stall |
 //! stall-mid-stream | reset-before-head | end-without-terminator | malformed-events`, and
 //! `x-mock-stamp: 1`, which starts each SSE event with a comment line `: sent_ns=<ns>` holding
@@ -303,6 +304,9 @@ struct Plan {
     fault: Option<Fault>,
     /// Stamp each SSE event with the time it was sent (`x-mock-stamp`).
     stamp: bool,
+    /// OpenAI's `x-ratelimit-reset-requests`, sent with a status fault (without the
+    /// `x-ratelimit-remaining-requests` a provider would usually send with it).
+    ratelimit_reset: Option<http::HeaderValue>,
 }
 
 fn header_ms(headers: &HeaderMap, name: &str) -> Option<Duration> {
@@ -332,6 +336,7 @@ impl Plan {
                 .or(named_fault)
                 .or_else(|| config.fault.clone()),
             stamp: text("x-mock-stamp") == Some("1"),
+            ratelimit_reset: headers.get("x-mock-ratelimit-reset-requests").cloned(),
         }
     }
 }
@@ -466,6 +471,11 @@ async fn respond(
         let mut response = error_response(api, status, "injected by x-mock-status", None);
         if let Some(value) = retry_after.as_deref().and_then(|v| v.parse().ok()) {
             response.headers_mut().insert("retry-after", value);
+        }
+        if let Some(reset) = plan.ratelimit_reset {
+            response
+                .headers_mut()
+                .insert("x-ratelimit-reset-requests", reset);
         }
         return response;
     }

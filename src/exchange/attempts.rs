@@ -741,6 +741,82 @@ pub fn broke_midway(launched: &Launched, metrics: &Metrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{compile_text, Policy, SharedState};
+
+    fn two_target_policy() -> Policy {
+        let text = r#"
+upstreams:
+  a: { provider: openai, base_url: "http://127.0.0.1:9/", retry_budget: { min_per_second: 1000 } }
+  b: { provider: openai, base_url: "http://127.0.0.1:9/" }
+routes:
+  - name: r
+    match: { path_prefix: / }
+    targets: [a, b]
+    retry: { attempts: 4, backoff: { base: 40ms, max: 60ms }, retry_after_max: 2s }
+"#;
+        let env = |_: &str| None;
+        let path = std::path::Path::new("test.yaml");
+        compile_text(text, path, &env, &SharedState::default()).unwrap()
+    }
+
+    fn failure(asked_pause: Option<Duration>) -> Failure {
+        Failure {
+            key_specific: false,
+            retryable: true,
+            asked_pause,
+        }
+    }
+
+    fn wait(next: Next) -> Option<Duration> {
+        match next {
+            Next::RetryAfter(wait) => Some(wait),
+            Next::GiveUp => None,
+        }
+    }
+
+    #[test]
+    fn backoff_starts_when_the_targets_come_round_again() {
+        let policy = two_target_policy();
+        let route = &policy.routes[0];
+        let metrics = Metrics::default();
+        let mut longest = Duration::ZERO;
+        for _ in 0..30 {
+            let mut plan = Plan::new(route, &route.targets.default);
+            // First pass: a failed, b is tried at once — even if a asked for a pause.
+            plan.made = 1;
+            let first = wait(plan.after_failure(&failure(Some(Duration::from_secs(1))), &metrics));
+            assert_eq!(first, Some(Duration::ZERO));
+            assert_eq!(plan.position, 1);
+            // b failed too: a again, in round 2, after a jittered wait of at most `base`.
+            plan.made = 2;
+            let second = wait(plan.after_failure(&failure(None), &metrics)).unwrap();
+            assert!(second <= Duration::from_millis(40), "{second:?}");
+            assert_eq!((plan.position, plan.round), (0, 1));
+            longest = longest.max(second);
+            // b again, still in round 2 (ceiling `base`); then a in round 3 (ceiling `max`),
+            // where an asked pause under the cap is waited out in full.
+            plan.made = 3;
+            let third = wait(plan.after_failure(&failure(None), &metrics)).unwrap();
+            assert!(third <= Duration::from_millis(40), "{third:?}");
+            let asked = Duration::from_millis(500);
+            let fourth = wait(plan.after_failure(&failure(Some(asked)), &metrics)).unwrap();
+            assert!(fourth >= asked, "{fourth:?}");
+            // Attempts spent: no more.
+            plan.made = 4;
+            assert!(wait(plan.after_failure(&failure(None), &metrics)).is_none());
+        }
+        assert!(longest > Duration::ZERO, "round 2 waits");
+        // A pause beyond `retry_after_max`, or a failure not to retry, ends the request.
+        let mut plan = Plan::new(route, &route.targets.default);
+        plan.made = 1;
+        let beyond = failure(Some(Duration::from_secs(3)));
+        assert!(wait(plan.after_failure(&beyond, &metrics)).is_none());
+        let final_answer = Failure {
+            retryable: false,
+            ..failure(None)
+        };
+        assert!(wait(plan.after_failure(&final_answer, &metrics)).is_none());
+    }
 
     #[test]
     fn full_jitter_stays_under_its_ceiling() {

@@ -236,8 +236,10 @@ pub fn backoff_asked(headers: &HeaderMap) -> Option<Duration> {
     }
     let mut longest: Option<Duration> = None;
     for kind in ["requests", "tokens"] {
+        // The limit that ran out names itself with a zero; without a count at all, the reset
+        // is the only word the provider gave, so it is taken (as for Anthropic's below).
         let exhausted =
-            text(&format!("x-ratelimit-remaining-{kind}")).is_some_and(|v| v.trim() == "0");
+            text(&format!("x-ratelimit-remaining-{kind}")).is_none_or(|v| v.trim() == "0");
         if let Some(reset) = text(&format!("x-ratelimit-reset-{kind}")).and_then(parse_reset) {
             if exhausted {
                 longest = longest.max(Some(reset));
@@ -395,6 +397,24 @@ mod tests {
     }
 
     #[test]
+    fn a_key_whose_circuit_is_open_is_passed_over() {
+        let pool = pool(&[("a", 10, &[], None), ("b", 1, &[], None)]);
+        let settings = BreakerSettings {
+            consecutive_failures: 1,
+            ..BreakerSettings::default()
+        };
+        assert!(pool.get(0).health.breaker.on_failure(&settings), "a opens");
+        // a outweighs b ten to one, yet b serves every pick while a's circuit is open.
+        assert_eq!(names(&pool, None, 5), "bbbbb");
+        let only_a = self::pool(&[("a", 1, &[], None)]);
+        only_a.get(0).health.breaker.on_failure(&settings);
+        match only_a.pick(None, &settings) {
+            Err(NoKey::Resting(rest)) => assert!(rest > Duration::from_secs(14), "{rest:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn concurrency_caps_hold_and_leases_give_places_back() {
         let pool = pool(&[("a", 1, &[], Some(2))]);
         let first = pool.pick(None, &BreakerSettings::default()).unwrap();
@@ -431,6 +451,13 @@ mod tests {
             ("x-ratelimit-reset-tokens", "6m0s"),
         ]);
         assert_eq!(backoff_asked(&openai), Some(Duration::from_secs(360)));
+        let reset_only = headers(&[("x-ratelimit-reset-requests", "20s")]);
+        assert_eq!(backoff_asked(&reset_only), Some(Duration::from_secs(20)));
+        let not_exhausted = headers(&[
+            ("x-ratelimit-remaining-requests", "3"),
+            ("x-ratelimit-reset-requests", "20s"),
+        ]);
+        assert_eq!(backoff_asked(&not_exhausted), None);
         let date = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(90));
         let anthropic = headers(&[("anthropic-ratelimit-requests-reset", &date.to_string())]);
         let wait = backoff_asked(&anthropic).unwrap();
