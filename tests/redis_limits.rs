@@ -520,3 +520,321 @@ async fn a_lost_settlement_is_replayed() {
     assert_eq!(remaining_tokens(&next).await, 100_000 - used - reserved);
     next.bytes().await.unwrap();
 }
+
+/// Seconds since the epoch.
+fn epoch_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Waits until the next minute starts if fewer than `needed` seconds of this one are left, so
+/// a test's per-minute counts land in one window.
+async fn within_one_minute(needed: u64) {
+    let left = 60 - epoch_secs() % 60;
+    if left < needed {
+        tokio::time::sleep(Duration::from_secs(left) + Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until tenant `a` has no request in flight in Redis: every settlement has landed
+/// (each admitted request is a member of the set until its settlement removes it).
+async fn settled(port: u16) {
+    eventually(Duration::from_secs(5), "a settlement did not land", || {
+        redis_int(port, &["ZCARD", "sluice:{a}:inflight"]) == Some(0)
+    })
+    .await;
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response.headers()[name].to_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn rate_and_burst_hold_across_replicas() {
+    let redis = RedisServer::start();
+    let mock = mock().await;
+    let text = policy(
+        &mock.url(),
+        &redis.url(),
+        "fail_closed",
+        "{ rps: 0.1, burst: 2 }",
+    );
+    let replicas = [Sidecar::start(&text).await, Sidecar::start(&text).await];
+    let client = reqwest::Client::new();
+    let send = |i: usize| {
+        client
+            .post(format!(
+                "{}/openai/v1/chat/completions",
+                replicas[i % 2].proxy
+            ))
+            .bearer_auth(KEY)
+            .json(&chat_body("rate", false))
+            .send()
+    };
+    let responses = futures_util::future::join_all((0..8).map(send)).await;
+    let mut admitted = 0;
+    for response in responses {
+        let response = response.unwrap();
+        match response.status().as_u16() {
+            200 => {
+                admitted += 1;
+                assert_eq!(header(&response, "x-ratelimit-limit-requests"), "2");
+            }
+            429 => {
+                // One request every 10 s: the next place comes within 10 s.
+                let retry: u64 = header(&response, "retry-after").parse().unwrap();
+                assert!((1..=10).contains(&retry), "{retry}");
+                let error: serde_json::Value = response.json().await.unwrap();
+                let message = error["error"]["message"].as_str().unwrap();
+                assert!(message.contains("`rps` limit of 0.1"), "{message}");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(admitted, 2, "the burst, across both replicas");
+    assert_eq!(mock.request_count(), 2);
+}
+
+#[tokio::test]
+async fn tokens_per_minute_are_reserved_settled_and_refused_on_redis() {
+    let redis = RedisServer::start();
+    let mock = mock().await;
+    let text = policy(
+        &mock.url(),
+        &redis.url(),
+        "fail_closed",
+        "{ tokens_per_minute: 1000 }",
+    );
+    let (a, b) = (Sidecar::start(&text).await, Sidecar::start(&text).await);
+    // A slow stream holds its reservation while it is open.
+    let send = |sidecar: &Sidecar, max_tokens: u64, stream: bool| {
+        reqwest::Client::new()
+            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+            .bearer_auth(KEY)
+            .header("x-mock-chunk-ms", "100")
+            .json(&serde_json::json!({"model": "m", "max_tokens": max_tokens, "stream": stream, "messages": []}))
+            .send()
+    };
+    within_one_minute(20).await;
+    // More than the minute allows: refused, nothing reserved, the provider never asked.
+    let refused = send(&a, 1200, false).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let retry: u64 = header(&refused, "retry-after").parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let error: serde_json::Value = refused.json().await.unwrap();
+    assert!(error["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`tokens_per_minute` limit of 1000"));
+    assert_eq!(mock.request_count(), 0);
+
+    let first = send(&a, 400, false).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-ratelimit-limit-tokens"), "1000");
+    let reserved = 1000 - remaining_tokens(&first).await;
+    assert!(reserved >= 400, "{reserved}");
+    first.bytes().await.unwrap();
+    settled(redis.port).await;
+    let now = epoch_secs();
+    let used = redis_get(redis.port, &format!("sluice:{{a}}:t1:{}", now - now % 60)).unwrap();
+    assert!(
+        used < reserved,
+        "the reservation was replaced by the usage: {used}"
+    );
+    // The other replica counts from the settled figure.
+    let second = send(&b, 400, false).await.unwrap();
+    assert_eq!(second.status(), 200);
+    assert_eq!(remaining_tokens(&second).await, 1000 - used - reserved);
+    second.bytes().await.unwrap();
+    settled(redis.port).await;
+    // While a stream holds its reservation, 600 more do not fit on either replica.
+    let open = send(&a, 400, true).await.unwrap();
+    assert_eq!(open.status(), 200);
+    let left = remaining_tokens(&open).await;
+    assert!(left < 600, "{left}");
+    for sidecar in [&a, &b] {
+        assert_eq!(send(sidecar, 600, false).await.unwrap().status(), 429);
+    }
+    open.bytes().await.unwrap();
+    settled(redis.port).await;
+    // Settled: it fits again.
+    assert_eq!(send(&b, 600, false).await.unwrap().status(), 200);
+    assert_eq!(mock.request_count(), 4);
+}
+
+#[tokio::test]
+async fn budgets_on_redis_alert_once_downgrade_then_stop() {
+    let redis = RedisServer::start();
+    let mock = mock().await;
+    // One dollar a token makes every request cost tens of dollars against a $100 budget.
+    let text = policy(
+        &mock.url(),
+        &redis.url(),
+        "fail_closed",
+        "{ budget_usd_per_month: 100, downgrade: { above_percent: 50, models: { gpt-4o: gpt-4o-mini } } }",
+    )
+    .replace(
+        "tiers:",
+        r#"prices:
+  gpt-4o: { input: 1000000, output: 1000000 }
+  "gpt-4.*": { input: 1000000, output: 1000000 }
+  gpt-4o-mini: { input: 0.15, output: 0.6 }
+tiers:"#,
+    );
+    let replicas = [Sidecar::start(&text).await, Sidecar::start(&text).await];
+    let mut turn = 0;
+    let mut ask = |model: &'static str| {
+        turn += 1;
+        reqwest::Client::new()
+            .post(format!("{}/openai/v1/chat/completions", replicas[turn % 2].proxy))
+            .bearer_auth(KEY)
+            .json(&serde_json::json!({"model": model, "messages": [{"role": "user", "content": "spend some money please, it is only a test"}]}))
+            .send()
+    };
+    // Until half the budget is spent (by either replica), gpt-4o is sent as asked.
+    let mut sent_as_asked = 0;
+    loop {
+        let response = ask("gpt-4o").await.unwrap();
+        assert_eq!(response.status(), 200);
+        let downgraded = response.headers().get("x-sluice-model-downgraded").cloned();
+        response.bytes().await.unwrap();
+        settled(redis.port).await;
+        if let Some(header) = downgraded {
+            assert_eq!(header, "gpt-4o -> gpt-4o-mini");
+            break;
+        }
+        sent_as_asked += 1;
+        assert!(sent_as_asked < 10, "never downgraded");
+    }
+    assert!(sent_as_asked >= 1);
+    let sent: serde_json::Value =
+        serde_json::from_slice(&mock.requests().last().unwrap().body).unwrap();
+    assert_eq!(
+        sent["model"], "gpt-4o-mini",
+        "the provider receives the cheaper model"
+    );
+    // Models without a downgrade keep spending until the hard stop.
+    let mut refused = None;
+    for _ in 0..10 {
+        let response = ask("gpt-4.1").await.unwrap();
+        if response.status() == 429 {
+            refused = Some(response.json::<serde_json::Value>().await.unwrap());
+            break;
+        }
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+        settled(redis.port).await;
+    }
+    let refused = refused.expect("the budget never stopped requests");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`budget_usd_per_month` limit of 100"),
+        "{refused}"
+    );
+    let requests = mock.request_count();
+    // Stopped on both replicas, and the stop charged nothing.
+    assert_eq!(ask("gpt-4.1").await.unwrap().status(), 429);
+    assert_eq!(ask("gpt-4.1").await.unwrap().status(), 429);
+    assert_eq!(mock.request_count(), requests);
+    // Each threshold fired once in all, whichever replica's settlement crossed it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let logs = || replicas.iter().map(Sidecar::logs).collect::<String>();
+    while !logs().contains("threshold_percent=95 ") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = logs();
+    for percent in [50, 75, 90, 95] {
+        let fired = logs
+            .matches(&format!("threshold_percent={percent} "))
+            .count();
+        assert_eq!(fired, 1, "alert {percent}% fired {fired} times:\n{logs}");
+    }
+    let mut counted = [0.0; 4];
+    for replica in &replicas {
+        let metrics = replica.metrics().await;
+        for (i, percent) in ["50", "75", "90", "95"].into_iter().enumerate() {
+            let labels = [("tier", "free"), ("threshold", percent), ("tenant", "")];
+            counted[i] += metrics
+                .value("sluice_budget_alerts_total", &labels)
+                .unwrap_or(0.0);
+        }
+    }
+    assert_eq!(
+        counted, [1.0; 4],
+        "each alert counted once over both replicas"
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_charges_nothing_on_redis() {
+    let redis = RedisServer::start();
+    let mock = mock().await;
+    let text = policy(
+        &mock.url(),
+        &redis.url(),
+        "fail_closed",
+        "{ requests_per_minute: 3, tokens_per_day: 1000, max_output_tokens: 600 }",
+    );
+    let sidecar = Sidecar::start(&text).await;
+    let client = reqwest::Client::new();
+    let send_as = |max_tokens: u64, stream: bool| {
+        client
+            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+            .bearer_auth(KEY)
+            .header("x-mock-chunk-ms", "100")
+            .json(&serde_json::json!({"model": "m", "max_tokens": max_tokens, "stream": stream, "messages": []}))
+            .send()
+    };
+    let send = |max_tokens: u64| send_as(max_tokens, false);
+    within_one_minute(20).await;
+    let now = epoch_secs();
+    let requests_key = format!("sluice:{{a}}:r1:{}", now - now % 60);
+    let tokens_key = tokens_today_key();
+    let inflight = "sluice:{a}:inflight";
+    // Over the per-request cap: refused before any counter is asked.
+    assert_eq!(send(700).await.unwrap().status(), 400);
+    // Over the day's tokens while a stream holds 500: refused by Redis, with the request
+    // count untouched.
+    let greedy = send_as(500, true).await.unwrap();
+    assert_eq!(greedy.status(), 200);
+    let greedy_reserved = 1000 - remaining_tokens(&greedy).await;
+    let too_much = send(600).await.unwrap();
+    assert_eq!(too_much.status(), 429, "{greedy_reserved} + 600 > 1000");
+    assert_eq!(redis_get(redis.port, &requests_key), Some(1));
+    greedy.bytes().await.unwrap();
+    settled(redis.port).await;
+    let mut remaining = Vec::new();
+    for _ in 0..2 {
+        let response = send(10).await.unwrap();
+        assert_eq!(response.status(), 200);
+        remaining.push(header(&response, "x-ratelimit-remaining-requests"));
+        response.bytes().await.unwrap();
+    }
+    assert_eq!(remaining, ["1", "0"]);
+    settled(redis.port).await;
+    let tokens = redis_get(redis.port, &tokens_key);
+    // Over the minute's requests: refused, and nothing moved.
+    for _ in 0..3 {
+        let refused = send(10).await.unwrap();
+        assert_eq!(refused.status(), 429);
+        assert_eq!(header(&refused, "content-type"), "application/json");
+    }
+    assert_eq!(redis_get(redis.port, &requests_key), Some(3));
+    assert_eq!(redis_get(redis.port, &tokens_key), tokens);
+    assert_eq!(redis_int(redis.port, &["ZCARD", inflight]), Some(0));
+    assert_eq!(mock.request_count(), 3);
+    let metrics = sidecar.metrics().await;
+    let rejections = |limit| {
+        metrics.value(
+            "sluice_limit_rejections_total",
+            &[("limit", limit), ("scope", "free")],
+        )
+    };
+    assert_eq!(rejections("max_output_tokens"), Some(1.0));
+    assert_eq!(rejections("tokens_per_day"), Some(1.0));
+    assert_eq!(rejections("requests_per_minute"), Some(3.0));
+}
