@@ -316,7 +316,11 @@ async fn spans_over_grpc() {
 async fn metrics_count_what_was_sent_and_timings_are_reported() {
     let (primary, backup) = (mock().await, mock().await);
     let (url, _collector) = http_collector().await;
-    let sidecar = Sidecar::start(&traced_policy(&primary, &backup, &url, "http/protobuf")).await;
+    let policy = traced_policy(&primary, &backup, &url, "http/protobuf").replace(
+        "requests_per_minute: 100",
+        "requests_per_minute: 100, concurrent: 1, queue: { max_wait: 5s }",
+    );
+    let sidecar = Sidecar::start(&policy).await;
     for i in 0..5 {
         let response = traced_call(&sidecar, &chat_body(&format!("count {i}"), i % 2 == 0)).await;
         assert_eq!(response.status(), 200);
@@ -328,6 +332,9 @@ async fn metrics_count_what_was_sent_and_timings_are_reported() {
             timing.starts_with("sluice;dur=") && timing.contains("upstream;dur="),
             "{timing}"
         );
+        // A whole answer's first token came with its head; a stream's head goes out first.
+        let streamed = i % 2 == 0;
+        assert_eq!(timing.contains("ttft;dur="), !streamed, "{timing}");
         response.bytes().await.unwrap();
     }
     let refused = reqwest::Client::new()
@@ -410,6 +417,35 @@ async fn metrics_count_what_was_sent_and_timings_are_reported() {
         })
         .sum();
     assert_eq!(connections, 5.0);
+    // Every attempt's time to its head; the time to connect of each new connection.
+    let primary_labels = [("upstream", "primary")];
+    assert_eq!(
+        metrics.value("sluice_upstream_first_byte_seconds_count", &primary_labels),
+        Some(5.0)
+    );
+    let new = metrics
+        .value(
+            "sluice_upstream_connections_total",
+            &[("upstream", "primary"), ("reused", "false")],
+        )
+        .unwrap_or(0.0);
+    let reused = metrics
+        .value(
+            "sluice_upstream_connections_total",
+            &[("upstream", "primary"), ("reused", "true")],
+        )
+        .unwrap_or(0.0);
+    assert!(new >= 1.0 && reused >= 1.0, "new {new}, reused {reused}");
+    assert_eq!(
+        metrics.value("sluice_upstream_connect_seconds_count", &primary_labels),
+        Some(new)
+    );
+    assert_eq!(
+        metrics.value("sluice_output_tokens_per_second_count", &route),
+        Some(3.0),
+        "the three streams"
+    );
+    assert!(metrics.value("sluice_output_tokens_per_second_sum", &route) > Some(0.0));
     // Tens of microseconds are visible in the overhead histogram.
     let finest = metrics.0.samples.iter().any(|s| match &s.value {
         prometheus_parse::Value::Histogram(buckets) => {
@@ -430,6 +466,36 @@ async fn metrics_count_what_was_sent_and_timings_are_reported() {
     assert_eq!(minute["success_rate"], 100.0, "a 401 is not a failure");
     assert!(minute["total_ms"]["p99"].as_f64().unwrap() > 0.0);
     assert_eq!(stats["upstreams"]["primary"]["1m"]["requests"], 5);
+    // Under a tier with a queue every admission is timed; none had to wait yet.
+    assert_eq!(
+        metrics.value("sluice_queue_wait_seconds_count", &route),
+        Some(5.0)
+    );
+    assert!(metrics.value("sluice_queue_wait_seconds_sum", &route) < Some(0.05));
+
+    // A request that waits in the limits queue behind a slow stream: its wait is measured.
+    let slow = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth(CALLER_KEY)
+        .header("x-mock-chunk-ms", "100")
+        .header("x-mock-chunks", "4")
+        .json(&chat_body("hold", true))
+        .send()
+        .await
+        .unwrap();
+    let (_, queued) = tokio::join!(slow.bytes(), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        traced_call(&sidecar, &chat_body("queued", false)).await
+    });
+    assert_eq!(queued.status(), 200);
+    let queue_wait = ("sluice_queue_wait_seconds_count", &route[..], 7.0);
+    wait_for_metric(&sidecar, queue_wait, Duration::from_secs(3), async || {}).await;
+    let waited = sidecar
+        .metrics()
+        .await
+        .value("sluice_queue_wait_seconds_sum", &route)
+        .unwrap();
+    assert!(waited >= 0.1, "waited {waited} s");
 }
 
 #[tokio::test]
@@ -477,6 +543,44 @@ async fn an_unreachable_collector_costs_requests_nothing() {
 /// A latency rule and a success-rate rule break (injected latency; injected 500s) and heal:
 /// each once, in the metrics, the log and a span event — exported although the policy samples
 /// no requests.
+/// A collector that refuses connections: the spans it did not take are counted as failed,
+/// and the requests are answered as usual.
+#[tokio::test]
+async fn a_refusing_collector_counts_failed_exports() {
+    let (primary, backup) = (mock().await, mock().await);
+    let refusing = format!("http://127.0.0.1:{}", free_port());
+    let policy = traced_policy(&primary, &backup, &refusing, "http/protobuf").replace(
+        "export_interval: 100ms",
+        "export_interval: 100ms, timeout: 1s",
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    for i in 0..3 {
+        let response = traced_call(&sidecar, &chat_body(&format!("refused {i}"), false)).await;
+        assert_eq!(response.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = sidecar.metrics().await;
+        let failed = metrics.value("sluice_otlp_spans_failed_total", &[]);
+        if failed >= Some(3.0) {
+            assert_eq!(
+                metrics.value("sluice_otlp_spans_exported_total", &[]),
+                Some(0.0)
+            );
+            assert_eq!(
+                metrics.value("sluice_otlp_spans_dropped_total", &[]),
+                Some(0.0)
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "failed exports counted: {failed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn an_sla_rule_breaks_and_recovers() {
     let mock = mock().await;
@@ -929,6 +1033,7 @@ async fn cache_hits_are_timed_apart_from_the_upstream() {
     let policy = format!(
         r#"
 telemetry: {{ stats: {{ windows: [1m, 7s] }} }}
+cache: {{ max_bytes: 4KiB }}
 upstreams:
   openai: {{ provider: openai, base_url: "{url}" }}
 routes:
@@ -937,7 +1042,7 @@ routes:
     upstream: openai
     auth: passthrough
     filters:
-      - cache: {{ ttl: 1h }}
+      - cache: {{ ttl: 1h, max_entry: 2KiB }}
 "#,
         url = mock.url()
     );
@@ -1012,6 +1117,31 @@ routes:
             summary["cache_hit_ms"]["p99"].as_f64().unwrap() < 100.0,
             "{stats}"
         );
+    }
+
+    // More answers than the 4 KiB bound holds: the evictions show in /metrics.
+    mock.set_first_byte_delay(Duration::ZERO);
+    for i in 0..30 {
+        let mut body = body.clone();
+        body["messages"][0]["content"] = format!("evict {i}").into();
+        let response = reqwest::Client::new()
+            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        response.bytes().await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let metrics = sidecar.metrics().await;
+        let evicted = metrics.value("sluice_cache_removals_total", &[("reason", "size")]);
+        if evicted > Some(0.0) {
+            assert!(metrics.value("sluice_cache_bytes", &[]) <= Some(4096.0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "evictions counted: {evicted:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
