@@ -327,6 +327,57 @@ async fn token_reservations_settle_to_reported_usage() {
 }
 
 #[tokio::test]
+async fn anthropic_answers_settle_and_the_default_reservation_is_1024() {
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&token_policy(&mock.url())).await;
+    let client = reqwest::Client::new();
+    let send = |path: &'static str, body: serde_json::Value| {
+        client
+            .post(format!("{}{path}", sidecar.proxy))
+            .bearer_auth(KEY_A)
+            .header("x-api-key", KEY_A)
+            .json(&body)
+            .send()
+    };
+    let sent_last = || mock.requests().last().unwrap().body.clone();
+
+    // A non-streaming Anthropic answer: its JSON `usage` replaces the reservation.
+    let anthropic = serde_json::json!({"model": "claude-3-5-haiku-latest", "max_tokens": 300,
+        "messages": [{"role": "user", "content": "settle me"}]});
+    let bytes = serde_json::to_vec(&anthropic).unwrap();
+    let first = send("/anthropic/v1/messages", anthropic).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(
+        remaining_tokens(&first).await,
+        100_000 - reservation(&bytes, 300, Dialect::Anthropic)
+    );
+    let answer: serde_json::Value = first.json().await.unwrap();
+    let used = answer["usage"]["input_tokens"].as_u64().unwrap()
+        + answer["usage"]["output_tokens"].as_u64().unwrap();
+    assert_eq!(used, mock_usage(&sent_last()));
+
+    // No `max_tokens`: the tier's default reserves 1024 for the output.
+    let plain = serde_json::json!({"model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "no max_tokens here"}]});
+    let bytes = serde_json::to_vec(&plain).unwrap();
+    let second = send("/openai/v1/chat/completions", plain.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        remaining_tokens(&second).await,
+        100_000 - used - reservation(&bytes, 1024, Dialect::OpenAi),
+        "the Anthropic answer was settled, and 1024 reserved by default"
+    );
+    second.bytes().await.unwrap();
+    let used = used + mock_usage(&sent_last());
+    let third = send("/openai/v1/chat/completions", plain).await.unwrap();
+    assert_eq!(
+        remaining_tokens(&third).await,
+        100_000 - used - reservation(&bytes, 1024, Dialect::OpenAi)
+    );
+}
+
+#[tokio::test]
 async fn a_caller_that_asked_for_usage_still_gets_it() {
     let mock = mock().await;
     let sidecar = Sidecar::start(&token_policy(&mock.url())).await;

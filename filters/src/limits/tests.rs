@@ -386,6 +386,79 @@ fn tokens_are_reserved_then_settled_to_the_real_usage() {
     assert_eq!(store.tokens_today("t", wall), 750);
 }
 
+#[test]
+fn tokens_per_minute_reserve_settle_and_reset_on_the_minute() {
+    let store = LimitStore::default();
+    let tenant = scope("t");
+    let tier = limits(|l| l.tokens_per_minute = Some(1000));
+    let checks = [(&tenant, &tier)];
+    let now = Instant::now();
+    let minute = at_epoch_second(1_700_000_080); // 40 s into a minute
+    let (standings, charge) = store.admit(&checks, 600, now, minute).unwrap();
+    let tokens = standings.tokens.unwrap();
+    assert_eq!(
+        (tokens.limit, tokens.remaining, tokens.reset),
+        (1000, 400, Duration::from_secs(20))
+    );
+    let refused = store.admit(&checks, 600, now, minute).unwrap_err();
+    assert_eq!(
+        (refused.limit, refused.retry_after, refused.value),
+        (LimitName::TokensPerMinute, Duration::from_secs(20), 1000.0)
+    );
+    // Settled to 150 used: 850 left this minute, so 600 fits and 300 more do not.
+    store.settle(&charge, 150, 0);
+    let (standings, _) = store.admit(&checks, 600, now, minute).unwrap();
+    assert_eq!(standings.tokens.unwrap().remaining, 250);
+    assert!(store.admit(&checks, 300, now, minute).is_err());
+    // The next minute starts from nothing.
+    let next = at_epoch_second(1_700_000_100);
+    let (standings, _) = store.admit(&checks, 900, now, next).unwrap();
+    let tokens = standings.tokens.unwrap();
+    assert_eq!(
+        (tokens.remaining, tokens.reset),
+        (100, Duration::from_secs(60))
+    );
+}
+
+#[test]
+fn tokens_per_month_follow_the_utc_calendar_month() {
+    let store = LimitStore::default();
+    let tenant = scope("t");
+    let tier = limits(|l| l.tokens_per_month = Some(1000));
+    let checks = [(&tenant, &tier)];
+    let now = Instant::now();
+    // 2024-01-31 23:59:00 UTC, one minute before February.
+    let january = at_epoch_second(1_706_745_540);
+    let (standings, charge) = store.admit(&checks, 800, now, january).unwrap();
+    let tokens = standings.tokens.unwrap();
+    assert_eq!(
+        (tokens.limit, tokens.remaining, tokens.reset),
+        (1000, 200, Duration::from_secs(60))
+    );
+    let refused = store.admit(&checks, 300, now, january).unwrap_err();
+    assert_eq!(
+        (refused.limit, refused.retry_after),
+        (LimitName::TokensPerMonth, Duration::from_secs(60))
+    );
+    // A day earlier is the same month: the count holds.
+    let earlier = at_epoch_second(1_706_745_540 - 86_400);
+    assert!(store.admit(&checks, 300, now, earlier).is_err());
+    // February starts from nothing; January's late settlement stays in January.
+    let february = at_epoch_second(1_706_745_600);
+    let (standings, _) = store.admit(&checks, 900, now, february).unwrap();
+    assert_eq!(standings.tokens.unwrap().remaining, 100);
+    store.settle(&charge, 100, 0);
+    assert!(
+        store.admit(&checks, 200, now, february).is_err(),
+        "February's 900 reserved stand"
+    );
+    // February 29th 2024 is still February (a leap year): the count holds.
+    let leap_day = at_epoch_second(1_706_745_600 + 28 * 86_400);
+    assert!(store.admit(&checks, 200, now, leap_day).is_err());
+    let march = at_epoch_second(1_706_745_600 + 29 * 86_400);
+    assert!(store.admit(&checks, 1000, now, march).is_ok());
+}
+
 #[tokio::test]
 async fn the_filter_settles_with_the_exchange_usage() {
     let (filter, store) = limits_filter(limits(|l| l.tokens_per_day = Some(10_000)), None);
