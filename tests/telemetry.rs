@@ -690,57 +690,104 @@ routes:
     }
 }
 
+/// One JSON line per request with who asked (tenant, tier), what it took (attempts, cache,
+/// cost, time to first token on a stream), and no prompt or completion unless the policy asks.
 #[tokio::test]
 async fn the_access_log_is_one_json_line_without_prompts_unless_asked() {
     let mock = mock().await;
-    let body = |bodies: bool| {
+    let policy = |bodies: bool| {
         format!(
             r#"
 telemetry: {{ access_log: {{ bodies: {bodies} }} }}
+prices:
+  gpt-4o-mini: {{ input: 1000000, output: 1000000 }}
 upstreams:
-  openai: {{ provider: openai, base_url: "{url}" }}
+  openai: {{ provider: openai, base_url: "{url}", keys: ["{PROVIDER_KEY}"] }}
 routes:
-  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough }}
+  - name: openai
+    match: {{ path_prefix: /openai }}
+    upstream: openai
+    filters:
+      - request_id: {{}}
+      - cache: {{ ttl: 1h }}
+tiers:
+  free: {{ limits: {{ requests_per_minute: 100 }} }}
+tenants:
+  - {{ name: team, tier: free, keys: [{{ hash: "{hash}" }}] }}
 "#,
-            url = mock.url()
+            url = mock.url(),
+            hash = KeyHash::of(CALLER_KEY).to_text(),
         )
     };
     for bodies in [false, true] {
-        let sidecar = Sidecar::start_with_env(
-            &body(bodies),
-            &[
-                ("SLUICE_LOG", "sluice::access=info"),
-                ("SLUICE_LOG_FORMAT", "json"),
-            ],
-        )
-        .await;
-        let response = reqwest::Client::new()
-            .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
-            .json(&chat_body("a private prompt", false))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        response.bytes().await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        let line = loop {
-            let logs = sidecar.logs();
-            if let Some(line) = logs.lines().find(|l| l.contains("\"route\":\"openai\"")) {
-                break line.to_owned();
-            }
-            assert!(Instant::now() < deadline, "no access line: {logs}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let entry: serde_json::Value = serde_json::from_str(&line).expect("one JSON object");
-        let fields = &entry["fields"];
-        assert_eq!(fields["status"], 200);
-        assert_eq!(fields["upstream"], "openai");
-        assert_eq!(fields["model"], "gpt-4o-mini");
-        assert!(fields["input_tokens"].as_u64().unwrap() > 0);
-        assert!(fields["duration_ms"].as_f64().unwrap() > 0.0);
-        assert!(fields["sluice_ms"].as_f64().is_some());
-        assert!(fields["upstream_ms"].as_f64().is_some());
-        assert_eq!(line.contains("a private prompt"), bodies, "{line}");
+        let sidecar = Sidecar::start_with_env(&policy(bodies), &ACCESS_LOG_JSON).await;
+        let prompt = format!("a private prompt {bodies}");
+        let whole = serde_json::json!({
+            "model": "gpt-4o-mini",
+            "temperature": 0,
+            "messages": [{"role": "user", "content": prompt}],
+        });
+        let mut ids = Vec::new();
+        for body in [whole.clone(), whole, chat_body("streamed", true)] {
+            let response = reqwest::Client::new()
+                .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+                .bearer_auth(CALLER_KEY)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            ids.push(
+                response.headers()["x-request-id"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+            response.bytes().await.unwrap();
+        }
+        let mut lines = wait_for_access(&sidecar, "openai", 3).await;
+        // Nothing more comes: one line per request.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(access_lines(&sidecar).len(), 3, "{}", sidecar.logs());
+        lines.sort_by_key(|line| {
+            let id = line["fields"]["request_id"].as_str().unwrap().to_owned();
+            ids.iter().position(|i| *i == id).expect("a request's id")
+        });
+        for line in &lines {
+            let fields = &line["fields"];
+            assert_eq!(fields["tenant"], "team", "{fields}");
+            assert_eq!(fields["tier"], "free", "{fields}");
+            assert_eq!(fields["status"], 200, "{fields}");
+            assert!(fields["duration_ms"].as_f64().unwrap() > 0.0);
+            assert!(fields["sluice_ms"].as_f64().is_some());
+        }
+        let (miss, hit, stream) = (
+            &lines[0]["fields"],
+            &lines[1]["fields"],
+            &lines[2]["fields"],
+        );
+        assert_eq!(miss["cache"], "miss");
+        assert_eq!(miss["attempts"], 1);
+        assert_eq!(miss["upstream"], "openai");
+        assert_eq!(miss["model"], "gpt-4o-mini");
+        assert!(miss["input_tokens"].as_u64().unwrap() > 0);
+        assert!(miss["cost_usd"].as_f64().unwrap() > 0.0, "a dollar a token");
+        assert!(miss["upstream_ms"].as_f64().is_some());
+        assert_eq!(hit["cache"], "hit");
+        assert_eq!(hit["attempts"], 0, "answered from the cache");
+        assert!(hit.get("cost_usd").is_none(), "a hit costs nothing: {hit}");
+        assert_eq!(stream["stream"], true);
+        assert!(stream["ttft_ms"].as_f64().unwrap() > 0.0, "{stream}");
+        assert!(stream["output_tokens"].as_u64().unwrap() > 0, "{stream}");
+        assert!(
+            miss.get("ttft_ms").is_none(),
+            "no stream, no first token: {miss}"
+        );
+
+        let miss_line = lines[0].to_string();
+        assert_eq!(miss_line.contains(&prompt), bodies, "{miss_line}");
+        let completion = format!("echo: {prompt}");
+        assert_eq!(miss_line.contains(&completion), bodies, "{miss_line}");
     }
 }
 
@@ -1339,5 +1386,63 @@ tenants:
         .unwrap();
     for (place, text) in [("logs", sidecar.logs()), ("/admin/policy", policy_text)] {
         assert!(!text.contains(OTLP_KEY), "the OTLP header in {place}");
+    }
+}
+
+/// Label values stay few: a model the policy does not name is `other`, and tenants are labels
+/// only when `telemetry.metrics.tenant_labels` asks.
+#[tokio::test]
+async fn metric_labels_stay_bounded() {
+    let mock = mock().await;
+    for tenant_labels in [false, true] {
+        let policy = format!(
+            r#"
+telemetry: {{ metrics: {{ tenant_labels: {tenant_labels} }} }}
+prices:
+  gpt-4o-mini: {{ input: 1000000, output: 1000000 }}
+upstreams:
+  openai: {{ provider: openai, base_url: "{url}", keys: ["{PROVIDER_KEY}"] }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai }}
+tiers:
+  free: {{ limits: {{ requests_per_minute: 100 }} }}
+tenants:
+  - {{ name: team, tier: free, keys: [{{ hash: "{hash}" }}] }}
+"#,
+            url = mock.url(),
+            hash = KeyHash::of(CALLER_KEY).to_text(),
+        );
+        let sidecar = Sidecar::start(&policy).await;
+        for model in ["gpt-4o-mini", "made-up-model-7"] {
+            let mut body = chat_body("labels", false);
+            body["model"] = model.into();
+            let response = traced_call(&sidecar, &body).await;
+            assert_eq!(response.status(), 200);
+            response.bytes().await.unwrap();
+        }
+        let tenant = if tenant_labels { "team" } else { "" };
+        let other = [("model", "other"), ("status", "200"), ("tenant", tenant)];
+        let requests = ("sluice_requests_total", &other[..], 1.0);
+        wait_for_metric(&sidecar, requests, Duration::from_secs(3), async || {}).await;
+        let metrics = sidecar.metrics().await;
+        let priced = [("model", "gpt-4o-mini"), ("tenant", tenant)];
+        assert_eq!(metrics.value("sluice_requests_total", &priced), Some(1.0));
+        let tokens = [("model", "other"), ("kind", "input"), ("tenant", tenant)];
+        assert!(metrics.value("sluice_tokens_total", &tokens) > Some(0.0));
+        assert_eq!(
+            metrics.value("sluice_cost_usd_total", &[("model", "other")]),
+            None,
+            "an unpriced model costs nothing known"
+        );
+        for sample in &metrics.0.samples {
+            assert!(
+                sample.labels.values().all(|v| v != "made-up-model-7"),
+                "{} names the caller's model",
+                sample.metric
+            );
+            if let Some(value) = sample.labels.get("tenant") {
+                assert_eq!(value, tenant, "{}", sample.metric);
+            }
+        }
     }
 }
