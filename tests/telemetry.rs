@@ -1065,6 +1065,11 @@ routes:
     );
     assert_eq!(int_attribute(server("stalled"), "sluice.attempts"), Some(2));
     assert_eq!(
+        string_attribute(server("dead"), "gen_ai.response.model"),
+        None,
+        "no response, no response model"
+    );
+    assert_eq!(
         spans.iter().filter(|s| s.kind == 3).count(),
         5,
         "a client span per attempt"

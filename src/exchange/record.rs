@@ -300,7 +300,9 @@ fn annotate(
         KeyValue::new("sluice.outcome", format!("{:?}", ex.outcome)),
         KeyValue::new("gen_ai.request.stream", ex.facts.stream),
     ];
-    if let Some(model) = model.filter(|_| ex.upstream.is_some() || ex.cache.is_some()) {
+    // Only an answer has a response model: a failed request names the upstream it tried.
+    let answered = ex.timings.upstream_head.is_some() || ex.cache == Some(CacheStatus::Hit);
+    if let Some(model) = model.filter(|_| answered) {
         attributes.push(KeyValue::new("gen_ai.response.model", model.to_owned()));
     }
     if let Some(upstream) = &ex.upstream {
