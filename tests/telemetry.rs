@@ -1074,6 +1074,22 @@ routes:
         5,
         "a client span per attempt"
     );
+
+    // A caller that gives up while an attempt is under way: its attempt is counted too.
+    let gone = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap()
+        .post(format!("{}/stalled/v1/chat/completions", sidecar.proxy))
+        .json(&chat_body("gone", false))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the caller timed out");
+    let lines = wait_for_access(&sidecar, "stalled", 2).await;
+    let fields = &lines.last().expect("the gone caller's line")["fields"];
+    assert_eq!(fields["outcome"], "CallerGone", "{fields}");
+    assert_eq!(fields["attempts"], 1, "{fields}");
+    assert_eq!(fields["upstream"], "stalled", "{fields}");
 }
 
 /// Cache hits answer in microseconds: their latency is kept apart from the upstream's, in the
