@@ -123,6 +123,50 @@ async fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool
     }
 }
 
+/// Every command Redis runs, as `MONITOR` shows it (a script's own commands are marked `lua`).
+struct RedisMonitor {
+    stream: std::net::TcpStream,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl RedisMonitor {
+    fn start(port: u16) -> RedisMonitor {
+        use std::io::{BufRead, BufReader, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.write_all(b"MONITOR\r\n").unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut ok = String::new();
+        reader.read_line(&mut ok).unwrap();
+        assert_eq!(ok, "+OK\r\n");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = lines.clone();
+        std::thread::spawn(move || {
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                seen.lock().unwrap().push(line);
+            }
+        });
+        RedisMonitor { stream, lines }
+    }
+
+    /// The commands clients sent themselves (not those run inside a script).
+    fn client_commands(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| !line.contains(" lua] "))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for RedisMonitor {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 /// A TCP link to Redis that a test cuts and restores: Redis stays up with its data, as in a
 /// network blip (stopping `redis-server` would lose every counter, so a test could not tell
 /// a replayed settlement from an empty Redis).
@@ -684,6 +728,7 @@ async fn budgets_on_redis_alert_once_downgrade_then_stop() {
 tiers:"#,
     );
     let replicas = [Sidecar::start(&text).await, Sidecar::start(&text).await];
+    let monitor = RedisMonitor::start(redis.port);
     let mut turn = 0;
     let mut ask = |model: &'static str| {
         turn += 1;
@@ -714,6 +759,17 @@ tiers:"#,
     assert_eq!(
         sent["model"], "gpt-4o-mini",
         "the provider receives the cheaper model"
+    );
+    // The downgrade rule used the spend the admission script read: no command of its own.
+    let commands = monitor.client_commands();
+    let scripts = commands
+        .iter()
+        .filter(|c| c.contains("] \"EVALSHA\""))
+        .count();
+    assert!(scripts >= 2 * sent_as_asked, "{commands:#?}");
+    assert!(
+        !commands.iter().any(|c| c.contains("] \"GET\"")),
+        "{commands:#?}"
     );
     // Models without a downgrade keep spending until the hard stop.
     let mut refused = None;

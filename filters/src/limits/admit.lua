@@ -3,7 +3,9 @@
 --   prefix, rps, burst, rpm, rph, rpd, tpm, tpd, tpmonth, concurrent, budget_micros, stop_micros
 -- (-1 = no such limit). Times come from the Redis server, so replicas agree.
 -- Returns {0, scope_index, limit_code, retry_ms} or
---         {1, req_limit, req_remaining, req_reset_ms, tok_limit, tok_remaining, tok_reset_ms, now_secs}.
+--         {1, req_limit, req_remaining, req_reset_ms, tok_limit, tok_remaining, tok_reset_ms, now_secs,
+--          then per scope the month's spend before this request (-1 without a budget)}: a
+--          downgrade rule needs no second round trip.
 local time = redis.call('TIME')
 local secs = tonumber(time[1])
 local now_ms = secs * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -34,6 +36,7 @@ local function token_window(w)
 end
 
 local tats = {}
+local spends = {}
 for i = 0, scopes - 1 do
   local b = 5 + i * 12
   local p = ARGV[b + 1]
@@ -75,9 +78,14 @@ for i = 0, scopes - 1 do
       return {0, i, 8, 1000}
     end
   end
-  local stop = tonumber(ARGV[b + 12])
-  if stop >= 0 and tonumber(redis.call('GET', p .. 'spend:' .. month_start) or '0') >= stop then
-    return {0, i, 9, (month_end - secs) * 1000}
+  spends[i + 1] = -1
+  if tonumber(ARGV[b + 11]) >= 0 then
+    local spent = tonumber(redis.call('GET', p .. 'spend:' .. month_start) or '0')
+    local stop = tonumber(ARGV[b + 12])
+    if stop >= 0 and spent >= stop then
+      return {0, i, 9, (month_end - secs) * 1000}
+    end
+    spends[i + 1] = spent
   end
 end
 
@@ -106,4 +114,6 @@ for i = 0, scopes - 1 do
   redis.call('ZADD', inflight, now_ms + IN_FLIGHT_LAPSE_MS, request_id)
   redis.call('PEXPIRE', inflight, IN_FLIGHT_LAPSE_MS)
 end
-return {1, req[1], req[2], req[3], tok[1], tok[2], tok[3], secs}
+local reply = {1, req[1], req[2], req[3], tok[1], tok[2], tok[3], secs}
+for i = 1, scopes do table.insert(reply, spends[i]) end
+return reply

@@ -271,10 +271,12 @@ impl Limits {
     }
 
     /// Past the tier's downgrade threshold, rewrites the requested model to its cheaper one.
-    async fn downgrade(
+    /// `spent`: the month's spend the admission read (with Redis, in the same round trip).
+    fn downgrade(
         &self,
         tenant: &str,
         limits: &RequestLimits,
+        spent: u64,
         ex: &mut Exchange,
     ) -> Option<(String, String)> {
         let rule = limits.downgrade.as_ref()?;
@@ -285,10 +287,6 @@ impl Limits {
         let budget = limits.budget_micros()?;
         let asked = ex.facts.model.clone()?;
         let cheaper = rule.models.get(&asked)?;
-        let spent = match &self.backend {
-            Backend::Memory(store) => store.spent_micros(tenant, SystemTime::now()),
-            Backend::Redis(redis) => redis.spent_micros(tenant, SystemTime::now()).await.ok()?,
-        };
         if (spent as f64) < budget as f64 * rule.above_percent / 100.0 {
             return None;
         }
@@ -488,7 +486,14 @@ impl Filter for Limits {
         match admitted {
             Ok((standings, charge)) => {
                 let downgraded = match (ex.tenant.clone(), tier) {
-                    (Some(tenant), Some(limits)) => self.downgrade(&tenant, limits, ex).await,
+                    (Some(tenant), Some(limits)) => charge
+                        .scopes
+                        .iter()
+                        .find(|charged| charged.scope == tenant)
+                        .and_then(|charged| charged.budget.as_ref())
+                        .and_then(|budget| {
+                            self.downgrade(&tenant, limits, budget.spent_at_admission, ex)
+                        }),
                     _ => None,
                 };
                 let cuts =

@@ -245,12 +245,15 @@ impl RedisCounters {
         let charge = Charge {
             scopes: checks
                 .iter()
-                .map(|(scope, limits)| ScopeCharge {
+                .enumerate()
+                .map(|(index, (scope, limits))| ScopeCharge {
                     scope: (*scope).clone(),
                     token_windows,
                     budget: limits.budget_micros().map(|budget_micros| BudgetTerms {
                         budget_micros,
                         alerts: limits.budget_alerts.clone(),
+                        spent_at_admission: reply.get(8 + index).copied().unwrap_or(0).max(0)
+                            as u64,
                     }),
                 })
                 .collect(),
@@ -275,26 +278,6 @@ impl RedisCounters {
                 done,
             }),
         }
-    }
-
-    /// A scope's spend this month (for budget downgrades).
-    pub async fn spent_micros(&self, scope: &str, wall: SystemTime) -> Result<u64, Unavailable> {
-        let (month_start, _) = month_bounds(epoch_secs(wall));
-        let key = format!("{}spend:{month_start}", self.key_prefix(scope));
-        let inner = &self.inner;
-        let mut connection = inner.connection().await?;
-        let result: redis::RedisResult<Option<u64>> = match tokio::time::timeout(
-            inner.timeout,
-            redis::cmd("GET").arg(key).query_async(&mut connection),
-        )
-        .await
-        {
-            Ok(result) => result,
-            Err(_) => return Err(inner.failed("no answer in time")),
-        };
-        result
-            .map(Option::unwrap_or_default)
-            .map_err(|e| inner.failed(e))
     }
 }
 

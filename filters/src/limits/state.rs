@@ -98,6 +98,9 @@ pub struct BudgetAlert {
 pub(super) struct BudgetTerms {
     pub(super) budget_micros: u64,
     pub(super) alerts: Vec<u8>,
+    /// The month's spend when the request was admitted (before its own cost): what a
+    /// downgrade rule compares, read in the same step as the limits.
+    pub(super) spent_at_admission: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -364,6 +367,7 @@ impl LimitStore {
                 budget: limits.budget_micros().map(|budget_micros| BudgetTerms {
                     budget_micros,
                     alerts: limits.budget_alerts.clone(),
+                    spent_at_admission: count_in(counters.spend, token_bounds[2].0),
                 }),
             });
         }
