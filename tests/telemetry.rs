@@ -1258,7 +1258,7 @@ async fn a_panic_answers_500_and_leaks_no_key() {
         })
         .await;
     let deadline = Instant::now() + Duration::from_secs(3);
-    while !sidecar.logs().contains("panic at") {
+    while !sidecar.logs().contains("panicked at") {
         assert!(Instant::now() < deadline, "the panic is reported");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -17,9 +17,12 @@ pub fn install_hook() {
             .downcast_ref::<&'static str>()
             .copied()
             .unwrap_or("(a formatted message, withheld: it may carry request data)");
-        // stderr directly as well as the log: the log writer may be what panicked.
-        eprintln!("sluice: panic at {location}: {message}");
-        tracing::error!(target: "sluice::panic", %location, "panic: {message}");
+        // stderr directly as well as the log: the log writer may be what panicked. "panicked",
+        // as the default hook says it, so whatever watches the logs for panics still sees them.
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("<unnamed>");
+        eprintln!("thread '{thread}' panicked at {location}: {message}");
+        tracing::error!(target: "sluice::panic", %location, "panicked: {message}");
     }));
 }
 
