@@ -281,6 +281,28 @@ impl RedisCounters {
     }
 }
 
+/// Clears `probing` if a probe ends other than by finding Redis back (its runtime shut down),
+/// so that the next failure starts a new one.
+struct ProbeGuard {
+    store: std::sync::Weak<Inner>,
+    armed: bool,
+}
+
+impl ProbeGuard {
+    /// The probe ends having cleared `probing` itself.
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        if let Some(inner) = self.store.upgrade().filter(|_| self.armed) {
+            inner.backlog().probing = false;
+        }
+    }
+}
+
 impl Inner {
     fn backlog(&self) -> std::sync::MutexGuard<'_, Backlog> {
         self.backlog.lock().unwrap_or_else(|e| e.into_inner())
@@ -332,11 +354,16 @@ impl Inner {
             }
             backlog.probing = true;
         }
-        let store = Arc::downgrade(self);
+        let mut guard = ProbeGuard {
+            store: Arc::downgrade(self),
+            armed: true,
+        };
         runtime.spawn(async move {
             loop {
                 tokio::time::sleep(PROBE_EVERY).await;
-                let Some(inner) = store.upgrade() else { return };
+                let Some(inner) = guard.store.upgrade() else {
+                    return;
+                };
                 if !inner.is_healthy() && !inner.ping().await {
                     continue;
                 }
@@ -346,6 +373,7 @@ impl Inner {
                 if inner.is_healthy() && backlog.pending.is_empty() {
                     backlog.probing = false;
                     backlog.overflowed = false;
+                    guard.disarm();
                     return;
                 }
             }
