@@ -122,7 +122,13 @@ async fn openai_stream_with_and_without_usage() {
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["completion_tokens"], 5);
     assert_eq!(usage["usage"]["prompt_tokens"], body.to_string().len() / 4);
-    assert!(with_usage[..5].iter().all(|e| !e.contains("usage")));
+    // Like OpenAI: under include_usage every content chunk ends with `"usage":null`.
+    assert!(
+        with_usage[..5]
+            .iter()
+            .all(|e| e.ends_with(r#","usage":null}"#) && data(e)["usage"].is_null()),
+        "{with_usage:?}"
+    );
 }
 
 #[tokio::test]
