@@ -238,9 +238,10 @@ impl UsageMeter {
             self.buffer.extend_from_slice(&chunk[line_start..]);
         }
         if let Some((from, to)) = strip {
-            // Lines before the usage event in this chunk keep their cuts; none lies inside it.
-            cuts.retain(|&(start, _)| start < from);
+            // The usage event goes whole: cuts inside it are part of it; the others stay.
+            cuts.retain(|&(start, _)| start < from || start >= to);
             cuts.push((from, to));
+            cuts.sort_unstable();
         }
         if cuts.is_empty() {
             return chunk;
@@ -249,8 +250,9 @@ impl UsageMeter {
         let mut out = BytesMut::with_capacity(chunk.len() - removed);
         let mut kept_from = 0;
         for (from, to) in cuts {
-            out.extend_from_slice(&chunk[kept_from..from]);
-            kept_from = to;
+            // Cuts lie within their own lines, so they never overlap; `max` keeps it so.
+            out.extend_from_slice(&chunk[kept_from..from.max(kept_from)]);
+            kept_from = to.max(kept_from);
         }
         out.extend_from_slice(&chunk[kept_from..]);
         out.freeze()
@@ -713,6 +715,45 @@ mod tests {
         // A caller that asked for usage gets OpenAI's stream unchanged.
         let mut meter = UsageMeter::new(Dialect::OpenAi, true, false);
         assert_eq!(feed_all(&mut meter, &events), upstream);
+    }
+
+    #[test]
+    fn stripping_only_removes_bytes_whatever_the_mix_and_split() {
+        let events = [
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\n",
+            ": keep-alive\nid: 7\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n",
+            "data: {\"choices\":[],\"usage\":null}\r\n\r\n",
+            "data: {\"usage\":null}\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n",
+            "data: [DONE]\n\n",
+        ];
+        // A small deterministic generator: every order of a few events, split every way.
+        let mut seed = 0x2545_f491_u32;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        for _ in 0..300 {
+            let stream: String = (0..6)
+                .map(|_| events[next() as usize % events.len()])
+                .collect();
+            let mut meter = UsageMeter::new(Dialect::OpenAi, true, true);
+            let mut out = String::new();
+            let mut rest = stream.as_str();
+            while !rest.is_empty() {
+                let mut size = (next() as usize % 40 + 1).min(rest.len());
+                while !rest.is_char_boundary(size) {
+                    size += 1;
+                }
+                let (piece, after) = rest.split_at(size);
+                out.push_str(
+                    std::str::from_utf8(&meter.feed(Bytes::from(piece.to_owned()))).unwrap(),
+                );
+                rest = after;
+            }
+            assert!(is_subsequence(&out, &stream), "{stream:?} -> {out:?}");
+        }
     }
 
     /// Whether `inner`'s bytes appear in `outer` in order.
