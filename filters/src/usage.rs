@@ -27,6 +27,7 @@ const EVENT_MESSAGE_HEADER: &[u8] = b"\x0d:message-type\x07\x00\x05event";
 impl Dialect {
     /// The events a streamed chunk carries (SSE `data:` lines; Bedrock event messages). Counted
     /// per chunk, so an event split across two chunks may be missed: an estimate of output.
+    /// (The exchange frames event streams before this, so its chunks hold whole events.)
     pub fn stream_events_in(self, chunk: &[u8]) -> u64 {
         let marker: &[u8] = match self {
             Dialect::OpenAi | Dialect::Anthropic => b"data:",
@@ -49,7 +50,8 @@ const CONTENT_FIELDS: [&[u8]; 5] = [
 
 /// Whether a streamed chunk carries generated content: one of the content fields with a
 /// non-empty value (a role-only first event or an empty delta is not a token yet). For time
-/// to first token and the gaps between tokens; a field split across chunks may be missed.
+/// to first token and the gaps between tokens; a field split across chunks may be missed
+/// (not behind the exchange, which hands on whole events).
 pub fn carries_content(chunk: &[u8]) -> bool {
     CONTENT_FIELDS.iter().any(|field| {
         memchr::memmem::find_iter(chunk, field).any(|at| {

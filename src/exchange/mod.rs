@@ -566,38 +566,17 @@ impl SluiceProxy {
             };
             match chunk {
                 Ok(Some(mut chunk)) => {
-                    chunk = meter.feed(chunk);
-                    if chunk.is_empty() {
-                        continue;
-                    }
-                    if let ChunkVerdict::Cut(rejection) = route.chain.on_response_chunk(ex, &chunk)
-                    {
-                        // A provider-shaped error as the stream's last event; the upstream
-                        // connection is dropped, which stops the generation.
-                        let provider = route.provider;
-                        let event = provider.stream_error_event(rejection.kind, &rejection.message);
-                        ex.outcome = Outcome::Cut;
-                        tracing::info!(route = %ex.route, "stream cut: {}", rejection.message);
-                        return match session.write_response_body(Some(event), true).await {
-                            Ok(()) => Ok(StreamEnd::Cut),
-                            Err(e) => Err(Close::CallerGone(e)),
-                        };
-                    }
-                    if event_stream && carries_content(&chunk) {
-                        let now = Instant::now();
-                        let timings = &mut ex.timings;
-                        if let Some(last) = timings.last_content {
-                            let gap = now.saturating_duration_since(last);
-                            route.metrics.inter_token_gap.observe(gap.as_secs_f64());
-                        }
-                        timings.first_content.get_or_insert(now);
-                        timings.last_content = Some(now);
-                        timings.content_events += 1;
-                    }
+                    // Framed first, so the meter and the chunk filters see whole events: a
+                    // field to strip or a usage object is never split across two chunks.
                     if let Some(framer) = framer.as_mut() {
                         chunk = framer.push(chunk);
                     }
-                    send_body(session, ex, logged, chunk).await?;
+                    if let Some(cut) =
+                        forward_chunk(session, route, ex, meter, event_stream, logged, chunk)
+                            .await?
+                    {
+                        return Ok(cut);
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -625,6 +604,15 @@ impl SluiceProxy {
                 break;
             }
         }
+        // The upstream finished: whatever it sent after its last boundary is its own (an
+        // upstream may end its final event without the blank line).
+        if let Some(rest) = framer.as_mut().map(EventFramer::finish) {
+            if let Some(cut) =
+                forward_chunk(session, route, ex, meter, event_stream, logged, rest).await?
+            {
+                return Ok(cut);
+            }
+        }
         if event_stream && expects_closing_event(ex) && !meter.saw_stream_end() {
             // A clean end of a stream that never said it was done looks complete to an SDK:
             // the caller gets an explicit error event and an unfinished body instead. A held
@@ -644,16 +632,55 @@ impl SluiceProxy {
             );
             return Ok(StreamEnd::Broke(error));
         }
-        // The upstream finished: whatever it sent after its last boundary is its own.
-        if let Some(rest) = framer.as_mut().map(EventFramer::finish) {
-            send_body(session, ex, logged, rest).await?;
-        }
         Ok(StreamEnd::Complete)
     }
 
     async fn release(&self, upstream_session: HttpSession, peer: &HttpPeer) {
         self.connector.release(upstream_session, peer).await;
     }
+}
+
+/// One piece of the upstream's body on its way down: the usage meter, the chunk filters (which
+/// may cut the stream: `Some(StreamEnd::Cut)`), the content timings, then the caller.
+async fn forward_chunk(
+    session: &mut Session,
+    route: &Route,
+    ex: &mut Exchange,
+    meter: &mut UsageMeter,
+    event_stream: bool,
+    logged: &mut Option<BytesMut>,
+    chunk: Bytes,
+) -> Result<Option<StreamEnd>, Close> {
+    let chunk = meter.feed(chunk);
+    if chunk.is_empty() {
+        return Ok(None);
+    }
+    if let ChunkVerdict::Cut(rejection) = route.chain.on_response_chunk(ex, &chunk) {
+        // A provider-shaped error as the stream's last event; the upstream connection is
+        // dropped, which stops the generation.
+        let event = route
+            .provider
+            .stream_error_event(rejection.kind, &rejection.message);
+        ex.outcome = Outcome::Cut;
+        tracing::info!(route = %ex.route, "stream cut: {}", rejection.message);
+        return match session.write_response_body(Some(event), true).await {
+            Ok(()) => Ok(Some(StreamEnd::Cut)),
+            Err(e) => Err(Close::CallerGone(e)),
+        };
+    }
+    if event_stream && carries_content(&chunk) {
+        let now = Instant::now();
+        let timings = &mut ex.timings;
+        if let Some(last) = timings.last_content {
+            let gap = now.saturating_duration_since(last);
+            route.metrics.inter_token_gap.observe(gap.as_secs_f64());
+        }
+        timings.first_content.get_or_insert(now);
+        timings.last_content = Some(now);
+        timings.content_events += 1;
+    }
+    send_body(session, ex, logged, chunk).await?;
+    Ok(None)
 }
 
 /// Sends response body bytes downstream, counted and (when the policy logs bodies) kept.
