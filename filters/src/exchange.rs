@@ -38,6 +38,9 @@ pub struct Exchange {
     /// The model that upstream was asked for (a fallback target may map the caller's to
     /// another): what the response is priced as.
     pub served_model: Option<Arc<str>>,
+    /// The model the provider says answered (e.g. a dated snapshot of the one asked for);
+    /// read only when a trace will report it.
+    pub response_model: Option<Box<str>>,
     /// Upstream attempts made (retries and hedges included).
     pub attempts: u32,
     /// The status sent downstream, once the response head went out.
@@ -80,6 +83,7 @@ impl Exchange {
             timings: Timings::default(),
             upstream: None,
             served_model: None,
+            response_model: None,
             attempts: 0,
             status: None,
             response_bytes: 0,

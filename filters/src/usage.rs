@@ -104,6 +104,9 @@ pub struct UsageMeter {
     /// Stream: the bytes fed so far end between two events (after a blank line, or at the
     /// start), so the next chunk begins a new event.
     at_event_start: bool,
+    /// Look for the provider's `model` field (only when a trace will report it).
+    read_model: bool,
+    model: Option<Box<str>>,
 }
 
 impl UsageMeter {
@@ -118,7 +121,22 @@ impl UsageMeter {
             frames: (stream && dialect == Dialect::Bedrock).then(|| FrameDecoder::new(MAX_LINE)),
             ended: false,
             at_event_start: true,
+            read_model: false,
+            model: None,
         }
+    }
+
+    /// Also reads the model the provider says answered: the first `"model":"…"` field of the
+    /// body (OpenAI bodies and stream chunks, Anthropic messages and `message_start`).
+    /// Bedrock's answers do not name one.
+    pub fn reading_model(mut self) -> Self {
+        self.read_model = self.dialect != Dialect::Bedrock;
+        self
+    }
+
+    /// The model the provider named, if it was looked for and found.
+    pub fn take_response_model(&mut self) -> Option<Box<str>> {
+        self.model.take()
     }
 
     /// The meter for a response, from its head: how the body is framed, whether an injected
@@ -156,6 +174,9 @@ impl UsageMeter {
     /// Takes a chunk's usage into account; returns the chunk to send downstream (the same one,
     /// unless an injected usage event had to be cut out of it).
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        if self.read_model && self.model.is_none() {
+            self.model = model_field(&chunk);
+        }
         if self.dialect == Dialect::Bedrock && self.stream {
             self.read_event_stream(&chunk);
             return chunk;
@@ -417,6 +438,21 @@ impl UsageMeter {
     }
 }
 
+/// The value of the first `"model":"…"` field in `bytes`. Inside a JSON string a quote is
+/// escaped, so the key's bytes cannot come from content; a value with escapes, not UTF-8 or
+/// implausibly long is not a model name.
+fn model_field(bytes: &[u8]) -> Option<Box<str>> {
+    const KEY: &[u8] = br#""model":""#;
+    let start = memchr::memmem::find(bytes, KEY)? + KEY.len();
+    let rest = bytes.get(start..)?;
+    let len = memchr::memchr(b'"', rest)?;
+    let value = &rest[..len];
+    if value.is_empty() || value.len() > 256 || value.contains(&b'\\') {
+        return None;
+    }
+    std::str::from_utf8(value).ok().map(Box::from)
+}
+
 /// Whether an SSE line closes a stream of this dialect: OpenAI's `[DONE]` (chat and
 /// completions), the Responses API's final events, Anthropic's `message_stop`, or an error
 /// event (a stream may end after one).
@@ -555,6 +591,41 @@ mod tests {
                 output_tokens: 4
             })
         );
+    }
+
+    #[test]
+    fn the_provider_s_model_is_read_only_when_asked() {
+        let body = [
+            r#"{"id":"x","object":"chat.completion","model":"gpt-4o-mini-2024-07-18","#,
+            r#""choices":[{"message":{"content":"say \"model\":\"no\""}}]}"#,
+        ];
+        let mut asked = UsageMeter::new(Dialect::OpenAi, false, false).reading_model();
+        feed_all(&mut asked, &body);
+        assert_eq!(
+            asked.take_response_model().as_deref(),
+            Some("gpt-4o-mini-2024-07-18")
+        );
+        let mut not_asked = UsageMeter::new(Dialect::OpenAi, false, false);
+        feed_all(&mut not_asked, &body);
+        assert_eq!(not_asked.take_response_model(), None);
+
+        // A stream names it in its first event (Anthropic: inside `message_start`); content
+        // that quotes the key is escaped, so it is never taken for it.
+        let mut stream = UsageMeter::new(Dialect::Anthropic, true, false).reading_model();
+        feed_all(
+            &mut stream,
+            &[
+                "event: ping\ndata: {\"type\":\"ping\",\"text\":\"\\\"model\\\":\\\"x\\\"\"}\n\n",
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-3-5-haiku-20241022\"}}\n\n",
+            ],
+        );
+        assert_eq!(
+            stream.take_response_model().as_deref(),
+            Some("claude-3-5-haiku-20241022")
+        );
+        // Bedrock's answers name none: nothing is looked for.
+        let bedrock = UsageMeter::new(Dialect::Bedrock, false, false).reading_model();
+        assert!(!bedrock.read_model);
     }
 
     #[test]

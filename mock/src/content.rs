@@ -148,6 +148,11 @@ fn split(text: &str, pieces: usize) -> Vec<String> {
 }
 
 impl Answer {
+    /// The model the answer says served it.
+    pub fn name_model(&mut self, model: &str) {
+        model.clone_into(&mut self.model);
+    }
+
     pub fn new(
         api: Api,
         request: &Value,

@@ -10,10 +10,12 @@
 //! `x-mock-status` (+ `x-mock-retry-after`; `x-mock-ratelimit-reset-requests`, sent back as
 //! `x-ratelimit-reset-requests` with any status fault), `x-mock-first-byte-ms`, `x-mock-chunk-ms`,
 //! `x-mock-chunks`, `x-mock-fault: reset-mid-stream | reset-mid-event | stall |
-//! stall-mid-stream | reset-before-head | end-without-terminator | malformed-events`, and
-//! `x-mock-stamp: 1`, which starts each SSE event with a comment line `: sent_ns=<ns>` holding
-//! the wall-clock time (ns since the Unix epoch) the event was handed to the server, so a
-//! client on the same machine measures each event's delay (`make bench`'s streaming runs).
+//! stall-mid-stream | reset-before-head | end-without-terminator | malformed-events`,
+//! `x-mock-model: NAME` (the model the answer names, as providers name a dated snapshot of the
+//! one asked for), and `x-mock-stamp: 1`, which starts each SSE event with a comment line
+//! `: sent_ns=<ns>` holding the wall-clock time (ns since the Unix epoch) the event was handed
+//! to the server, so a client on the same machine measures each event's delay (`make bench`'s
+//! streaming runs).
 
 pub mod bedrock;
 mod content;
@@ -307,6 +309,8 @@ struct Plan {
     /// OpenAI's `x-ratelimit-reset-requests`, sent with a status fault (without the
     /// `x-ratelimit-remaining-requests` a provider would usually send with it).
     ratelimit_reset: Option<http::HeaderValue>,
+    /// The model the answer names (`x-mock-model`), instead of the one asked for.
+    model: Option<String>,
 }
 
 fn header_ms(headers: &HeaderMap, name: &str) -> Option<Duration> {
@@ -337,6 +341,7 @@ impl Plan {
                 .or_else(|| config.fault.clone()),
             stamp: text("x-mock-stamp") == Some("1"),
             ratelimit_reset: headers.get("x-mock-ratelimit-reset-requests").cloned(),
+            model: text("x-mock-model").map(str::to_owned),
         }
     }
 }
@@ -490,7 +495,10 @@ async fn respond(
             }
         }
     };
-    let answer = content::Answer::new(api, &request, path, body.len(), plan.chunks, id);
+    let mut answer = content::Answer::new(api, &request, path, body.len(), plan.chunks, id);
+    if let Some(model) = &plan.model {
+        answer.name_model(model);
+    }
     let asked_to_stream = request
         .get("stream")
         .and_then(|v| v.as_bool())

@@ -466,6 +466,9 @@ impl SluiceProxy {
             upstream_session.response_header(),
             usage_injected,
         );
+        if launched.span.is_some() {
+            meter = meter.reading_model();
+        }
         let end = self
             .stream_body(
                 session,
@@ -478,6 +481,7 @@ impl SluiceProxy {
             .await;
         meter.finish();
         ex.usage = meter.usage();
+        ex.response_model = meter.take_response_model();
         match end? {
             // Already finished downstream; the upstream session is dropped, not pooled.
             StreamEnd::Cut => return Ok(()),

@@ -302,7 +302,9 @@ fn annotate(
     ];
     // Only an answer has a response model: a failed request names the upstream it tried.
     let answered = ex.timings.upstream_head.is_some() || ex.cache == Some(CacheStatus::Hit);
-    if let Some(model) = model.filter(|_| answered) {
+    // The provider's own name for it when it gave one (e.g. a dated snapshot), else the one asked.
+    let response_model = ex.response_model.as_deref().or(model);
+    if let Some(model) = response_model.filter(|_| answered) {
         attributes.push(KeyValue::new("gen_ai.response.model", model.to_owned()));
     }
     if let Some(upstream) = &ex.upstream {
