@@ -546,6 +546,16 @@ async fn a_lost_settlement_is_replayed() {
         Some(reserved),
         "reservation stands"
     );
+    let metrics = sidecar.metrics().await;
+    assert_eq!(
+        metrics.value("sluice_limits_settlements_pending", &[]),
+        Some(1.0),
+        "the kept settlement is visible"
+    );
+    assert_eq!(
+        metrics.value("sluice_limits_settlements_dropped_total", &[]),
+        Some(0.0)
+    );
 
     // Redis is reachable again: with no request, the kept settlement lands.
     link.restore();
@@ -558,6 +568,13 @@ async fn a_lost_settlement_is_replayed() {
         },
     )
     .await;
+    assert_eq!(
+        sidecar
+            .metrics()
+            .await
+            .value("sluice_limits_settlements_pending", &[]),
+        Some(0.0)
+    );
     // The place is free and the tokens counted from the settled figure.
     let next = stream().await.unwrap();
     assert_eq!(next.status(), 200);

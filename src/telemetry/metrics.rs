@@ -5,6 +5,8 @@
 //! names — others are `other`), so series stay few. Tenants are labels only when the policy
 //! asks (`telemetry.metrics.tenant_labels`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use prometheus::core::Collector;
 use prometheus::{
     CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -70,6 +72,12 @@ pub struct Metrics {
     pub forward: IntCounterVec,
     /// 1 when the limits store answers (always, for `memory`), by `backend`.
     limits_store_up: IntGaugeVec,
+    /// Redis settlements that failed and wait to be replayed when Redis answers again.
+    limits_settlements_pending: IntGauge,
+    /// Failed Redis settlements dropped (oldest first) because too many were waiting; read
+    /// from the store's own count at each scrape, which the last figure seen turns into a rise.
+    limits_settlements_dropped: IntCounter,
+    settlements_dropped_seen: AtomicU64,
     /// Upstream attempts by `upstream` and `outcome` (ok, client_error, rate_limited,
     /// server_error, connect_error, timeout).
     pub upstream_attempts: IntCounterVec,
@@ -347,6 +355,15 @@ impl Default for Metrics {
                 "Whether the limits store answers (1) or not (0), by backend.",
                 &["backend"],
             ),
+            limits_settlements_pending: make.gauge(
+                "sluice_limits_settlements_pending",
+                "Failed Redis settlements waiting to be replayed.",
+            ),
+            limits_settlements_dropped: make.counter(
+                "sluice_limits_settlements_dropped_total",
+                "Failed Redis settlements dropped because too many were waiting.",
+            ),
+            settlements_dropped_seen: AtomicU64::new(0),
             upstream_attempts: make.counters(
                 "sluice_upstream_attempts_total",
                 "Upstream attempts by upstream and outcome.",
@@ -466,6 +483,17 @@ impl Metrics {
         self.limits_store_up
             .with_label_values(&[backend])
             .set(i64::from(up));
+        let (pending, dropped) = policy.redis.as_ref().map_or((0, 0), |redis| {
+            (redis.pending_settlements(), redis.dropped_settlements())
+        });
+        self.limits_settlements_pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        // A new store (changed Redis settings) counts from zero again.
+        let seen = self
+            .settlements_dropped_seen
+            .swap(dropped, Ordering::Relaxed);
+        self.limits_settlements_dropped
+            .inc_by(dropped.saturating_sub(seen));
         self.circuit_state.reset();
         for upstream in policy.upstreams.values() {
             let state = upstream.health.breaker.state();
