@@ -594,6 +594,51 @@ routes:
 }
 
 #[tokio::test]
+async fn a_stream_that_ends_inside_an_event_ends_with_a_whole_error_event() {
+    // The upstream closes cleanly after half an event: the half is dropped, not glued to the
+    // error event that tells the caller the answer is incomplete.
+    let mock = mock().await;
+    mock.set_fault(Some(Fault::EndMidEvent));
+    let policy = format!(
+        r#"
+upstreams:
+  openai: {{ provider: openai, base_url: "{u}" }}
+routes:
+  - {{ name: openai, match: {{ path_prefix: /openai }}, upstream: openai, auth: passthrough }}
+"#,
+        u = mock.url()
+    );
+    let sidecar = Sidecar::start(&policy).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .header("x-mock-chunks", "6")
+        .json(&chat_body("this will end inside an event", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (text, failed) = read_to_break(response).await;
+    assert!(failed, "the body must not end cleanly: {text}");
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    assert!(events.len() >= 2, "{text}");
+    for event in &events {
+        let data = event
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("{event:?} in {text}"));
+        serde_json::from_str::<serde_json::Value>(data)
+            .unwrap_or_else(|e| panic!("{e}: {data:?} in {text}"));
+    }
+    let last: serde_json::Value =
+        serde_json::from_str(events.last().unwrap().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_unavailable", "{last}");
+    let metrics = sidecar.metrics().await;
+    assert_eq!(
+        metrics.value("sluice_upstream_broke_total", &[("upstream", "openai")]),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
 async fn a_stream_that_breaks_inside_an_event_ends_with_a_whole_error_event() {
     let mock = mock().await;
     mock.set_fault(Some(Fault::ResetMidEvent));

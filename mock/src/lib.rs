@@ -10,7 +10,8 @@
 //! `x-mock-status` (+ `x-mock-retry-after`; `x-mock-ratelimit-reset-requests`, sent back as
 //! `x-ratelimit-reset-requests` with any status fault), `x-mock-first-byte-ms`, `x-mock-chunk-ms`,
 //! `x-mock-chunks`, `x-mock-fault: reset-mid-stream | reset-mid-event | stall |
-//! stall-mid-stream | reset-before-head | end-without-terminator | malformed-events`,
+//! stall-mid-stream | reset-before-head | end-without-terminator | end-mid-event |
+//! malformed-events`,
 //! `x-mock-model: NAME` (the model the answer names, as providers name a dated snapshot of the
 //! one asked for), and `x-mock-stamp: 1`, which starts each SSE event with a comment line
 //! `: sent_ns=<ns>` holding the wall-clock time (ns since the Unix epoch) the event was handed
@@ -81,6 +82,9 @@ pub enum Fault {
     /// End the stream cleanly (chunked terminator sent) without its last event (`[DONE]`,
     /// `message_stop`).
     EndWithoutTerminator,
+    /// Send about half the events and the first half of the next one, then end the stream
+    /// cleanly.
+    EndMidEvent,
     /// Send malformed events in the middle of the stream: bad JSON, a line without a field name.
     MalformedEvents,
 }
@@ -94,6 +98,7 @@ impl Fault {
             "stall-mid-stream" => Some(Fault::StallMidStream),
             "reset-before-head" => Some(Fault::ResetBeforeHead),
             "end-without-terminator" => Some(Fault::EndWithoutTerminator),
+            "end-mid-event" => Some(Fault::EndMidEvent),
             "malformed-events" => Some(Fault::MalformedEvents),
             _ => None,
         }
@@ -531,6 +536,12 @@ async fn respond(
         match plan.fault {
             Some(Fault::EndWithoutTerminator) => {
                 events.pop();
+            }
+            Some(Fault::EndMidEvent) => {
+                let half = events.len() / 2;
+                let cut = events[half].slice(..events[half].len() / 2);
+                events.truncate(half);
+                events.push(cut);
             }
             Some(Fault::MalformedEvents) => {
                 let at = events.len() / 2;

@@ -626,7 +626,7 @@ pub fn judge(
     let judged = match status {
         429 => {
             count("rate_limited");
-            let asked = backoff_asked(&head.headers);
+            let asked = backoff_asked(&head.headers, true);
             if let Some(key) = key {
                 let rest = asked.unwrap_or(upstream.key_cooldown);
                 key.cool_down(rest);
@@ -660,7 +660,7 @@ pub fn judge(
         }
         500..=599 => {
             count("server_error");
-            let asked_pause = backoff_asked(&head.headers);
+            let asked_pause = backoff_asked(&head.headers, false);
             fail_circuits(launched, metrics);
             Some(Failure {
                 key_specific: false,
@@ -673,7 +673,7 @@ pub fn judge(
             retry.retries_status(status).then(|| Failure {
                 key_specific: false,
                 retryable: true,
-                asked_pause: backoff_asked(&head.headers),
+                asked_pause: backoff_asked(&head.headers, false),
             })
         }
     };

@@ -575,9 +575,9 @@ impl SluiceProxy {
                     if let Some(framer) = framer.as_mut() {
                         chunk = framer.push(chunk);
                     }
+                    let chunk = meter.feed(chunk);
                     if let Some(cut) =
-                        forward_chunk(session, route, ex, meter, event_stream, logged, chunk)
-                            .await?
+                        forward_chunk(session, route, ex, event_stream, logged, chunk).await?
                     {
                         return Ok(cut);
                     }
@@ -608,15 +608,13 @@ impl SluiceProxy {
                 break;
             }
         }
-        // The upstream finished: whatever it sent after its last boundary is its own (an
-        // upstream may end its final event without the blank line).
-        if let Some(rest) = framer.as_mut().map(EventFramer::finish) {
-            if let Some(cut) =
-                forward_chunk(session, route, ex, meter, event_stream, logged, rest).await?
-            {
-                return Ok(cut);
-            }
-        }
+        // What the upstream sent after its last event boundary: its final event without the
+        // blank line, or half an event. Metered before the judgement below, which drops it
+        // when no closing event went by.
+        let rest = framer
+            .as_mut()
+            .map(EventFramer::finish)
+            .map(|rest| meter.feed(rest));
         if event_stream && expects_closing_event(ex) && !meter.saw_stream_end() {
             // A clean end of a stream that never said it was done looks complete to an SDK:
             // the caller gets an explicit error event and an unfinished body instead. A held
@@ -636,6 +634,13 @@ impl SluiceProxy {
             );
             return Ok(StreamEnd::Broke(error));
         }
+        // The upstream finished: the bytes after its last boundary are its own.
+        if let Some(rest) = rest {
+            if let Some(cut) = forward_chunk(session, route, ex, event_stream, logged, rest).await?
+            {
+                return Ok(cut);
+            }
+        }
         Ok(StreamEnd::Complete)
     }
 
@@ -644,18 +649,16 @@ impl SluiceProxy {
     }
 }
 
-/// One piece of the upstream's body on its way down: the usage meter, the chunk filters (which
-/// may cut the stream: `Some(StreamEnd::Cut)`), the content timings, then the caller.
+/// One metered piece of the upstream's body on its way down: the chunk filters (which may cut
+/// the stream: `Some(StreamEnd::Cut)`), the content timings, then the caller.
 async fn forward_chunk(
     session: &mut Session,
     route: &Route,
     ex: &mut Exchange,
-    meter: &mut UsageMeter,
     event_stream: bool,
     logged: &mut Option<BytesMut>,
     chunk: Bytes,
 ) -> Result<Option<StreamEnd>, Close> {
-    let chunk = meter.feed(chunk);
     if chunk.is_empty() {
         return Ok(None);
     }

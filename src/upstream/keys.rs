@@ -219,9 +219,11 @@ impl KeyPool {
 }
 
 /// How long a provider asks to be left alone after a 429 or 503: `retry-after-ms`,
-/// `retry-after` (seconds or an HTTP date), else OpenAI's `x-ratelimit-reset-*` of the limit
-/// that ran out (`6m0s`, `20ms`), else Anthropic's `anthropic-ratelimit-*-reset` (RFC 3339).
-pub fn backoff_asked(headers: &HeaderMap) -> Option<Duration> {
+/// `retry-after` (seconds or an HTTP date), else — for a 429 (`rate_limited`) only — OpenAI's
+/// `x-ratelimit-reset-*` of the limit that ran out (`6m0s`, `20ms`), else Anthropic's
+/// `anthropic-ratelimit-*-reset` (RFC 3339). On other statuses those headers only report the
+/// key's quota; read as a pause they could end a request that a fallback would serve.
+pub fn backoff_asked(headers: &HeaderMap, rate_limited: bool) -> Option<Duration> {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(ms) = text("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
         return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
@@ -233,6 +235,9 @@ pub fn backoff_asked(headers: &HeaderMap) -> Option<Duration> {
         if let Ok(at) = httpdate_to_system(value) {
             return Some(at.duration_since(SystemTime::now()).unwrap_or_default());
         }
+    }
+    if !rate_limited {
+        return None;
     }
     let mut longest: Option<Duration> = None;
     for kind in ["requests", "tokens"] {
@@ -437,11 +442,11 @@ mod tests {
             map
         };
         assert_eq!(
-            backoff_asked(&headers(&[("retry-after", "7")])),
+            backoff_asked(&headers(&[("retry-after", "7")]), false),
             Some(Duration::from_secs(7))
         );
         assert_eq!(
-            backoff_asked(&headers(&[("retry-after-ms", "250")])),
+            backoff_asked(&headers(&[("retry-after-ms", "250")]), true),
             Some(Duration::from_millis(250))
         );
         let openai = headers(&[
@@ -450,19 +455,25 @@ mod tests {
             ("x-ratelimit-remaining-tokens", "0"),
             ("x-ratelimit-reset-tokens", "6m0s"),
         ]);
-        assert_eq!(backoff_asked(&openai), Some(Duration::from_secs(360)));
+        assert_eq!(backoff_asked(&openai, true), Some(Duration::from_secs(360)));
         let reset_only = headers(&[("x-ratelimit-reset-requests", "20s")]);
-        assert_eq!(backoff_asked(&reset_only), Some(Duration::from_secs(20)));
+        assert_eq!(
+            backoff_asked(&reset_only, true),
+            Some(Duration::from_secs(20))
+        );
+        // On a 503 the same header reports the key's quota, not a pause for the request.
+        assert_eq!(backoff_asked(&openai, false), None);
+        assert_eq!(backoff_asked(&reset_only, false), None);
         let not_exhausted = headers(&[
             ("x-ratelimit-remaining-requests", "3"),
             ("x-ratelimit-reset-requests", "20s"),
         ]);
-        assert_eq!(backoff_asked(&not_exhausted), None);
+        assert_eq!(backoff_asked(&not_exhausted, true), None);
         let date = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(90));
         let anthropic = headers(&[("anthropic-ratelimit-requests-reset", &date.to_string())]);
-        let wait = backoff_asked(&anthropic).unwrap();
+        let wait = backoff_asked(&anthropic, true).unwrap();
         assert!(wait > Duration::from_secs(80) && wait <= Duration::from_secs(90));
-        assert_eq!(backoff_asked(&headers(&[])), None);
+        assert_eq!(backoff_asked(&headers(&[]), true), None);
         assert_eq!(parse_reset("20ms"), Some(Duration::from_millis(20)));
         assert_eq!(
             parse_reset("1h2m3.5s"),
@@ -470,6 +481,10 @@ mod tests {
         );
         assert_eq!(parse_reset("soon"), None);
         let far = headers(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]);
-        assert_eq!(backoff_asked(&far), Some(Duration::ZERO), "a past date");
+        assert_eq!(
+            backoff_asked(&far, true),
+            Some(Duration::ZERO),
+            "a past date"
+        );
     }
 }
