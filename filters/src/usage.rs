@@ -25,9 +25,9 @@ pub enum Dialect {
 const EVENT_MESSAGE_HEADER: &[u8] = b"\x0d:message-type\x07\x00\x05event";
 
 impl Dialect {
-    /// The events a streamed chunk carries (SSE `data:` lines; Bedrock event messages). Counted
-    /// per chunk, so an event split across two chunks may be missed: an estimate of output.
-    /// (The exchange frames event streams before this, so its chunks hold whole events.)
+    /// The events a streamed chunk carries (SSE `data:` lines; Bedrock event messages), counted
+    /// per chunk: whole events behind the exchange, which frames event streams first; for
+    /// chunks cut anywhere, an event split in two may be missed.
     pub fn stream_events_in(self, chunk: &[u8]) -> u64 {
         let marker: &[u8] = match self {
             Dialect::OpenAi | Dialect::Anthropic => b"data:",
@@ -107,6 +107,8 @@ pub struct UsageMeter {
     /// Look for the provider's `model` field (only when a trace will report it).
     read_model: bool,
     model: Option<Box<str>>,
+    /// Scratch for `feed`'s byte ranges to cut, kept so a stream's chunks reuse one allocation.
+    cuts: Vec<(usize, usize)>,
 }
 
 impl UsageMeter {
@@ -123,6 +125,7 @@ impl UsageMeter {
             at_event_start: true,
             read_model: false,
             model: None,
+            cuts: Vec::new(),
         }
     }
 
@@ -192,7 +195,8 @@ impl UsageMeter {
         }
         // Byte ranges of this chunk to leave out, in order: the injected usage event, and the
         // `,"usage":null` OpenAI writes into every content chunk under `include_usage`.
-        let mut cuts: Vec<(usize, usize)> = Vec::new();
+        let mut cuts = std::mem::take(&mut self.cuts);
+        cuts.clear();
         let mut strip: Option<(usize, usize)> = None;
         let mut line_start = 0;
         // Where the current event began in this chunk: a usage event is cut out whole, with
@@ -267,17 +271,19 @@ impl UsageMeter {
             cuts.sort_unstable();
         }
         if cuts.is_empty() {
+            self.cuts = cuts;
             return chunk;
         }
         let removed: usize = cuts.iter().map(|(from, to)| to - from).sum();
         let mut out = BytesMut::with_capacity(chunk.len() - removed);
         let mut kept_from = 0;
-        for (from, to) in cuts {
+        for &(from, to) in &cuts {
             // Cuts lie within their own lines, so they never overlap; `max` keeps it so.
             out.extend_from_slice(&chunk[kept_from..from.max(kept_from)]);
             kept_from = to.max(kept_from);
         }
         out.extend_from_slice(&chunk[kept_from..]);
+        self.cuts = cuts;
         out.freeze()
     }
 
@@ -315,11 +321,16 @@ impl UsageMeter {
         if !self.ended && ends_stream(self.dialect, line) {
             self.ended = true;
         }
+        // OpenAI's content chunks under `include_usage` end with `"usage":null` (a suffix
+        // check, not a scan).
+        if has_null_usage(line) {
+            return false;
+        }
         let Some(data) = line.strip_prefix(b"data:") else {
             return false;
         };
-        // Only events that carry usage are parsed at all (OpenAI's `"usage":null` on every
-        // content chunk carries none).
+        // Only events that carry usage are parsed at all (`"usage":null` elsewhere in an
+        // event carries none).
         if memchr::memmem::find(data, b"\"usage\"").is_none()
             || (memchr::memmem::find(data, b"\"usage\":null").is_some()
                 && memchr::memmem::find(data, b"\"usage\":{").is_none())
@@ -453,9 +464,6 @@ fn model_field(bytes: &[u8]) -> Option<Box<str>> {
     std::str::from_utf8(value).ok().map(Box::from)
 }
 
-/// Whether an SSE line closes a stream of this dialect: OpenAI's `[DONE]` (chat and
-/// completions), the Responses API's final events, Anthropic's `message_stop`, or an error
-/// event (a stream may end after one).
 /// What OpenAI appends to each content chunk of a stream with `include_usage`.
 const NULL_USAGE: &[u8] = br#","usage":null"#;
 
@@ -470,6 +478,9 @@ fn has_null_usage(line: &[u8]) -> bool {
             .is_some_and(|rest| rest.ends_with(NULL_USAGE))
 }
 
+/// Whether an SSE line closes a stream of this dialect: OpenAI's `[DONE]` (chat and
+/// completions), the Responses API's final events, Anthropic's `message_stop`, or an error
+/// event (a stream may end after one).
 fn ends_stream(dialect: Dialect, line: &[u8]) -> bool {
     const OPENAI: &[&[u8]] = &[
         b"data: [DONE]",

@@ -1021,10 +1021,10 @@ async fn respond_local(
 
 /// Whether a response is a stream of events (SSE, or Bedrock's event stream).
 fn is_event_stream(response: &ResponseHeader) -> bool {
-    response.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
-        let v = v.as_bytes();
-        v.starts_with(b"text/event-stream") || v.starts_with(b"application/vnd.amazon.eventstream")
-    })
+    response
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| Framing::of(v.as_bytes()).is_some())
 }
 
 async fn write_simple(

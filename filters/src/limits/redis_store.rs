@@ -39,6 +39,9 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Settlements that failed are kept (oldest dropped past this many) and replayed when Redis
 /// answers again, so in-flight places, token reservations and spend are settled after a blip.
 const MAX_PENDING_SETTLEMENTS: usize = 10_000;
+/// A kept settlement that Redis still refuses this many times while it answers pings (a
+/// script error, `OOM` under `noeviction`) is dropped: it must not hold the ones behind it.
+const MAX_REPLAYS: u8 = 3;
 
 pub struct RedisCounters {
     inner: Arc<Inner>,
@@ -82,6 +85,8 @@ struct Pending {
     used: u64,
     cost: u64,
     done: Settled,
+    /// Replays that failed although Redis answered the probe's ping.
+    replays_failed: u8,
 }
 
 impl std::fmt::Debug for RedisCounters {
@@ -276,6 +281,7 @@ impl RedisCounters {
                 used: used_tokens,
                 cost: cost_micros,
                 done,
+                replays_failed: 0,
             }),
         }
     }
@@ -399,10 +405,11 @@ impl Inner {
         matches!(reply.await, Ok(Ok(_)))
     }
 
-    /// Runs the kept settlements in order; stops at the first that fails (it stays first).
+    /// Runs the kept settlements in order; stops at the first that fails (it stays first,
+    /// unless Redis has now refused it `MAX_REPLAYS` times: then it is dropped and counted).
     async fn replay(self: &Arc<Self>) {
         loop {
-            let Some(pending) = self.backlog().pending.pop_front() else {
+            let Some(mut pending) = self.backlog().pending.pop_front() else {
                 return;
             };
             match self
@@ -410,7 +417,13 @@ impl Inner {
                 .await
             {
                 Ok(fired) => (pending.done)(fired),
-                Err(_) => {
+                Err(Unavailable(why)) => {
+                    pending.replays_failed += 1;
+                    if pending.replays_failed >= MAX_REPLAYS {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(target: "sluice::limits", "a kept settlement was refused {MAX_REPLAYS} times by a reachable Redis and is dropped: {why}");
+                        continue;
+                    }
                     self.backlog().pending.push_front(pending);
                     return;
                 }
