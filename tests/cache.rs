@@ -140,6 +140,38 @@ async fn cache_stats(sidecar: &Sidecar) -> Value {
     answer["stats"].clone()
 }
 
+/// Waits until the cache holds `n` entries: an entry is stored as its exchange ends, just after
+/// the caller has the answer.
+async fn stored(sidecar: &Sidecar, n: u64) {
+    eventually(
+        Duration::from_secs(3),
+        "the answer was not stored",
+        async || cache_stats(sidecar).await["entries"] == n,
+    )
+    .await;
+}
+
+/// Waits until `n` exchanges have ended: each is counted in `sluice_requests_total` just after
+/// its spend is settled, which is after its caller has the answer.
+async fn ended(sidecar: &Sidecar, n: f64) {
+    eventually(
+        Duration::from_secs(3),
+        "the exchanges did not end",
+        async || {
+            let metrics = sidecar.metrics().await;
+            let counted: f64 = (metrics.0.samples.iter())
+                .filter(|sample| sample.metric == "sluice_requests_total")
+                .map(|sample| match sample.value {
+                    prometheus_parse::Value::Counter(v) => v,
+                    _ => 0.0,
+                })
+                .sum();
+            counted == n
+        },
+    )
+    .await;
+}
+
 async fn purge(sidecar: &Sidecar, body: &str) -> Value {
     reqwest::Client::new()
         .post(format!("{}/admin/cache/purge", sidecar.admin))
@@ -430,16 +462,7 @@ async fn a_stream_reset_mid_way_leaves_no_entry_and_errors_are_never_cached() {
             "{code} was cached"
         );
     }
-    // An entry is stored as its exchange ends, just after the caller has the answer.
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while cache_stats(&sidecar).await["entries"] != 6 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            cache_stats(&sidecar).await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stored(&sidecar, 6).await;
 }
 
 #[tokio::test]
@@ -513,12 +536,12 @@ async fn hits_count_as_requests_but_spend_no_tokens_unless_charged() {
     let limits = "{ requests_per_day: 100, tokens_per_day: 100000 }";
     let sidecar = Sidecar::start(&policy(&mock.url(), "{}", limits, "")).await;
     let body = prompt("accounting", false);
-    let settle = || tokio::time::sleep(Duration::from_millis(100));
     let miss = call(&sidecar, KEY_A, &body, &[]).await;
     assert_eq!(miss.cache, "miss");
-    settle().await;
+    stored(&sidecar, 1).await;
+    ended(&sidecar, 1.0).await;
     let hit1 = call(&sidecar, KEY_A, &body, &[]).await;
-    settle().await;
+    ended(&sidecar, 2.0).await;
     let hit2 = call(&sidecar, KEY_A, &body, &[]).await;
     assert_eq!((hit1.cache.as_str(), hit2.cache.as_str()), ("hit", "hit"));
     // Each hit is a request…
@@ -528,10 +551,10 @@ async fn hits_count_as_requests_but_spend_no_tokens_unless_charged() {
     // …whose token reservation is given back whole: the second hit sees what the first saw.
     assert_eq!(remaining(&hit2, "tokens"), remaining(&hit1, "tokens"));
     // A miss spends its tokens: after one, the count moved by its usage.
-    settle().await;
+    ended(&sidecar, 3.0).await;
     let other = call(&sidecar, KEY_A, &prompt("another", false), &[]).await;
     assert_eq!(other.cache, "miss");
-    settle().await;
+    ended(&sidecar, 4.0).await;
     let after = call(&sidecar, KEY_A, &body, &[]).await;
     assert!(remaining(&after, "tokens") < remaining(&hit2, "tokens"));
     assert_eq!(mock.request_count(), 2);
@@ -539,9 +562,10 @@ async fn hits_count_as_requests_but_spend_no_tokens_unless_charged() {
     // With `charge_hits`, a hit costs what the original response cost.
     let charged = Sidecar::start(&policy(&mock.url(), "{ charge_hits: true }", limits, "")).await;
     call(&charged, KEY_A, &body, &[]).await;
-    settle().await;
+    stored(&charged, 1).await;
+    ended(&charged, 1.0).await;
     let hit1 = call(&charged, KEY_A, &body, &[]).await;
-    settle().await;
+    ended(&charged, 2.0).await;
     let hit2 = call(&charged, KEY_A, &body, &[]).await;
     assert_eq!(hit2.cache, "hit");
     let usage = hit1.json()["usage"]["total_tokens"].as_u64().unwrap();
@@ -772,15 +796,22 @@ async fn a_follower_waits_no_longer_than_coalesce_wait() {
     ))
     .await;
     let body = prompt("a slow leader", false);
-    let started = std::time::Instant::now();
-    // The leader's answer takes 2 s upstream; the follower arrives 100 ms later, waits its
-    // 200 ms, then goes upstream itself (the mock answers it at once).
+    // The leader's answer takes 3 s upstream. The follower asks once the leader is upstream
+    // (so it is surely the follower), waits its 200 ms, then goes upstream itself (the mock
+    // answers it at once). Each is timed from its own start.
     let leader = async {
-        let answer = call(&sidecar, KEY_A, &body, &[("x-mock-first-byte-ms", "2000")]).await;
+        let started = std::time::Instant::now();
+        let answer = call(&sidecar, KEY_A, &body, &[("x-mock-first-byte-ms", "3000")]).await;
         (answer, started.elapsed())
     };
     let follower = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        eventually(
+            Duration::from_secs(5),
+            "the leader never reached the upstream",
+            async || mock.request_count() == 1,
+        )
+        .await;
+        let started = std::time::Instant::now();
         let answer = call(&sidecar, KEY_A, &body, &[]).await;
         (answer, started.elapsed())
     };
@@ -793,13 +824,14 @@ async fn a_follower_waits_no_longer_than_coalesce_wait() {
         "the follower's own upstream answer"
     );
     assert!(
-        leader_took >= Duration::from_millis(2000),
+        leader_took >= Duration::from_millis(3000),
         "{leader_took:?}"
     );
     assert!(
-        follower_took >= Duration::from_millis(290),
+        follower_took >= Duration::from_millis(200),
         "the follower waited for the leader first: {follower_took:?}"
     );
+    // Waiting for the leader's answer instead would take most of its 3 s.
     assert!(
         follower_took < Duration::from_millis(1500),
         "the follower's wait is bounded: {follower_took:?}"
@@ -827,36 +859,27 @@ async fn hits_spend_no_budget_unless_charged() {
     };
     // Spend is settled as each exchange ends, just after its caller has the answer.
     async fn wait_for_alert(sidecar: &Sidecar, percent: &str) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        loop {
-            let labels = [("tier", "free"), ("threshold", percent)];
-            let fired = sidecar
-                .metrics()
-                .await
-                .value("sluice_budget_alerts_total", &labels);
-            if fired == Some(1.0) {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the {percent}% budget alert never fired"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let labels = [("tier", "free"), ("threshold", percent)];
+        let what = format!("the {percent}% budget alert never fired");
+        eventually(Duration::from_secs(3), &what, async || {
+            let metrics = sidecar.metrics().await;
+            metrics.value("sluice_budget_alerts_total", &labels) == Some(1.0)
+        })
+        .await;
     }
-    let settle = || tokio::time::sleep(Duration::from_millis(150));
 
     let free = Sidecar::start(&policy(&mock.url(), "{}", limits, prices)).await;
     let body = prompt("what does a hit cost", false);
     let miss = call(&free, KEY_A, &body, &one_token).await;
     assert_eq!((miss.status, miss.cache.as_str()), (200, "miss"));
     assert_eq!(miss.json()["usage"]["completion_tokens"], 1);
-    settle().await;
+    stored(&free, 1).await;
     for _ in 0..4 {
         let hit = call(&free, KEY_A, &body, &one_token).await;
         assert_eq!((hit.status, hit.cache.as_str()), (200, "hit"));
-        settle().await;
     }
+    // Once the miss and the four hits have ended, any spend of the hits' would show.
+    ended(&free, 5.0).await;
     // Four hits after a $40 miss: still $40 spent, under every alert.
     let metrics = free.metrics().await;
     assert_eq!(alerts(&metrics, "50"), 0.0, "a hit spent budget");
@@ -878,7 +901,7 @@ async fn hits_spend_no_budget_unless_charged() {
     ))
     .await;
     assert_eq!(call(&charged, KEY_A, &body, &one_token).await.cache, "miss");
-    settle().await;
+    stored(&charged, 1).await;
     assert_eq!(call(&charged, KEY_A, &body, &one_token).await.cache, "hit");
     wait_for_alert(&charged, "75").await;
     assert_eq!(call(&charged, KEY_A, &body, &one_token).await.cache, "hit");

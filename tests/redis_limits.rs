@@ -114,15 +114,6 @@ fn tokens_today_key() -> String {
     format!("sluice:{{a}}:t2:{}", now - now % 86_400)
 }
 
-/// Waits up to `within` for `done`, failing with `what`.
-async fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + within;
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Every command Redis runs, as `MONITOR` shows it (a script's own commands are marked `lua`).
 struct RedisMonitor {
     stream: std::net::TcpStream,
@@ -546,12 +537,17 @@ async fn a_lost_settlement_is_replayed() {
         Some(reserved),
         "reservation stands"
     );
+    // /readyz turns on the failed write, just before the settlement is put in the backlog.
+    eventually(
+        Duration::from_secs(5),
+        "the kept settlement is not visible as pending",
+        async || {
+            let metrics = sidecar.metrics().await;
+            metrics.value("sluice_limits_settlements_pending", &[]) == Some(1.0)
+        },
+    )
+    .await;
     let metrics = sidecar.metrics().await;
-    assert_eq!(
-        metrics.value("sluice_limits_settlements_pending", &[]),
-        Some(1.0),
-        "the kept settlement is visible"
-    );
     assert_eq!(
         metrics.value("sluice_limits_settlements_dropped_total", &[]),
         Some(0.0)
@@ -562,7 +558,7 @@ async fn a_lost_settlement_is_replayed() {
     eventually(
         Duration::from_secs(5),
         "the settlement was not replayed",
-        || {
+        async || {
             redis_int(redis.port, &["ZCARD", inflight]) == Some(0)
                 && redis_get(redis.port, &tokens_key) == Some(used)
         },
@@ -602,9 +598,11 @@ async fn within_one_minute(needed: u64) {
 /// Waits until tenant `a` has no request in flight in Redis: every settlement has landed
 /// (each admitted request is a member of the set until its settlement removes it).
 async fn settled(port: u16) {
-    eventually(Duration::from_secs(5), "a settlement did not land", || {
-        redis_int(port, &["ZCARD", "sluice:{a}:inflight"]) == Some(0)
-    })
+    eventually(
+        Duration::from_secs(5),
+        "a settlement did not land",
+        async || redis_int(port, &["ZCARD", "sluice:{a}:inflight"]) == Some(0),
+    )
     .await;
 }
 
@@ -814,18 +812,7 @@ tiers:"#,
     assert_eq!(ask("gpt-4.1").await.unwrap().status(), 429);
     assert_eq!(mock.request_count(), requests);
     // Each threshold fired once in all, whichever replica's settlement crossed it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    let logs = || replicas.iter().map(Sidecar::logs).collect::<String>();
-    while !logs().contains("threshold_percent=95 ") && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let logs = logs();
-    for percent in [50, 75, 90, 95] {
-        let fired = logs
-            .matches(&format!("threshold_percent={percent} "))
-            .count();
-        assert_eq!(fired, 1, "alert {percent}% fired {fired} times:\n{logs}");
-    }
+    each_budget_alert_logged_once(|| replicas.iter().map(Sidecar::logs).collect()).await;
     let mut counted = [0.0; 4];
     for replica in &replicas {
         let metrics = replica.metrics().await;

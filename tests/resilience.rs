@@ -1034,13 +1034,15 @@ routes:
         assert_eq!(response.headers()["x-sluice-upstream"], "primary");
     }
     assert_eq!(backup.request_count(), 0);
-    // Now primary stalls: the hedge goes out after primary's p95 (~40 ms), not its 2 s.
-    primary.set_first_byte_delay(Duration::from_secs(2));
+    // Now primary stalls: the hedge goes out after primary's p95 (~40 ms), not its 5 s; the
+    // bound leaves room for a loaded machine and still shows the early end.
+    primary.set_first_byte_delay(Duration::from_secs(5));
     let started = Instant::now();
     let response = chat(&sidecar, &chat_body("hedged", false)).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-sluice-upstream"], "backup");
-    assert!(started.elapsed() < Duration::from_millis(1000));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "{took:?}");
     let metrics = sidecar.metrics().await;
     for result in ["launched", "won"] {
         let labels = [("route", "openai"), ("result", result)];

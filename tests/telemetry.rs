@@ -979,7 +979,8 @@ const ACCESS_LOG_JSON: [(&str, &str); 2] = [
 ];
 
 /// Every attempt failed (refused connections; a stalled upstream timed out twice): the time
-/// went to the upstream, not to Sluice, and the attempts are counted.
+/// went to the upstream, not to Sluice, and the attempts are counted. The stalled route's
+/// 1.6 s upstream time is far above the 200 ms Sluice may take on a loaded machine.
 #[tokio::test]
 async fn a_failed_upstream_s_time_is_the_upstream_s_and_its_attempts_are_counted() {
     let dead = format!("http://127.0.0.1:{}", free_port());
@@ -1003,12 +1004,12 @@ routes:
     match: {{ path_prefix: /stalled }}
     upstream: stalled
     auth: passthrough
-    retry: {{ attempts: 2, attempt_timeout: 150ms, on: [first_byte_timeout], backoff: {{ base: 1ms, max: 2ms }} }}
+    retry: {{ attempts: 2, attempt_timeout: 800ms, on: [first_byte_timeout], backoff: {{ base: 1ms, max: 2ms }} }}
 "#,
         stalled = stalled.url()
     );
     let sidecar = Sidecar::start_with_env(&policy, &ACCESS_LOG_JSON).await;
-    for (route, status, upstream_at_least) in [("dead", 502, 0.0), ("stalled", 504, 300.0)] {
+    for (route, status, upstream_at_least) in [("dead", 502, 0.0), ("stalled", 504, 1600.0)] {
         let response = reqwest::Client::new()
             .post(format!("{}/{route}/v1/chat/completions", sidecar.proxy))
             .json(&chat_body("fail", false))
@@ -1018,7 +1019,7 @@ routes:
         assert_eq!(response.status(), status, "{route}");
         let timings = server_timing(&response);
         assert!(
-            timing_ms(&timings, "sluice") < 20.0,
+            timing_ms(&timings, "sluice") < 200.0,
             "{route}: the upstream's time is not Sluice's: {timings:?}"
         );
         assert!(
@@ -1038,7 +1039,7 @@ routes:
     }
     // Metrics are recorded before the access line is written.
     let metrics = sidecar.metrics().await;
-    for (route, total_at_least) in [("dead", 0.0), ("stalled", 0.3)] {
+    for (route, total_at_least) in [("dead", 0.0), ("stalled", 1.6)] {
         let labels = [("route", route)];
         let overhead = metrics
             .value("sluice_overhead_seconds_sum", &labels)
@@ -1046,7 +1047,7 @@ routes:
         let total = metrics
             .value("sluice_request_duration_seconds_sum", &labels)
             .unwrap();
-        assert!(overhead < 0.02, "{route}: overhead {overhead} s");
+        assert!(overhead < 0.2, "{route}: overhead {overhead} s");
         assert!(total >= total_at_least, "{route}: total {total} s");
     }
 
@@ -1078,16 +1079,25 @@ routes:
         "a client span per attempt"
     );
 
-    // A caller that gives up while an attempt is under way: its attempt is counted too.
-    let gone = reqwest::Client::builder()
-        .timeout(Duration::from_millis(100))
-        .build()
-        .unwrap()
-        .post(format!("{}/stalled/v1/chat/completions", sidecar.proxy))
-        .json(&chat_body("gone", false))
-        .send()
-        .await;
-    assert!(gone.is_err(), "the caller timed out");
+    // A caller that gives up while an attempt is under way: its attempt is counted too. It
+    // leaves once the stalled upstream has its request, well inside the first 800 ms attempt.
+    let asked = stalled.request_count();
+    let gone = tokio::time::timeout(
+        Duration::from_secs(5),
+        reqwest::Client::new()
+            .post(format!("{}/stalled/v1/chat/completions", sidecar.proxy))
+            .json(&chat_body("gone", false))
+            .send(),
+    );
+    let upstream_has_it = eventually(
+        Duration::from_secs(5),
+        "the gone caller's attempt never reached the upstream",
+        async || stalled.request_count() > asked,
+    );
+    tokio::select! {
+        answer = gone => panic!("the stalled upstream answered: {answer:?}"),
+        () = upstream_has_it => {}
+    }
     let lines = wait_for_access(&sidecar, "stalled", 2).await;
     let fields = &lines.last().expect("the gone caller's line")["fields"];
     assert_eq!(fields["outcome"], "CallerGone", "{fields}");
@@ -1220,6 +1230,10 @@ routes:
 /// canary puts both in the panic message): the caller gets a provider-shaped 500 at once, the
 /// process goes on serving, and neither key reaches the logs, spans or the answer.
 #[tokio::test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "the panic canary exists only in debug builds"
+)]
 async fn a_panic_answers_500_and_leaks_no_key() {
     let (primary, backup) = (mock().await, mock().await);
     let (url, collector) = http_collector().await;

@@ -621,3 +621,30 @@ impl Sinkhole {
         self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// Waits up to `within` for `done`, looking every 20 ms and failing with `what`. For state a
+/// sidecar reaches just after its caller has the answer (a settlement, a cache entry, a
+/// metric), where one look straight after the response could still see the state before.
+pub async fn eventually(within: Duration, what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits for the 95% budget alert in `logs` (log lines reach the file through a writer
+/// thread), then asserts that each threshold — 50, 75, 90 and 95% — was logged exactly once.
+pub async fn each_budget_alert_logged_once(logs: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !logs().contains("threshold_percent=95 ") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = logs();
+    for percent in [50, 75, 90, 95] {
+        let fired = logs
+            .matches(&format!("threshold_percent={percent} "))
+            .count();
+        assert_eq!(fired, 1, "alert {percent}% fired {fired} times:\n{logs}");
+    }
+}
