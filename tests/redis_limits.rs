@@ -100,6 +100,21 @@ fn redis_int(port: u16, args: &[&str]) -> Option<u64> {
     value.trim().parse().ok()
 }
 
+/// `CONFIG SET name value` straight to Redis, which must answer `+OK`.
+fn redis_config_set(port: u16, name: &str, value: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let command = format!(
+        "*4\r\n$6\r\nCONFIG\r\n$3\r\nSET\r\n${}\r\n{name}\r\n${}\r\n{value}\r\n",
+        name.len(),
+        value.len()
+    );
+    stream.write_all(command.as_bytes()).unwrap();
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).unwrap();
+    assert_eq!(reply.trim_end(), "+OK", "CONFIG SET {name} {value}");
+}
+
 /// Reads an integer key straight from Redis.
 fn redis_get(port: u16, key: &str) -> Option<u64> {
     redis_int(port, &["GET", key])
@@ -897,4 +912,68 @@ async fn a_refusal_charges_nothing_on_redis() {
     assert_eq!(rejections("max_output_tokens"), Some(1.0));
     assert_eq!(rejections("tokens_per_day"), Some(1.0));
     assert_eq!(rejections("requests_per_minute"), Some(3.0));
+}
+
+#[tokio::test]
+async fn a_settlement_a_reachable_redis_keeps_refusing_is_dropped_not_blocking() {
+    let redis = RedisServer::start();
+    let mock = mock().await;
+    let sidecar = Sidecar::start(&policy(
+        &mock.url(),
+        &redis.url(),
+        "fail_open",
+        "{ tokens_per_day: 100000 }",
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    let open = client
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .bearer_auth(KEY)
+        .header("x-mock-chunk-ms", "100")
+        .header("x-mock-chunks", "4")
+        .json(&chat_body("settled into a full Redis", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status(), 200);
+    // Redis answers pings but refuses every write while the stream runs: its settlement
+    // fails, is kept, and every replay is refused too.
+    redis_config_set(redis.port, "maxmemory", "1");
+    open.text().await.unwrap();
+    let pending = || async {
+        sidecar
+            .metrics()
+            .await
+            .value("sluice_limits_settlements_pending", &[])
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the settlement was not kept",
+        async || pending().await == Some(1.0),
+    )
+    .await;
+    // After three refused replays (one per probe, a second apart) it is dropped and counted,
+    // and nothing is left to hold the backlog.
+    eventually(
+        Duration::from_secs(10),
+        "the refused settlement still blocks the backlog",
+        async || {
+            let metrics = sidecar.metrics().await;
+            metrics.value("sluice_limits_settlements_dropped_total", &[]) == Some(1.0)
+                && metrics.value("sluice_limits_settlements_pending", &[]) == Some(0.0)
+        },
+    )
+    .await;
+    // Refused whole, never half applied: the request is still named in flight (its place
+    // lapses, as the README says of a dropped settlement).
+    assert_eq!(
+        redis_int(redis.port, &["ZCARD", "sluice:{a}:inflight"]),
+        Some(1)
+    );
+    redis_config_set(redis.port, "maxmemory", "0");
+    let logs = sidecar.logs();
+    assert!(
+        logs.contains("refused 3 times by a reachable Redis"),
+        "{logs}"
+    );
 }

@@ -1,3 +1,4 @@
+#!lua
 -- Sluice limits: check every limit of every scope, then charge them all, atomically.
 -- ARGV: tokens, month_start, month_end, scope count, request id, then per scope 12 values:
 --   prefix, rps, burst, rpm, rph, rpd, tpm, tpd, tpmonth, concurrent, budget_micros, stop_micros

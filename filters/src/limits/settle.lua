@@ -1,3 +1,4 @@
+#!lua
 -- Sluice limits: end a request. ARGV: used_tokens, reserved_tokens, cost_micros, month_start,
 -- scope count, request id, then per scope: prefix, tokens window starts (3), budget_micros, alert percents
 -- (comma-separated, may be empty). Returns the alerts fired: {scope_index, percent, spent, ...}.
