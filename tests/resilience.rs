@@ -593,6 +593,26 @@ routes:
     );
 }
 
+/// Every event of an OpenAI stream the caller got is whole JSON and the last is Sluice's
+/// error: the half event the upstream sent before it broke or ended is not among them.
+fn assert_whole_events_ending_in_an_error(text: &str) {
+    assert!(text.ends_with("\n\n"), "{text:?}");
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    assert!(events.len() >= 2, "{text}");
+    let parsed: Vec<serde_json::Value> = events
+        .iter()
+        .map(|event| {
+            let data = event
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("{event:?} in {text}"));
+            serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data:?} in {text}"))
+        })
+        .collect();
+    assert!(parsed.iter().all(serde_json::Value::is_object), "{text}");
+    let last = parsed.last().unwrap();
+    assert_eq!(last["error"]["code"], "upstream_unavailable", "{last}");
+}
+
 #[tokio::test]
 async fn a_stream_that_ends_inside_an_event_ends_with_a_whole_error_event() {
     // The upstream closes cleanly after half an event: the half is dropped, not glued to the
@@ -619,18 +639,7 @@ routes:
     assert_eq!(response.status(), 200);
     let (text, failed) = read_to_break(response).await;
     assert!(failed, "the body must not end cleanly: {text}");
-    let events: Vec<&str> = text.split_terminator("\n\n").collect();
-    assert!(events.len() >= 2, "{text}");
-    for event in &events {
-        let data = event
-            .strip_prefix("data: ")
-            .unwrap_or_else(|| panic!("{event:?} in {text}"));
-        serde_json::from_str::<serde_json::Value>(data)
-            .unwrap_or_else(|e| panic!("{e}: {data:?} in {text}"));
-    }
-    let last: serde_json::Value =
-        serde_json::from_str(events.last().unwrap().strip_prefix("data: ").unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "upstream_unavailable", "{last}");
+    assert_whole_events_ending_in_an_error(&text);
     let metrics = sidecar.metrics().await;
     assert_eq!(
         metrics.value("sluice_upstream_broke_total", &[("upstream", "openai")]),
@@ -664,22 +673,7 @@ routes:
     assert_eq!(response.status(), 200);
     let (text, failed) = read_to_break(response).await;
     assert!(failed, "the body must not end cleanly: {text}");
-    // Every event the caller got is whole JSON; the last is the error, and the half event
-    // the upstream sent before breaking is not among them.
-    let events: Vec<&str> = text.split_terminator("\n\n").collect();
-    assert!(events.len() >= 2, "{text}");
-    for event in &events {
-        let data = event
-            .strip_prefix("data: ")
-            .unwrap_or_else(|| panic!("{event:?} in {text}"));
-        let parsed: serde_json::Value =
-            serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data:?} in {text}"));
-        assert!(parsed.is_object());
-    }
-    let last: serde_json::Value =
-        serde_json::from_str(events.last().unwrap().strip_prefix("data: ").unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "upstream_unavailable", "{last}");
-    assert!(text.ends_with("\n\n"), "{text:?}");
+    assert_whole_events_ending_in_an_error(&text);
 
     let response = reqwest::Client::new()
         .post(format!("{}/anthropic/v1/messages", sidecar.proxy))
