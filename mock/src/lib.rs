@@ -516,11 +516,14 @@ async fn respond(
             _ => json_response(StatusCode::OK, &answer.whole()),
         }
     } else if api.is_bedrock() {
-        let frames = answer
+        let mut frames: Vec<Bytes> = answer
             .bedrock_events()
             .iter()
             .map(|(event_type, payload)| bedrock::event_frame(event_type, payload))
             .collect();
+        if let Some(Fault::EndMidEvent) = plan.fault {
+            end_mid_event(&mut frames);
+        }
         streamed_response(
             shared.clone(),
             frames,
@@ -537,12 +540,7 @@ async fn respond(
             Some(Fault::EndWithoutTerminator) => {
                 events.pop();
             }
-            Some(Fault::EndMidEvent) => {
-                let half = events.len() / 2;
-                let cut = events[half].slice(..events[half].len() / 2);
-                events.truncate(half);
-                events.push(cut);
-            }
+            Some(Fault::EndMidEvent) => end_mid_event(&mut events),
             Some(Fault::MalformedEvents) => {
                 let at = events.len() / 2;
                 events.insert(at, Bytes::from_static(b"data: {\"choices\": [{\"delta\n\n"));
@@ -679,6 +677,14 @@ fn streamed_response(
         .header("cache-control", "no-cache")
         .body(Body::from_stream(stream))
         .expect("static response parts are valid")
+}
+
+/// About half the events, then the first half of the next one (the stream then ends cleanly).
+fn end_mid_event(events: &mut Vec<Bytes>) {
+    let half = events.len() / 2;
+    let cut = events[half].slice(..events[half].len() / 2);
+    events.truncate(half);
+    events.push(cut);
 }
 
 /// `event` preceded by the SSE comment `: sent_ns=<wall-clock ns>` (ignored by SSE readers).

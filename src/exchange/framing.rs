@@ -123,6 +123,10 @@ impl EventFramer {
         self.tail.split().freeze()
     }
 
+    pub fn framing(&self) -> Framing {
+        self.framing
+    }
+
     /// Whether an incomplete event is held back (dropped when the stream breaks).
     pub fn holds_partial(&self) -> bool {
         !self.tail.is_empty()

@@ -610,12 +610,16 @@ impl SluiceProxy {
         }
         // What the upstream sent after its last event boundary: its final event without the
         // blank line, or half an event. Metered before the judgement below, which drops it
-        // when no closing event went by.
+        // when no closing event went by — or when it is half a Bedrock frame, which no
+        // stream can end with (an SDK would stop reading there, silently).
+        let half_frame = framer
+            .as_ref()
+            .is_some_and(|f| f.framing() == Framing::EventStream && f.holds_partial());
         let rest = framer
             .as_mut()
             .map(EventFramer::finish)
             .map(|rest| meter.feed(rest));
-        if event_stream && expects_closing_event(ex) && !meter.saw_stream_end() {
+        if event_stream && (half_frame || expects_closing_event(ex) && !meter.saw_stream_end()) {
             // A clean end of a stream that never said it was done looks complete to an SDK:
             // the caller gets an explicit error event and an unfinished body instead. A held
             // incomplete event is dropped, as after a break.

@@ -113,3 +113,21 @@ tenants:
         assert raised.value.response["Error"]["Code"] == "throttlingException"
         assert "token limit reached mid-stream" in raised.value.response["Error"]["Message"]
         assert 0 < len(received) < 60
+
+
+# The connection drops, or the stream ends cleanly, inside an event-stream frame: Sluice drops
+# the half frame, so boto3 reads Sluice's exception frame instead of failing a CRC on a frame
+# run into it.
+@pytest.mark.parametrize("fault", ["reset-mid-stream", "reset-mid-event", "end-mid-event"])
+def test_a_broken_upstream_stream_raises_a_bedrock_error_in_boto3(sidecar, fault):
+    client = bedrock(
+        f"{sidecar}/bedrock", headers={"x-mock-chunks": "8", "x-mock-fault": fault}
+    )
+    response = client.converse_stream(modelId=MODEL, messages=messages("break it"))
+    received = []
+    with pytest.raises(EventStreamError) as raised:
+        for event in response["stream"]:
+            received.append(event)
+    assert raised.value.response["Error"]["Code"] == "serviceUnavailableException"
+    assert "incomplete" in raised.value.response["Error"]["Message"]
+    assert 0 < len(received)
