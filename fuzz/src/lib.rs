@@ -132,6 +132,7 @@ pub fn cache_key(data: &[u8]) {
             credential_scoped: true,
             stream: false,
             body: &body,
+            rules: &[0; 32],
         })
     };
     let (a, b) = (Scope::Tenant("a".into()), Scope::Tenant("b".into()));

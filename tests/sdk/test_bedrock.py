@@ -37,6 +37,15 @@ def bedrock(endpoint_url, access_key_id=SLUICE_KEY, headers=None):
     return client
 
 
+def read_until_error(response):
+    """The events of a ConverseStream read until boto3 raises the stream's error."""
+    received = []
+    with pytest.raises(EventStreamError) as raised:
+        for event in response["stream"]:
+            received.append(event)
+    return received, raised
+
+
 def messages(text):
     return [{"role": "user", "content": [{"text": text}]}]
 
@@ -106,10 +115,7 @@ tenants:
     with running_sidecar(policy) as url:
         client = bedrock(f"{url}/bedrock", headers={"x-mock-chunks": "60"})
         response = client.converse_stream(modelId=MODEL, messages=messages("x"))
-        received = []
-        with pytest.raises(EventStreamError) as raised:
-            for event in response["stream"]:
-                received.append(event)
+        received, raised = read_until_error(response)
         assert raised.value.response["Error"]["Code"] == "throttlingException"
         assert "token limit reached mid-stream" in raised.value.response["Error"]["Message"]
         assert 0 < len(received) < 60
@@ -124,10 +130,7 @@ def test_a_broken_upstream_stream_raises_a_bedrock_error_in_boto3(sidecar, fault
         f"{sidecar}/bedrock", headers={"x-mock-chunks": "8", "x-mock-fault": fault}
     )
     response = client.converse_stream(modelId=MODEL, messages=messages("break it"))
-    received = []
-    with pytest.raises(EventStreamError) as raised:
-        for event in response["stream"]:
-            received.append(event)
+    received, raised = read_until_error(response)
     assert raised.value.response["Error"]["Code"] == "serviceUnavailableException"
     assert "incomplete" in raised.value.response["Error"]["Message"]
     assert 0 < len(received)

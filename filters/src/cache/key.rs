@@ -79,6 +79,11 @@ pub struct KeyInput<'a> {
     pub credential_scoped: bool,
     pub stream: bool,
     pub body: &'a Value,
+    /// The route's cache rules ([`CacheConfig::fingerprint`](super::CacheConfig::fingerprint)).
+    /// A reload that changes them purges the route, but a miss already in flight under the old
+    /// rules stores its answer after that purge; with the rules in the key, that late entry is
+    /// never found by a request under the new rules (it ages out or is evicted instead).
+    pub rules: &'a [u8; 32],
 }
 
 const KEY_VERSION: &[u8] = b"sluice-cache-v1";
@@ -108,6 +113,7 @@ impl CacheKey {
     pub fn new(input: &KeyInput<'_>) -> CacheKey {
         let mut fields = Fields(Sha256::new());
         fields.field(KEY_VERSION);
+        fields.field(input.rules);
         let (tag, name) = input.scope.parts();
         fields.field(&[tag]);
         fields.field(name.as_bytes());
@@ -148,22 +154,6 @@ impl CacheKey {
         write_canonical(input.body, &mut fields, true);
         CacheKey {
             scope: input.scope.clone(),
-            digest: fields.0.finalize().into(),
-        }
-    }
-
-    /// The key under one version of the route's cache rules (see
-    /// [`CacheConfig::fingerprint`](super::CacheConfig::fingerprint)). A reload that changes
-    /// the rules purges the route, but a miss already in flight under the old rules stores its
-    /// answer after that purge; with the rules in the key, that late entry is never found by a
-    /// request under the new rules (it ages out or is evicted instead).
-    pub fn under_rules(self, rules: &[u8; 32]) -> CacheKey {
-        let mut fields = Fields(Sha256::new());
-        fields.field(b"rules");
-        fields.field(rules);
-        fields.field(&self.digest);
-        CacheKey {
-            scope: self.scope,
             digest: fields.0.finalize().into(),
         }
     }

@@ -141,8 +141,8 @@ impl Cache {
             credential_scoped: self.facts.credential_scoped,
             stream: ex.facts.stream,
             body: &body,
-        })
-        .under_rules(&self.rules);
+            rules: &self.rules,
+        });
         Some(Plan { key, ttl, controls })
     }
 

@@ -30,6 +30,7 @@ fn key_of(scope: &Scope, body: &Value, request: &RequestHeader, stream: bool) ->
         credential_scoped: false,
         stream,
         body,
+        rules: &[0; 32],
     })
 }
 
@@ -113,6 +114,7 @@ fn everything_that_changes_the_answer_changes_the_key() {
             credential_scoped: false,
             stream: false,
             body: &body,
+            rules: &[0; 32],
         }));
     }
     for (i, key) in different.iter().enumerate() {
@@ -134,6 +136,7 @@ fn forwarded_credentials_scope_the_key_without_appearing_in_it() {
             credential_scoped: true,
             stream: false,
             body: &body,
+            rules: &[0; 32],
         })
     };
     let a = with_key("Bearer sk-aaaa");
@@ -189,7 +192,7 @@ proptest! {
         let plain = request(&[]);
         let key = |route: &str, upstream: &str| CacheKey::new(&KeyInput {
             scope: &Scope::Shared, route, upstream, api: "openai", request: &plain,
-            credential_scoped: false, stream: false, body: &body,
+            credential_scoped: false, stream: false, body: &body, rules: &[0; 32],
         });
         let joined = format!("{route}{upstream}");
         prop_assert_ne!(key(&route, &upstream), key(&joined, ""));
