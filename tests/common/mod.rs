@@ -25,6 +25,19 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Resident memory of process `pid` once it is quiet: the lowest of samples taken over `over`.
+/// The allocator returns freed pages to the kernel on a background thread about a second after
+/// they are freed, so a process that just finished work shrinks for a moment before it settles.
+pub async fn quiet_rss_kib(pid: u32, over: Duration) -> u64 {
+    let deadline = Instant::now() + over;
+    let mut lowest = rss_kib(pid);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        lowest = lowest.min(rss_kib(pid));
+    }
+    lowest
+}
+
 /// Waits until process `pid` holds at most `baseline` descriptors, or `within` has passed
 /// (connections close asynchronously: callers hanging up, idle upstream connections expiring);
 /// returns the count it ended with.
