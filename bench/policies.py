@@ -115,7 +115,7 @@ def sluice_main(proxy: int, admin: int, mock_port: int, otlp_port: int | None) -
 
 def sluice_minimal(proxy: int, admin: int, mock_port: int) -> dict:
     """The least Sluice runs with: one passthrough route, no tenants, limits or telemetry export;
-    its idle RSS is the process's own floor (no tokenizer tables, no exporter)."""
+    its idle RSS is the process's own floor (no tokenizers, no exporter)."""
     return {
         "listen": {"proxy": f"127.0.0.1:{proxy}", "admin": f"127.0.0.1:{admin}"},
         "server": {"threads": 2},

@@ -365,7 +365,7 @@ class Bench:
         self.wait("floor", f"http://127.0.0.1:{floor}/floor/_mock/health")
         for name, (_, admin, _) in sluices.items():
             self.wait(name, f"http://127.0.0.1:{admin}/readyz")
-        time.sleep(2)  # ready is before the tokenizer tables finish loading on their thread
+        time.sleep(2)  # ready is before the tokenizers' patterns finish compiling on their thread
         self.results["idle_rss_kb"] = {name: rss_kb(self.processes.started[name].pid) for name in sluices}
 
         full_pid, lean_pid = self.processes.started["sluice-full"].pid, self.processes.started["sluice-lean"].pid

@@ -1,7 +1,8 @@
 //! Prompt size before the provider reports it: OpenAI models by their own tokenizer
-//! (tiktoken), everything else — and bodies too large to tokenize on the request path — as
+//! (tiktoken's encodings, `super::tokenizer`), everything else — and bodies too large to tokenize on the request path — as
 //! a quarter of the body's bytes.
 
+use super::tokenizer::encoding_for_model;
 use crate::usage::Dialect;
 
 /// Bodies above this are estimated, not tokenized: tokenizing costs about a millisecond per
@@ -10,15 +11,6 @@ const MAX_TOKENIZED_BODY: usize = 256 * 1024;
 /// OpenAI's framing around each chat message, and the priming of the reply (their cookbook).
 const TOKENS_PER_MESSAGE: u64 = 3;
 const REPLY_PRIMING: u64 = 3;
-
-/// Loads the tokenizers' tables (seconds in a debug build) off the request path, so the first
-/// request that needs them does not wait.
-pub fn warm_up_tokenizers() {
-    std::thread::spawn(|| {
-        tiktoken_rs::o200k_base_singleton();
-        tiktoken_rs::cl100k_base_singleton();
-    });
-}
 
 /// About four bytes a token for English text and JSON.
 pub fn estimate_from_bytes(body_len: usize) -> u64 {
@@ -31,16 +23,13 @@ pub fn estimate_input_tokens(body: &[u8], model: Option<&str>, dialect: Dialect)
     if dialect != Dialect::OpenAi || body.len() > MAX_TOKENIZED_BODY {
         return bytes_estimate;
     }
-    let Some(tokenizer) = model.and_then(tiktoken_rs::tokenizer::get_tokenizer) else {
-        return bytes_estimate;
-    };
-    let Ok(bpe) = tiktoken_rs::bpe_for_tokenizer(tokenizer) else {
+    let Some(encoding) = model.and_then(encoding_for_model) else {
         return bytes_estimate;
     };
     let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else {
         return bytes_estimate;
     };
-    let count = |text: &str| bpe.encode_ordinary(text).len() as u64;
+    let count = |text: &str| encoding.count(text);
     let text_of = |value: &serde_json::Value| -> u64 {
         match value {
             serde_json::Value::String(text) => count(text),

@@ -10,6 +10,7 @@ mod estimate;
 mod queue;
 mod redis_store;
 mod state;
+mod tokenizer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,12 +21,13 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
 pub use config::{Downgrade, OverMax, Price, RequestLimits};
-pub use estimate::{estimate_from_bytes, estimate_input_tokens, warm_up_tokenizers};
+pub use estimate::{estimate_from_bytes, estimate_input_tokens};
 pub use queue::QueueSettings;
 use queue::WaitingRoom;
 pub use redis_store::{Backend, OnError, RedisCounters};
 use state::Check;
 pub use state::{BudgetAlert, Charge, LimitName, LimitStore, Refused, Standing, Standings};
+pub use tokenizer::warm_up_tokenizers;
 
 use crate::glob::Glob;
 use crate::json_edit;
