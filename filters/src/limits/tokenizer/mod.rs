@@ -15,6 +15,8 @@ use std::sync::LazyLock;
 use fancy_regex::Regex;
 use tiktoken_rs::tokenizer::{get_tokenizer, Tokenizer};
 
+use super::estimate_from_bytes;
+
 /// A vocabulary laid out as `table.rs` describes, borrowed from the binary's read-only data.
 struct Vocabulary {
     offsets: &'static [u8],
@@ -82,15 +84,15 @@ impl Encoding {
     /// Tokens in `text`, special-token spellings counted as ordinary text (as the provider counts
     /// a prompt).
     pub fn count(&self, text: &str) -> u64 {
-        let mut tokens = 0;
+        let (mut tokens, mut counted) = (0, 0);
         for piece in self.pieces.find_iter(text) {
-            // The patterns have no construct that can fail at match time (no backreferences);
-            // a piece that did would be counted as bytes, never lost.
-            let piece = match piece {
-                Ok(piece) => piece.as_str().as_bytes(),
-                Err(_) => return tokens + text.len().div_ceil(4) as u64,
+            // The patterns have no construct that fails at match time short of fancy-regex's
+            // backtracking limit; past such a failure the rest is estimated, never lost.
+            let Ok(piece) = piece else {
+                return tokens + estimate_from_bytes(text.len() - counted);
             };
-            tokens += self.count_piece(piece) as u64;
+            tokens += self.count_piece(piece.as_str().as_bytes()) as u64;
+            counted = piece.end();
         }
         tokens
     }

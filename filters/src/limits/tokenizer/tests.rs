@@ -113,3 +113,18 @@ proptest! {
         assert_same(&parts.concat());
     }
 }
+
+#[test]
+fn a_pattern_that_gives_up_leaves_the_rest_estimated() {
+    let table = include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.table"));
+    let gives_up = Encoding {
+        vocabulary: Vocabulary::new(table),
+        pieces: fancy_regex::RegexBuilder::new(tiktoken_rs::O200K_BASE_PAT_STR)
+            .backtrack_limit(1)
+            .build()
+            .unwrap(),
+    };
+    // "Hello" is one token; the run of spaces before a word makes the lookahead backtrack.
+    let text = format!("Hello{}world", " ".repeat(40));
+    assert_eq!(gives_up.count(&text), 1 + estimate_from_bytes(text.len() - 5));
+}
