@@ -126,5 +126,8 @@ fn a_pattern_that_gives_up_leaves_the_rest_estimated() {
     };
     // "Hello" is one token; the run of spaces before a word makes the lookahead backtrack.
     let text = format!("Hello{}world", " ".repeat(40));
-    assert_eq!(gives_up.count(&text), 1 + estimate_from_bytes(text.len() - 5));
+    assert_eq!(
+        gives_up.count(&text),
+        1 + estimate_from_bytes(text.len() - 5)
+    );
 }
