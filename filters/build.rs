@@ -33,20 +33,21 @@ fn write_table(bpe: &CoreBPE, path: &Path) {
         .into_iter()
         .flat_map(|special| bpe.encode_with_special_tokens(special))
         .collect();
-    // Ordinary ranks are dense from 0; specials sit at or after their end.
+    // Ordinary ranks are dense from 0 and end below the last special; past that, the first
+    // rank that does not decode ends the vocabulary.
+    let last_special = specials.iter().copied().max().unwrap_or(0);
     let mut tokens: Vec<Vec<u8>> = Vec::new();
     for rank in 0u32.. {
-        if specials.contains(&rank) {
-            tokens.push(Vec::new());
-            continue;
-        }
-        match bpe.decode_bytes(&[rank]) {
-            Ok(bytes) => tokens.push(bytes),
-            Err(_) if tokens.len() > 1000 && rank > specials.iter().copied().max().unwrap_or(0) => {
-                break
+        let bytes = if specials.contains(&rank) {
+            Vec::new()
+        } else {
+            match bpe.decode_bytes(&[rank]) {
+                Ok(bytes) => bytes,
+                Err(_) if rank > last_special => break,
+                Err(_) => Vec::new(),
             }
-            Err(_) => tokens.push(Vec::new()),
-        }
+        };
+        tokens.push(bytes);
     }
     while tokens.last().is_some_and(Vec::is_empty) {
         tokens.pop();

@@ -593,9 +593,20 @@ routes:
     );
 }
 
-/// Every event of an OpenAI stream the caller got is whole JSON and the last is Sluice's
-/// error: the half event the upstream sent before it broke or ended is not among them.
-fn assert_whole_events_ending_in_an_error(text: &str) {
+/// Sends a six-event OpenAI stream through `sidecar` to an upstream that breaks or ends it inside
+/// an event, and checks what the caller got: a 200 whose body does not end cleanly, every event
+/// whole JSON, the last Sluice's error. The half event the upstream sent is not among them.
+async fn openai_stream_ends_in_a_whole_error(sidecar: &Sidecar, prompt: &str) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
+        .header("x-mock-chunks", "6")
+        .json(&chat_body(prompt, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (text, failed) = read_to_break(response).await;
+    assert!(failed, "the body must not end cleanly: {text}");
     assert!(text.ends_with("\n\n"), "{text:?}");
     let events: Vec<&str> = text.split_terminator("\n\n").collect();
     assert!(events.len() >= 2, "{text}");
@@ -629,17 +640,7 @@ routes:
         u = mock.url()
     );
     let sidecar = Sidecar::start(&policy).await;
-    let response = reqwest::Client::new()
-        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
-        .header("x-mock-chunks", "6")
-        .json(&chat_body("this will end inside an event", true))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let (text, failed) = read_to_break(response).await;
-    assert!(failed, "the body must not end cleanly: {text}");
-    assert_whole_events_ending_in_an_error(&text);
+    openai_stream_ends_in_a_whole_error(&sidecar, "this will end inside an event").await;
     let metrics = sidecar.metrics().await;
     assert_eq!(
         metrics.value("sluice_upstream_broke_total", &[("upstream", "openai")]),
@@ -663,17 +664,7 @@ routes:
         u = mock.url()
     );
     let sidecar = Sidecar::start(&policy).await;
-    let response = reqwest::Client::new()
-        .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
-        .header("x-mock-chunks", "6")
-        .json(&chat_body("this will break inside an event", true))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let (text, failed) = read_to_break(response).await;
-    assert!(failed, "the body must not end cleanly: {text}");
-    assert_whole_events_ending_in_an_error(&text);
+    openai_stream_ends_in_a_whole_error(&sidecar, "this will break inside an event").await;
 
     let response = reqwest::Client::new()
         .post(format!("{}/anthropic/v1/messages", sidecar.proxy))
