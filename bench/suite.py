@@ -112,6 +112,9 @@ class Processes:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.started: dict[str, subprocess.Popen] = {}
+        # Every process starts with OpenSSL's default trust, as in a container image: a shell
+        # that names a CA bundle (SSL_CERT_FILE) would make Sluice parse it into each TLS context.
+        self.base_env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
 
     def start(self, name: str, argv: list, env: dict | None = None) -> subprocess.Popen:
         logfile = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 (lives as long as the process)
@@ -120,7 +123,7 @@ class Processes:
             stdout=logfile,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
+            env={**self.base_env, **(env or {})},
             cwd=ROOT,
             start_new_session=True,
         )

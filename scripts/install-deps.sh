@@ -20,6 +20,7 @@ command -v cc >/dev/null || need+=(build-essential)
 command -v make >/dev/null || need+=(make)   # jemalloc is built from source by tikv-jemalloc-sys
 command -v openssl >/dev/null || need+=(openssl)   # TLS upstream test certificates
 command -v curl >/dev/null || need+=(curl ca-certificates)   # HTTPS_PROXY tests' client
+dpkg -s ca-certificates >/dev/null 2>&1 || need+=(ca-certificates)   # the system roots, bundle and hashed directory
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sluice::{policy, server};
+use sluice::{policy, server, upstream};
 
 /// jemalloc instead of glibc's allocator (whose arena locks showed up in profiles under load) or
 /// mimalloc (used until the bench's memory runs): a burst of 1,000 connections left mimalloc v3
@@ -76,8 +76,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => {
+            // Before the log writer, the first thread, starts: this sets environment variables.
+            let roots = upstream::system_roots::read_on_demand();
             // Held for the process's life: dropping it would stop the log writer thread.
             let _log_writer = init_logging();
+            tracing::info!(?roots, "system roots for HTTPS upstreams");
             sluice::telemetry::panics::install_hook();
             match server::run(&config) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -6,6 +6,7 @@ pub mod keys;
 pub mod pool;
 mod provider;
 mod resolver;
+pub mod system_roots;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -17,10 +17,20 @@ pub fn open_fds(pid: u32) -> usize {
 
 /// Resident memory of process `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The anonymous part of `pid`'s resident memory in KiB (heap and stacks, no mapped files).
+pub fn anon_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "RssAnon:")
+}
+
+/// A KiB figure of `/proc/<pid>/status`, by its field name; 0 once the process is gone.
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -169,6 +179,11 @@ impl Sidecar {
             )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("sluice.log")).unwrap());
+        // OpenSSL's trust as in the container image, where neither is set (a developer's shell
+        // may name a bundle); a test that wants them passes them in `env`.
+        command
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR");
         for (name, value) in env {
             command.env(name, value);
         }
