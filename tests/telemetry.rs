@@ -51,6 +51,16 @@ impl Received {
         }
     }
 
+    /// The `service.name` of the resource each span came under.
+    fn services(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+
     fn spans(&self) -> Vec<Span> {
         self.0
             .lock()
@@ -233,6 +243,11 @@ async fn spans_show_retries_fallbacks_and_genai_attributes(protocol: &str) {
     assert!(
         spans.iter().all(|s| s.trace_id == trace_id),
         "one trace, the caller's"
+    );
+    let services = collector.services();
+    assert!(
+        services.iter().all(|s| s == "sluice-test"),
+        "every span under the policy's service name: {services:?}"
     );
     let server = spans
         .iter()

@@ -112,11 +112,7 @@ impl Tracer {
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
                 ratio,
             ))))
-            .with_resource(
-                Resource::builder()
-                    .with_service_name(settings.service_name.clone())
-                    .build(),
-            )
+            .with_resource(resource(settings))
             .build();
         let tracer = provider.tracer("sluice");
         Ok(Self {
@@ -244,6 +240,13 @@ fn traceparent(span: &SpanContext) -> http::HeaderValue {
     http::HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
 }
 
+/// What every exported span is from: the policy's `service_name` (and the SDK's own attributes).
+fn resource(settings: &OtlpSettings) -> Resource {
+    Resource::builder()
+        .with_service_name(settings.service_name.clone())
+        .build()
+}
+
 /// The OTLP exporter for the protocol asked.
 fn build_exporter(
     settings: &OtlpSettings,
@@ -327,10 +330,13 @@ impl QueuedExport {
                     .build()
                     .map_err(|e| TraceSetupError::Exporter(format!("no runtime: {e}")));
                 let started = runtime.and_then(|runtime| {
-                    let exporter = {
+                    let mut exporter = {
                         let _inside = runtime.enter();
                         build_exporter(&thread_settings)?
                     };
+                    // The provider hands its resource to processors, not to an exporter that
+                    // sits behind one: without this, spans left with no `service.name`.
+                    exporter.set_resource(&resource(&thread_settings));
                     Ok((runtime, exporter))
                 });
                 match started {
