@@ -1,7 +1,8 @@
 """Instructions per request of Sluice's paths under callgrind: the figure that does not move with
 the machine's load, for judging an optimisation of the hot path.
 
-    python3 bench/profile.py [REQUESTS]        (default 2000; release build; about a minute)
+    python3 bench/profile.py [REQUESTS]        (default 2000; the production build
+                                               `make bench` makes; about a minute)
 
 Runs the mock and the two Sluices of `make bench` (`bench/policies.py`: one tracing to a local
 collector, one not) under `valgrind --tool=callgrind`, sends REQUESTS sequential requests per
@@ -13,6 +14,7 @@ dumped after each path (`callgrind_control`), so start-up is not counted. The du
 bench-out/profile/ for `callgrind_annotate` (the top functions of each path are printed).
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -49,11 +51,11 @@ def main() -> int:
     subprocess.run(["rm", "-rf", str(work)], check=True)
     work.mkdir(parents=True)
     processes = Processes(work)
-    release = ROOT / "target" / "release"
+    binaries = ROOT / "target" / (os.environ.get("BENCH_PROFILE") or "production")
     mock, sink, traced_proxy, traced_admin, lean_proxy, lean_admin = free_ports(6)
     figures = {}
     try:
-        processes.start("mock", [release / "sluice-mock", "--listen", f"127.0.0.1:{mock}", "--no-record"])
+        processes.start("mock", [binaries / "sluice-mock", "--listen", f"127.0.0.1:{mock}", "--no-record"])
         processes.start("otlp-sink", [sys.executable, ROOT / "bench" / "otlp_sink.py", str(sink)])
         wait_ready(processes, "mock", f"http://127.0.0.1:{mock}/_mock/health")
         # As in `make bench`: the traced Sluice serves the full chain and the cache hit, the lean
@@ -64,7 +66,7 @@ def main() -> int:
             processes.start(
                 name,
                 ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/callgrind.out.%p",
-                 release / "sluice", "run", "-c", work / f"{name}.yaml"],
+                 binaries / "sluice", "run", "-c", work / f"{name}.yaml"],
                 {"SLUICE_LOG": "warn"},
             )
         for name, (_, admin, _) in instances.items():

@@ -376,7 +376,10 @@ Raw results of the last run: `bench-out/last/results.json` (re-render with `pyth
 
 ## Method
 
-- **Upstream**: `sluice-mock` ({s['profile']} build, zero delay, `--no-record`, `TCP_NODELAY` as providers' front ends set it), a small non-streaming chat
+- **Builds**: every Rust binary of the run (Sluice, the mock, the floor, the stream client) in the `{s['profile']}`
+  profile{' (fat LTO, one codegen unit: what the container image ships)' if s['profile'] == 'production' else ''};
+  every process started without `SSL_CERT_FILE`/`SSL_CERT_DIR`, as in the image.
+- **Upstream**: `sluice-mock` (zero delay, `--no-record`, `TCP_NODELAY` as providers' front ends set it), a small non-streaming chat
   completion for the fixed-rate and throughput runs; SSE streams with send stamps for the streaming runs.
 - **Paths**, all in this one run against the same mock: {', '.join(LABELS[k] for k in paths_run) or 'see below'}.
   - nginx {host['nginx']}: 2 workers, upstream keepalive, HTTP/1.1 upstream, no access log, no buffering.

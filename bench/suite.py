@@ -25,7 +25,7 @@ that proves the harness works and writes bench-out/smoke/BENCHMARKS.md (no time 
   BENCH_MEMORY_STREAMS [1000] BENCH_TENANTS [1,1000,100000] BENCH_PROVIDER_KEYS [1,1000]
   BENCH_SCALING_RATE [2000] BENCH_SCALING_DURATION [5] BENCH_RELOADS [3] BENCH_RELOAD_RATE [500]
   BENCH_PEERS [1] BENCH_PHASES [latency,throughput,streams,memory,scaling]
-  BENCH_PROFILE [release] BENCH_SKIP_BUILD BENCH_OUTPUT [BENCHMARKS.md]
+  BENCH_PROFILE [production: the container image's build; release, debug] BENCH_SKIP_BUILD BENCH_OUTPUT [BENCHMARKS.md]
 """
 
 import json
@@ -95,7 +95,7 @@ class Settings:
     phases: list = field(
         default_factory=lambda: (os.environ.get("BENCH_PHASES") or ",".join(PHASES)).split(",")
     )
-    profile: str = os.environ.get("BENCH_PROFILE") or "release"
+    profile: str = os.environ.get("BENCH_PROFILE") or "production"
     skip_build: bool = bool(os.environ.get("BENCH_SKIP_BUILD"))
     output: Path = Path(
         os.environ.get("BENCH_OUTPUT") or ("bench-out/smoke/BENCHMARKS.md" if SMOKE else "BENCHMARKS.md")
@@ -822,8 +822,8 @@ def build(settings: Settings) -> None:
         return
     log(f"building the binaries ({settings.profile})")
     argv = ["cargo", "build", "-p", "sluice", "-p", "sluice-mock", "-p", "sluice-bench-streams", "-p", "sluice-bench-floor"]
-    if settings.profile == "release":
-        argv.append("--release")
+    if settings.profile != "debug":
+        argv += ["--profile", settings.profile]
     subprocess.run(argv, cwd=ROOT, check=True)
 
 

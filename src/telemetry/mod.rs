@@ -2,6 +2,7 @@
 //! `/metrics`, rolling percentiles at `/admin/stats`, SLA alerts, OTLP traces.
 
 pub mod metrics;
+mod otlp_encode;
 pub mod panics;
 pub mod rolling;
 pub mod sla;

@@ -6,7 +6,6 @@
 //! the span and counts it in `sluice_otlp_spans_dropped_total`), and one thread of their own
 //! batches them to the collector. With no `telemetry.otlp`, every call here does nothing.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -18,7 +17,7 @@ use opentelemetry::trace::{
     TraceFlags, TraceState, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
@@ -28,6 +27,7 @@ use opentelemetry_sdk::Resource;
 use prometheus::IntCounter;
 use sluice_filters::RequestHeader;
 
+use super::otlp_encode::SpanEncoder;
 use super::sla::SlaRule;
 use crate::policy::schema::OtlpProtocol;
 
@@ -247,48 +247,109 @@ fn resource(settings: &OtlpSettings) -> Resource {
         .build()
 }
 
-/// The OTLP exporter for the protocol asked.
-fn build_exporter(
-    settings: &OtlpSettings,
-) -> Result<opentelemetry_otlp::SpanExporter, TraceSetupError> {
-    let failed =
-        |e: opentelemetry_otlp::ExporterBuildError| TraceSetupError::Exporter(e.to_string());
-    match settings.protocol {
-        OtlpProtocol::HttpProtobuf => {
-            let endpoint = format!("{}/v1/traces", settings.endpoint.trim_end_matches('/'));
-            let headers: HashMap<String, String> = settings.headers.iter().cloned().collect();
-            let client = reqwest::Client::builder()
-                .timeout(settings.timeout)
-                .build()
-                .map_err(|e| TraceSetupError::Exporter(e.to_string()))?;
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_http_client(client)
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_endpoint(endpoint)
-                .with_timeout(settings.timeout)
-                .with_headers(headers)
-                .build()
-                .map_err(failed)
-        }
-        OtlpProtocol::Grpc => {
-            let mut metadata = tonic::metadata::MetadataMap::new();
-            for (name, value) in &settings.headers {
-                let name =
-                    tonic::metadata::MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())
-                        .map_err(|e| TraceSetupError::Exporter(e.to_string()))?;
-                let value = value.parse().map_err(|_| {
-                    TraceSetupError::Exporter(format!("header `{name}`: invalid value"))
-                })?;
-                metadata.insert(name, value);
+/// Where batches of finished spans go.
+enum Exporter {
+    /// OTLP/HTTP: Sluice's encoder and a plain POST (see `otlp_encode` for why).
+    Http(HttpExporter),
+    /// OTLP/gRPC: the SDK's tonic exporter.
+    Grpc(opentelemetry_otlp::SpanExporter),
+}
+
+struct HttpExporter {
+    client: reqwest::Client,
+    /// `{endpoint}/v1/traces`.
+    url: String,
+    /// `content-type` and the policy's headers (values may be secrets: never logged).
+    headers: reqwest::header::HeaderMap,
+    encoder: SpanEncoder,
+}
+
+impl Exporter {
+    /// The exporter for the protocol asked; inside the export thread's runtime (gRPC's channel
+    /// needs one).
+    fn build(settings: &OtlpSettings) -> Result<Self, TraceSetupError> {
+        let invalid = |what: String| TraceSetupError::Exporter(what);
+        match settings.protocol {
+            OtlpProtocol::HttpProtobuf => {
+                let mut headers = reqwest::header::HeaderMap::new();
+                headers.insert(
+                    reqwest::header::CONTENT_TYPE,
+                    reqwest::header::HeaderValue::from_static("application/x-protobuf"),
+                );
+                for (name, value) in &settings.headers {
+                    let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|_| invalid(format!("header `{name}`: invalid name")))?;
+                    let value = reqwest::header::HeaderValue::from_str(value)
+                        .map_err(|_| invalid(format!("header `{name}`: invalid value")))?;
+                    headers.insert(name, value);
+                }
+                let client = reqwest::Client::builder()
+                    .timeout(settings.timeout)
+                    .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?;
+                Ok(Self::Http(HttpExporter {
+                    client,
+                    url: format!("{}/v1/traces", settings.endpoint.trim_end_matches('/')),
+                    headers,
+                    encoder: SpanEncoder::new(&resource(settings)),
+                }))
             }
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(settings.endpoint.clone())
-                .with_timeout(settings.timeout)
-                .with_metadata(metadata)
-                .build()
-                .map_err(failed)
+            OtlpProtocol::Grpc => {
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                for (name, value) in &settings.headers {
+                    let name = tonic::metadata::MetadataKey::from_bytes(
+                        name.to_ascii_lowercase().as_bytes(),
+                    )
+                    .map_err(|e| invalid(e.to_string()))?;
+                    let value = value
+                        .parse()
+                        .map_err(|_| invalid(format!("header `{name}`: invalid value")))?;
+                    metadata.insert(name, value);
+                }
+                let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(settings.endpoint.clone())
+                    .with_timeout(settings.timeout)
+                    .with_metadata(metadata)
+                    .build()
+                    .map_err(|e| invalid(e.to_string()))?;
+                // The provider hands its resource to processors, not to an exporter that sits
+                // behind one: without this, spans left with no `service.name`.
+                exporter.set_resource(&resource(settings));
+                Ok(Self::Grpc(exporter))
+            }
+        }
+    }
+
+    /// Sends `batch`; the caller clears it after (HTTP keeps the vector's room for the next).
+    async fn export(&mut self, batch: &mut Vec<SpanData>) -> Result<(), String> {
+        match self {
+            Self::Http(http) => {
+                let body = http.encoder.encode(batch);
+                let response = http
+                    .client
+                    .post(&http.url)
+                    .headers(http.headers.clone())
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| e.without_url().to_string())?;
+                match response.status() {
+                    status if status.is_success() => Ok(()),
+                    status => Err(format!("the collector answered {status}")),
+                }
+            }
+            Self::Grpc(exporter) => exporter
+                .export(std::mem::take(batch))
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if let Self::Grpc(exporter) = self {
+            let _ = exporter.shutdown();
         }
     }
 }
@@ -330,13 +391,10 @@ impl QueuedExport {
                     .build()
                     .map_err(|e| TraceSetupError::Exporter(format!("no runtime: {e}")));
                 let started = runtime.and_then(|runtime| {
-                    let mut exporter = {
+                    let exporter = {
                         let _inside = runtime.enter();
-                        build_exporter(&thread_settings)?
+                        Exporter::build(&thread_settings)?
                     };
-                    // The provider hands its resource to processors, not to an exporter that
-                    // sits behind one: without this, spans left with no `service.name`.
-                    exporter.set_resource(&resource(&thread_settings));
                     Ok((runtime, exporter))
                 });
                 match started {
@@ -370,7 +428,7 @@ impl QueuedExport {
 
 fn export_loop(
     runtime: &tokio::runtime::Runtime,
-    mut exporter: opentelemetry_otlp::SpanExporter,
+    mut exporter: Exporter,
     receiver: Receiver<Command>,
     settings: &OtlpSettings,
     counters: ExportCounters,
@@ -379,18 +437,19 @@ fn export_loop(
     let interval = settings.export_interval;
     let mut batch: Vec<SpanData> = Vec::with_capacity(batch_size);
     let mut due = Instant::now() + interval;
-    let export = |batch: &mut Vec<SpanData>| {
+    let export = |exporter: &mut Exporter, batch: &mut Vec<SpanData>| {
         if batch.is_empty() {
             return;
         }
         let count = batch.len() as u64;
-        match runtime.block_on(exporter.export(std::mem::take(batch))) {
+        match runtime.block_on(exporter.export(batch)) {
             Ok(()) => counters.exported.inc_by(count),
             Err(e) => {
                 counters.failed.inc_by(count);
                 tracing::debug!("OTLP export of {count} spans failed: {e}");
             }
         }
+        batch.clear();
     };
     loop {
         let wait = due.saturating_duration_since(Instant::now());
@@ -398,21 +457,21 @@ fn export_loop(
             Ok(Command::Span(span)) => {
                 batch.push(*span);
                 if batch.len() >= batch_size {
-                    export(&mut batch);
+                    export(&mut exporter, &mut batch);
                     due = Instant::now() + interval;
                 }
             }
             Ok(Command::Flush(done)) => {
-                export(&mut batch);
+                export(&mut exporter, &mut batch);
                 let _ = done.send(());
             }
             Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => {
-                export(&mut batch);
-                let _ = exporter.shutdown();
+                export(&mut exporter, &mut batch);
+                exporter.shutdown();
                 return;
             }
             Err(RecvTimeoutError::Timeout) => {
-                export(&mut batch);
+                export(&mut exporter, &mut batch);
                 due = Instant::now() + interval;
             }
         }
@@ -455,6 +514,8 @@ impl SpanProcessor for QueuedExport {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use opentelemetry::trace::{SpanId, TraceId, TraceState};
 
     use super::*;
