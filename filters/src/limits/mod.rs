@@ -206,6 +206,19 @@ fn invalid(message: String) -> Verdict {
 }
 
 /// `1s`, `6m0s`, `20ms`: the duration format of OpenAI's reset headers.
+/// OpenAI's rate-limit headers (limit, remaining, reset), for requests and for tokens; built at
+/// compile time (`from_static` checks the name on every call at run time).
+const REQUEST_LIMIT_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+const TOKEN_LIMIT_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+
 fn reset_text(duration: Duration) -> String {
     let secs = duration.as_secs();
     match secs {
@@ -538,22 +551,8 @@ impl Filter for Limits {
             }
         }
         let kinds = [
-            (
-                standings.requests,
-                [
-                    "x-ratelimit-limit-requests",
-                    "x-ratelimit-remaining-requests",
-                    "x-ratelimit-reset-requests",
-                ],
-            ),
-            (
-                standings.tokens,
-                [
-                    "x-ratelimit-limit-tokens",
-                    "x-ratelimit-remaining-tokens",
-                    "x-ratelimit-reset-tokens",
-                ],
-            ),
+            (standings.requests, &REQUEST_LIMIT_HEADERS),
+            (standings.tokens, &TOKEN_LIMIT_HEADERS),
         ];
         for (standing, [limit, remaining, reset]) in kinds {
             let Some(standing) = standing else { continue };
@@ -564,7 +563,7 @@ impl Filter for Limits {
                 (remaining, HeaderValue::from(standing.remaining)),
                 (reset, reset_value),
             ] {
-                let _ = response.insert_header(HeaderName::from_static(name), value);
+                let _ = response.insert_header(name.clone(), value);
             }
         }
     }
