@@ -129,7 +129,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def write(results: dict, output: Path) -> None:
-    host = machine()
+    # The machine and commit as they were when the run started; a re-render keeps them.
+    host = results.get("host") or machine()
     s = results["settings"]
     load = other_load(results)
     load_text = "unknown" if load is None else f"{load:.2f} CPU cores on average"

@@ -731,6 +731,7 @@ class Bench:
         self.start_servers()
         self.check_paths()
         self.results["machine_start"] = cpu_snapshot(os.getpid())
+        self.results["host"] = report.machine()
         if {"latency", "throughput"} & set(s.phases):
             self.probe()
         for phase in PHASES:
