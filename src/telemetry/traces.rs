@@ -259,8 +259,6 @@ struct HttpExporter {
     client: reqwest::Client,
     /// `{endpoint}/v1/traces`.
     url: String,
-    /// `content-type` and the policy's headers (values may be secrets: never logged).
-    headers: reqwest::header::HeaderMap,
     encoder: SpanEncoder,
 }
 
@@ -279,11 +277,13 @@ impl Exporter {
                 for (name, value) in &settings.headers {
                     let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
                         .map_err(|_| invalid(format!("header `{name}`: invalid name")))?;
-                    let value = reqwest::header::HeaderValue::from_str(value)
+                    let mut value = reqwest::header::HeaderValue::from_str(value)
                         .map_err(|_| invalid(format!("header `{name}`: invalid value")))?;
+                    value.set_sensitive(true);
                     headers.insert(name, value);
                 }
                 let client = reqwest::Client::builder()
+                    .default_headers(headers)
                     .timeout(settings.timeout)
                     .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
                     .build()
@@ -291,7 +291,6 @@ impl Exporter {
                 Ok(Self::Http(HttpExporter {
                     client,
                     url: format!("{}/v1/traces", settings.endpoint.trim_end_matches('/')),
-                    headers,
                     encoder: SpanEncoder::new(&resource(settings)),
                 }))
             }
@@ -327,10 +326,11 @@ impl Exporter {
         match self {
             Self::Http(http) => {
                 let body = http.encoder.encode(batch);
+                // `content-type` and the policy's headers are the client's defaults (values
+                // marked sensitive: they may be secrets).
                 let response = http
                     .client
                     .post(&http.url)
-                    .headers(http.headers.clone())
                     .body(body)
                     .send()
                     .await
