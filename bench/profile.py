@@ -14,7 +14,6 @@ dumped after each path (`callgrind_control`), so start-up is not counted. The du
 bench-out/profile/ for `callgrind_annotate` (the top functions of each path are printed).
 """
 
-import os
 import re
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import policies  # noqa: E402
-from suite import ROOT, BenchError, Processes, Target, free_ports, http, wait_ready  # noqa: E402
+from suite import ROOT, BenchError, Processes, Settings, Target, free_ports, http, wait_ready  # noqa: E402
 
 
 def callgrind_control(*args: str) -> None:
@@ -51,7 +50,7 @@ def main() -> int:
     subprocess.run(["rm", "-rf", str(work)], check=True)
     work.mkdir(parents=True)
     processes = Processes(work)
-    binaries = ROOT / "target" / (os.environ.get("BENCH_PROFILE") or "production")
+    binaries = ROOT / "target" / Settings().profile  # as `make bench` builds it (BENCH_PROFILE)
     mock, sink, traced_proxy, traced_admin, lean_proxy, lean_admin = free_ports(6)
     figures = {}
     try:
