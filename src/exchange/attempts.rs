@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{header, Method, StatusCode};
 use pingora::prelude::HttpPeer;
-use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::ALPN;
 use pingora::{Error, ErrorType};
 use sluice_filters::{json_edit, ErrorKind, Exchange, Rejection, RequestHeader};
@@ -27,7 +26,7 @@ use crate::telemetry::traces::{Span, Tracer};
 use crate::telemetry::Metrics;
 use crate::upstream::health::Permit;
 use crate::upstream::keys::backoff_asked;
-use crate::upstream::{KeyLease, NoKey, Resolver, Upstream, UpstreamConnector};
+use crate::upstream::{KeyLease, NoKey, Resolver, Upstream, UpstreamConnector, UpstreamSession};
 use opentelemetry::trace::{Span as _, SpanContext, Status};
 use opentelemetry::KeyValue;
 
@@ -51,7 +50,7 @@ pub struct Launched<'r> {
 
 /// An attempt that got a response head.
 pub struct Answered {
-    pub session: HttpSession,
+    pub session: UpstreamSession,
     pub peer: HttpPeer,
     /// When the head arrived.
     pub head_at: Instant,
@@ -408,7 +407,7 @@ pub async fn send(
     body: Bytes,
     timeout: Duration,
 ) -> AttemptResult {
-    match tokio::time::timeout(
+    match pingora_timeout::fast_timeout::fast_timeout(
         timeout,
         send_untimed(connector, resolver, upstream, request, body),
     )
@@ -456,7 +455,13 @@ async fn send_untimed(
         } else {
             request.take()
         };
-        let sent = write_request(&mut session, head, &body).await;
+        let sent = match head {
+            Some(head) => session.write_request(head, &body).await,
+            None => Err(Error::explain(
+                ErrorType::InternalError,
+                "request head already sent",
+            )),
+        };
         let answered = match sent {
             Ok(()) => session.read_response_header().await,
             Err(e) => Err(e),
@@ -474,60 +479,6 @@ async fn send_untimed(
             Err(_) if reused && fresh_retry => fresh_retry = false,
             Err(e) => return Err(AttemptError::Broken(e.etype().as_str().to_owned())),
         }
-    }
-}
-
-async fn write_request(
-    upstream: &mut HttpSession,
-    request: Option<RequestHeader>,
-    body: &Bytes,
-) -> pingora::Result<()> {
-    let request = request
-        .ok_or_else(|| Error::explain(ErrorType::InternalError, "request head already sent"))?;
-    // Pingora flushes the head on its own; corked, the head and the body leave in one segment,
-    // and the upstream reads the request in one go.
-    let _corked = Cork::on(upstream);
-    upstream.write_request_header(Box::new(request)).await?;
-    if !body.is_empty() {
-        upstream.write_request_body(body.clone(), true).await?;
-    }
-    upstream.finish_request_body().await
-}
-
-/// `TCP_CORK` on an HTTP/1 upstream connection while a request is written; released (and the
-/// data sent) when dropped. HTTP/2 frames are left to the HTTP/2 layer.
-struct Cork(Option<std::os::fd::RawFd>);
-
-impl Cork {
-    fn on(session: &HttpSession) -> Self {
-        let HttpSession::H1(h1) = session else {
-            return Self(None);
-        };
-        let fd = h1.stream().id();
-        Self(set_cork(fd, true).then_some(fd))
-    }
-}
-
-impl Drop for Cork {
-    fn drop(&mut self) {
-        if let Some(fd) = self.0 {
-            set_cork(fd, false);
-        }
-    }
-}
-
-fn set_cork(fd: std::os::fd::RawFd, on: bool) -> bool {
-    let value: libc::c_int = on.into();
-    // SAFETY: `fd` is the connection's open socket, owned by the session for this call; the
-    // option value is a valid c_int of the size passed.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            std::ptr::addr_of!(value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        ) == 0
     }
 }
 

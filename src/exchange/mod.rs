@@ -18,7 +18,6 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::{header, Method, StatusCode};
 use pingora::prelude::HttpPeer;
-use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType};
 use sluice_filters::{
@@ -36,7 +35,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::policy::{Policy, PolicyStore, Route, Target};
 use crate::telemetry::Metrics;
-use crate::upstream::{ProviderKind, Resolver, UpstreamConnector};
+use crate::upstream::{ProviderKind, Resolver, UpstreamConnector, UpstreamSession};
 pub use inflight::Inflight;
 
 pub struct SluiceProxy {
@@ -90,6 +89,7 @@ impl ProxyHttp for SluiceProxy {
         let _counted = self.inflight.enter();
         let policy = self.policies.current();
         let exchange = std::panic::AssertUnwindSafe(self.exchange(session, &policy));
+
         match futures_util::FutureExt::catch_unwind(exchange).await {
             Ok(result) => result.map(|()| true).map_err(Close::into_pingora),
             Err(_panic) => Err(self.answer_panic(session, &policy).await),
@@ -204,7 +204,11 @@ impl SluiceProxy {
             Verdict::Continue => {
                 let injected = ask_for_stream_usage(&mut ex);
                 let trace = span.as_ref().map(|span| span.span_context().clone());
-                self.forward(session, route, &mut ex, injected, trace).await
+                // Boxed, here and at the other marked places: an awaited future is stored in
+                // its caller's state, in effect twice over (rust-lang/rust#62958), so nesting
+                // doubled the state at each level: 50 KiB an exchange, resident for as long as
+                // a stream was open. Boxed at these joints, it is about 14 KiB.
+                Box::pin(self.forward(session, route, &mut ex, injected, trace)).await
             }
             Verdict::Reject(rejection) => refuse(session, provider, &mut ex, rejection).await,
             Verdict::Respond(local) => respond_local(session, route, &mut ex, *local).await,
@@ -277,8 +281,9 @@ impl SluiceProxy {
                         Judged::Deliver(answered) => {
                             // Dropping the others cancels them: their connections close.
                             drop(running);
-                            return self
-                                .deliver(session, route, ex, launched, answered, usage_injected, plan.made)
+                            // Boxed: see `exchange`.
+                            return Box::pin(self
+                                .deliver(session, route, ex, launched, answered, usage_injected, plan.made))
                                 .await;
                         }
                         Judged::Failed(failure, result) => {
@@ -320,17 +325,17 @@ impl SluiceProxy {
         // No attempt succeeded: the last provider answer goes to the caller as it is;
         // otherwise Sluice says what went wrong.
         if let Some((launched, answered)) = relay {
-            return self
-                .deliver(
-                    session,
-                    route,
-                    ex,
-                    launched,
-                    answered,
-                    usage_injected,
-                    plan.made,
-                )
-                .await;
+            // Boxed: see `exchange`.
+            return Box::pin(self.deliver(
+                session,
+                route,
+                ex,
+                launched,
+                answered,
+                usage_injected,
+                plan.made,
+            ))
+            .await;
         }
         let rejection = last_error.unwrap_or_else(|| plan.unavailable_rejection());
         ex.attempts = plan.made;
@@ -469,16 +474,16 @@ impl SluiceProxy {
         if launched.span.is_some() {
             meter = meter.reading_model();
         }
-        let end = self
-            .stream_body(
-                session,
-                route,
-                ex,
-                &mut upstream_session,
-                &mut meter,
-                stream,
-            )
-            .await;
+        // Boxed: see `exchange`.
+        let end = Box::pin(self.stream_body(
+            session,
+            route,
+            ex,
+            &mut upstream_session,
+            &mut meter,
+            stream,
+        ))
+        .await;
         meter.finish();
         ex.usage = meter.usage();
         ex.response_model = meter.take_response_model();
@@ -510,7 +515,7 @@ impl SluiceProxy {
         session: &mut Session,
         route: &Route,
         ex: &mut Exchange,
-        upstream_session: &mut HttpSession,
+        upstream_session: &mut UpstreamSession,
         meter: &mut UsageMeter,
         event_stream: bool,
     ) -> Result<StreamEnd, Close> {
@@ -545,7 +550,7 @@ impl SluiceProxy {
         session: &mut Session,
         route: &Route,
         ex: &mut Exchange,
-        upstream_session: &mut HttpSession,
+        upstream_session: &mut UpstreamSession,
         meter: &mut UsageMeter,
         event_stream: bool,
         logged: &mut Option<BytesMut>,
@@ -648,7 +653,7 @@ impl SluiceProxy {
         Ok(StreamEnd::Complete)
     }
 
-    async fn release(&self, upstream_session: HttpSession, peer: &HttpPeer) {
+    async fn release(&self, upstream_session: UpstreamSession, peer: &HttpPeer) {
         self.connector.release(upstream_session, peer).await;
     }
 }

@@ -371,13 +371,14 @@ pub struct MetricsSpec {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSettings {
-    /// Worker threads of the proxy listener.
+    /// Worker threads of the proxy and forward listeners, one runtime each; a connection is served
+    /// by one of them from accept to close.
     #[serde(default = "default_threads")]
     pub threads: usize,
     /// How long SIGTERM waits for in-flight requests (open streams included) before exiting.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Duration,
-    /// Idle HTTP/1 upstream connections kept for reuse, per upstream address.
+    /// Idle HTTP/1 upstream connections kept for reuse, per upstream address and worker thread.
     #[serde(default = "default_pool_size")]
     pub upstream_pool_size: usize,
     /// How long an idle upstream connection is kept for reuse. Keep it below the provider's

@@ -2,6 +2,7 @@
 
 mod bedrock;
 pub mod health;
+pub mod http1;
 pub mod keys;
 pub mod pool;
 mod provider;
@@ -18,7 +19,7 @@ pub use crate::policy::schema::ProviderKind;
 pub use bedrock::{default_base_url as bedrock_base_url, AwsCredentials, SigV4Signer, SignError};
 use health::{BreakerSettings, RetryBudgetSettings, UpstreamHealth};
 pub use keys::{KeyLease, KeyPool, NoKey, ProviderKey};
-pub use pool::{PoolSweeper, UpstreamConnector};
+pub use pool::{PoolSweeper, UpstreamConnector, UpstreamSession};
 pub use provider::CALLER_CREDENTIAL_HEADERS;
 pub use resolver::{ResolveError, ResolveOverrides, Resolver};
 

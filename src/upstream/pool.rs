@@ -1,5 +1,5 @@
-//! Upstream connections: HTTP/1 keep-alive connections pooled by Sluice itself, new connections
-//! and HTTP/2 through Pingora's connector.
+//! Upstream connections: HTTP/1 keep-alive connections pooled by Sluice itself (and spoken to by
+//! Sluice's own client, `http1`), new connections and HTTP/2 through Pingora's connector.
 //!
 //! Why not Pingora's HTTP/1 pool: it parks every idle connection on a task of its own and hands
 //! it back through a mutex and `Arc::try_unwrap`, which races with that task on a multi-threaded
@@ -8,22 +8,31 @@
 //! idle connection is a plain value in a list: taking one is a lock, a pop and a non-blocking
 //! read that proves it is still open; a background sweep closes the ones that expired or that
 //! the upstream closed, so their descriptors do not linger.
+//!
+//! Idle connections are kept per worker thread: the proxy runs one single-threaded runtime per
+//! worker (see `server`), and a connection's socket is watched by the reactor of the thread that
+//! opened it. Handed to a request on another worker, its every readiness event would be caught
+//! by the first thread and passed over with an eventfd write and a second wake-up.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures_util::FutureExt;
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::protocols::http::client::HttpSession;
-use pingora::protocols::http::v1::client::HttpSession as Http1Session;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora_http::{RequestHeader, ResponseHeader};
 use tokio::io::AsyncReadExt;
+
+use super::http1::Http1Client;
 
 /// How often the sweep looks for expired or closed idle connections.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -54,31 +63,41 @@ impl UpstreamConnector {
         self.idle_timeout
     }
 
-    /// A session to `peer` and whether its connection was reused.
-    pub async fn get(&self, peer: &HttpPeer) -> pingora::Result<(HttpSession, bool)> {
-        if let Some(stream) = self.idle.take(peer.reuse_hash()) {
-            return Ok((
-                HttpSession::H1(Http1Session::new_with_options(stream, peer)),
-                true,
-            ));
+    /// A session to `peer` and whether its connection was reused: HTTP/1 over Sluice's own
+    /// client (`http1`), HTTP/2 over Pingora's.
+    pub async fn get(&self, peer: &HttpPeer) -> pingora::Result<(UpstreamSession, bool)> {
+        let write_timeout = peer.options.write_timeout;
+        if let Some(stream) = self.idle.take(PoolKey::of(peer)) {
+            let client = Http1Client::new(stream, write_timeout);
+            return Ok((UpstreamSession::H1(client), true));
         }
-        self.pingora.get_http_session(peer).await
+        let (session, reused) = self.pingora.get_http_session(peer).await?;
+        Ok(match session {
+            HttpSession::H1(h1) => {
+                let client = Http1Client::new(h1.into_inner(), write_timeout);
+                (UpstreamSession::H1(client), reused)
+            }
+            other => (UpstreamSession::Pingora(other), reused),
+        })
     }
 
     /// Returns a finished session's connection for reuse, when its protocol state allows it;
     /// otherwise it is closed.
-    pub async fn release(&self, session: HttpSession, peer: &HttpPeer) {
+    pub async fn release(&self, session: UpstreamSession, peer: &HttpPeer) {
         match session {
-            HttpSession::H1(mut h1) => {
-                h1.respect_keepalive();
-                if let Some(stream) = h1.reuse().await {
-                    self.idle.put(peer.reuse_hash(), stream);
+            UpstreamSession::H1(client) => {
+                if let Some(stream) = client.into_reusable() {
+                    self.idle.put(PoolKey::of(peer), stream);
                 }
             }
-            other => {
-                self.pingora
-                    .release_http_session(other, peer, Some(self.idle_timeout))
-                    .await
+            // Boxed: Pingora's release is a large future, which would otherwise take room in
+            // every exchange's state (see `exchange`).
+            UpstreamSession::Pingora(other) => {
+                Box::pin(
+                    self.pingora
+                        .release_http_session(other, peer, Some(self.idle_timeout)),
+                )
+                .await
             }
         }
     }
@@ -106,15 +125,103 @@ impl BackgroundService for PoolSweeper {
     }
 }
 
+/// One request's exchange with an upstream: HTTP/1 through Sluice's client, HTTP/2 (a shared
+/// connection) through Pingora's.
+pub enum UpstreamSession {
+    H1(Http1Client),
+    Pingora(HttpSession),
+}
+
+impl UpstreamSession {
+    /// Sends the request head and its whole body.
+    pub async fn write_request(
+        &mut self,
+        request: RequestHeader,
+        body: &Bytes,
+    ) -> pingora::Result<()> {
+        match self {
+            Self::H1(client) => client.write_request(&request, body).await,
+            Self::Pingora(session) => {
+                session.write_request_header(Box::new(request)).await?;
+                if !body.is_empty() {
+                    session.write_request_body(body.clone(), true).await?;
+                }
+                session.finish_request_body().await
+            }
+        }
+    }
+
+    pub async fn read_response_header(&mut self) -> pingora::Result<()> {
+        match self {
+            Self::H1(client) => client.read_response_header().await,
+            Self::Pingora(session) => session.read_response_header().await,
+        }
+    }
+
+    pub fn response_header(&self) -> Option<&ResponseHeader> {
+        match self {
+            Self::H1(client) => client.response_header(),
+            Self::Pingora(session) => session.response_header(),
+        }
+    }
+
+    /// The next piece of the response body; `None` at its end.
+    pub async fn read_response_body(&mut self) -> pingora::Result<Option<Bytes>> {
+        match self {
+            Self::H1(client) => client.read_response_body().await,
+            Self::Pingora(session) => session.read_response_body().await,
+        }
+    }
+
+    pub fn response_done(&mut self) -> bool {
+        match self {
+            Self::H1(client) => client.response_done(),
+            Self::Pingora(session) => session.response_done(),
+        }
+    }
+
+    /// The longest wait for each read of the response body.
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
+        match self {
+            Self::H1(client) => client.set_read_timeout(timeout),
+            Self::Pingora(session) => session.set_read_timeout(timeout),
+        }
+    }
+}
+
+/// Where an idle connection may be reused: the same upstream address (the peer's reuse hash:
+/// address, TLS, SNI, CA) on the same worker thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PoolKey {
+    peer: u64,
+    worker: u32,
+}
+
+impl PoolKey {
+    fn of(peer: &HttpPeer) -> Self {
+        Self {
+            peer: peer.reuse_hash(),
+            worker: WORKER.with(|worker| *worker),
+        }
+    }
+}
+
+static NEXT_WORKER: AtomicU32 = AtomicU32::new(0);
+
+thread_local! {
+    /// This thread's number among the threads that have used the pool.
+    static WORKER: u32 = NEXT_WORKER.fetch_add(1, Ordering::Relaxed);
+}
+
 struct Idle {
     stream: Stream,
     since: Instant,
 }
 
-/// Idle HTTP/1 connections by upstream address (the peer's reuse hash: address, TLS, SNI, CA),
-/// newest last: the most recently used connection is taken first, so the oldest expire.
+/// Idle HTTP/1 connections by upstream address and worker, newest last: the most recently used
+/// connection is taken first, so the oldest expire.
 struct IdlePool {
-    by_peer: Mutex<HashMap<u64, VecDeque<Idle>>>,
+    by_peer: Mutex<HashMap<PoolKey, VecDeque<Idle>>>,
     per_peer: usize,
     idle_timeout: Duration,
 }
@@ -128,7 +235,7 @@ impl IdlePool {
         }
     }
 
-    fn take(&self, key: u64) -> Option<Stream> {
+    fn take(&self, key: PoolKey) -> Option<Stream> {
         let now = Instant::now();
         loop {
             // The lock is not held while a closed connection is dropped (a syscall).
@@ -142,7 +249,7 @@ impl IdlePool {
         }
     }
 
-    fn put(&self, key: u64, stream: Stream) {
+    fn put(&self, key: PoolKey, stream: Stream) {
         if self.per_peer == 0 {
             return;
         }
@@ -217,6 +324,10 @@ mod tests {
         (client.unwrap(), accepted.unwrap().0)
     }
 
+    fn key(peer: u64) -> PoolKey {
+        PoolKey { peer, worker: 0 }
+    }
+
     fn wrap(client: TcpStream) -> Stream {
         Box::new(l4::stream::Stream::from(client))
     }
@@ -240,11 +351,29 @@ mod tests {
         let (first, _server_a) = pair().await;
         let (second, _server_b) = pair().await;
         let second_id = second.id();
-        pool.put(7, first);
-        pool.put(7, second);
-        assert_eq!(pool.take(7).map(|s| s.id()), Some(second_id));
-        assert!(pool.take(8).is_none(), "another peer's key finds nothing");
+        pool.put(key(7), first);
+        pool.put(key(7), second);
+        assert_eq!(pool.take(key(7)).map(|s| s.id()), Some(second_id));
+        assert!(
+            pool.take(key(8)).is_none(),
+            "another peer's key finds nothing"
+        );
+        let other_worker = PoolKey { peer: 7, worker: 1 };
+        assert!(
+            pool.take(other_worker).is_none(),
+            "another worker's key finds nothing"
+        );
         assert_eq!(pool.count(), 1);
+    }
+
+    #[test]
+    fn each_thread_has_its_own_worker_number() {
+        let here = WORKER.with(|worker| *worker);
+        let there = std::thread::spawn(|| WORKER.with(|worker| *worker))
+            .join()
+            .unwrap();
+        assert_ne!(here, there);
+        assert_eq!(here, WORKER.with(|worker| *worker), "stable on its thread");
     }
 
     #[tokio::test]
@@ -253,12 +382,12 @@ mod tests {
         let (chatty, mut server) = tcp_pair().await;
         server.write_all(b"HTTP/1.1 408\r\n\r\n").await.unwrap();
         chatty.readable().await.unwrap();
-        pool.put(1, closed().await);
-        pool.put(1, wrap(chatty));
-        assert!(pool.take(1).is_none());
+        pool.put(key(1), closed().await);
+        pool.put(key(1), wrap(chatty));
+        assert!(pool.take(key(1)).is_none());
 
         let (open, _server) = pair().await;
-        pool.put(2, open);
+        pool.put(key(2), open);
         pool.sweep(Instant::now() + Duration::from_secs(61));
         assert_eq!(pool.count(), 0, "expired connections are swept");
     }
@@ -270,10 +399,10 @@ mod tests {
         for _ in 0..3 {
             let (stream, server) = pair().await;
             servers.push(server);
-            pool.put(1, stream);
+            pool.put(key(1), stream);
         }
         assert_eq!(pool.count(), 2);
-        pool.put(3, closed().await);
+        pool.put(key(3), closed().await);
         pool.sweep(Instant::now());
         assert_eq!(
             pool.count(),

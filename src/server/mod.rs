@@ -10,7 +10,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
-use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -25,6 +24,9 @@ use crate::policy::{
 use crate::telemetry::sla::SlaMonitor;
 use crate::telemetry::traces::Tracer;
 use crate::upstream::{PoolSweeper, UpstreamConnector};
+use worker_local::WorkerLocal;
+
+mod worker_local;
 
 /// Starts the sidecar and serves until a signal ends it; never returns on success.
 pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
@@ -47,6 +49,10 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
         grace_period_seconds: Some(settings.drain_timeout.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: settings.upstream_pool_size,
+        // One single-threaded runtime per worker thread, each connection served on one of
+        // them from accept to close, its sockets (downstream and pooled upstream) watched by
+        // that thread's reactor: see `worker_local` and `upstream::pool`.
+        work_stealing: false,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -76,10 +82,10 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
     let proxy = SluiceProxy::new(store.clone(), inflight.clone(), connector.clone());
     let mut server_options = HttpServerOptions::default();
     server_options.h2c = true;
-    let mut proxy_service = ProxyServiceBuilder::new(&conf, proxy)
-        .name("sluice proxy")
-        .server_options(server_options)
-        .build();
+    let mut proxy_app = pingora::proxy::http_proxy(&conf, proxy);
+    proxy_app.server_options = Some(server_options);
+    let mut proxy_service =
+        Service::new("sluice proxy".to_owned(), WorkerLocal(Arc::new(proxy_app)));
     proxy_service.add_tcp(&listen.proxy.to_string());
 
     let mut admin = Service::new(
@@ -96,7 +102,7 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
             file: policy_path.display().to_string(),
             errors: vec![PolicyError::new("listen.forward", e.to_string())],
         })?;
-        let mut forward = Service::new("sluice forward".to_owned(), app);
+        let mut forward = Service::new("sluice forward".to_owned(), WorkerLocal(Arc::new(app)));
         forward.add_tcp(&forward_addr.to_string());
         server.add_service(forward);
     }
