@@ -60,6 +60,15 @@ impl SluiceProxy {
     }
 }
 
+/// How the attempts ended: an answer to stream to the caller (with the attempts made), or
+/// no answer at all and what to tell the caller.
+// Returned once per request: a move of the answer costs less than boxing it.
+#[allow(clippy::large_enum_variant)]
+enum Forwarded<'r> {
+    Answer(Launched<'r>, Answered, u32),
+    Failed(Rejection),
+}
+
 /// Why a downstream connection must be closed rather than reused after an exchange.
 #[derive(Debug, thiserror::Error)]
 enum Close {
@@ -207,8 +216,20 @@ impl SluiceProxy {
                 // Boxed, here and at the other marked places: an awaited future is stored in
                 // its caller's state, in effect twice over (rust-lang/rust#62958), so nesting
                 // doubled the state at each level: 50 KiB an exchange, resident for as long as
-                // a stream was open. Boxed at these joints, it is about 14 KiB.
-                Box::pin(self.forward(session, route, &mut ex, injected, trace)).await
+                // a stream was open. Boxed, and with the attempts' state gone before the answer
+                // streams, about 10 KiB.
+                match Box::pin(self.forward(session, route, &mut ex, trace)).await {
+                    Ok(Forwarded::Answer(launched, answered, attempts)) => {
+                        let deliver = self.deliver(
+                            session, route, &mut ex, launched, answered, injected, attempts,
+                        );
+                        Box::pin(deliver).await
+                    }
+                    Ok(Forwarded::Failed(rejection)) => {
+                        refuse(session, provider, &mut ex, rejection).await
+                    }
+                    Err(close) => Err(close),
+                }
             }
             Verdict::Reject(rejection) => refuse(session, provider, &mut ex, rejection).await,
             Verdict::Respond(local) => respond_local(session, route, &mut ex, *local).await,
@@ -219,18 +240,15 @@ impl SluiceProxy {
     }
 
     /// Sends the request upstream — to its targets in turn, with retries and hedges as the
-    /// route says — and streams the first good answer back. Nothing goes downstream until an
-    /// attempt is chosen, so every failure before that can still be tried elsewhere.
-    /// `usage_injected`: Sluice added `stream_options.include_usage`, so the usage chunk is
-    /// the caller's to not see.
-    async fn forward(
-        &self,
+    /// route says — until an answer is chosen for the caller. Nothing goes downstream before
+    /// that, so every failure can still be tried elsewhere.
+    async fn forward<'r>(
+        &'r self,
         session: &mut Session,
-        route: &Route,
+        route: &'r Route,
         ex: &mut Exchange,
-        usage_injected: bool,
         trace: Option<SpanContext>,
-    ) -> Result<(), Close> {
+    ) -> Result<Forwarded<'r>, Close> {
         let metrics = self.policies.metrics();
         let targets = route.targets.for_model(ex.facts.model.as_deref());
         let mut plan = Plan::new(route, targets);
@@ -281,10 +299,7 @@ impl SluiceProxy {
                         Judged::Deliver(answered) => {
                             // Dropping the others cancels them: their connections close.
                             drop(running);
-                            // Boxed: see `exchange`.
-                            return Box::pin(self
-                                .deliver(session, route, ex, launched, answered, usage_injected, plan.made))
-                                .await;
+                            return Ok(Forwarded::Answer(launched, answered, plan.made));
                         }
                         Judged::Failed(failure, result) => {
                             match result {
@@ -325,22 +340,13 @@ impl SluiceProxy {
         // No attempt succeeded: the last provider answer goes to the caller as it is;
         // otherwise Sluice says what went wrong.
         if let Some((launched, answered)) = relay {
-            // Boxed: see `exchange`.
-            return Box::pin(self.deliver(
-                session,
-                route,
-                ex,
-                launched,
-                answered,
-                usage_injected,
-                plan.made,
-            ))
-            .await;
+            return Ok(Forwarded::Answer(launched, answered, plan.made));
         }
-        let rejection = last_error.unwrap_or_else(|| plan.unavailable_rejection());
         ex.attempts = plan.made;
         ex.upstream = tried;
-        refuse(session, route.provider, ex, rejection).await
+        Ok(Forwarded::Failed(
+            last_error.unwrap_or_else(|| plan.unavailable_rejection()),
+        ))
     }
 
     /// Starts the next attempt: a target and key from the plan, the request built for them.
@@ -423,7 +429,8 @@ impl SluiceProxy {
                 ErrorKind::UpstreamUnavailable,
                 "upstream sent no response head",
             );
-            return refuse(session, route.provider, ex, rejection).await;
+            // Boxed: see `exchange`.
+            return Box::pin(refuse(session, route.provider, ex, rejection)).await;
         };
         let mut response = head.clone();
         if response.status.as_u16() < 500 {
@@ -459,7 +466,7 @@ impl SluiceProxy {
         if head_only {
             ex.outcome = Outcome::Completed;
             if upstream_session.response_done() {
-                self.release(upstream_session, &peer).await;
+                self.connector.release(upstream_session, &peer);
             }
             return Ok(());
         }
@@ -502,7 +509,7 @@ impl SluiceProxy {
         }
         ex.outcome = Outcome::Completed;
         if upstream_session.response_done() {
-            self.release(upstream_session, &peer).await;
+            self.connector.release(upstream_session, &peer);
         }
         Ok(())
     }
@@ -651,10 +658,6 @@ impl SluiceProxy {
             }
         }
         Ok(StreamEnd::Complete)
-    }
-
-    async fn release(&self, upstream_session: UpstreamSession, peer: &HttpPeer) {
-        self.connector.release(upstream_session, peer).await;
     }
 }
 

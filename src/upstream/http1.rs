@@ -2,10 +2,9 @@
 //!
 //! Why not Pingora's HTTP/1 client session: it writes and flushes the request head on its own
 //! before the body (two segments unless the socket is corked, which costs two more system
-//! calls), and it reads every response body through a 64 KiB buffer, which is resident for as
-//! long as a stream is open: most of a streamed response's memory. Here the head and a body of
-//! up to [`COALESCE_LIMIT`] leave in one write, and the read buffer starts at
-//! [`FIRST_READ`] bytes and grows only while reads fill it.
+//! calls), and it reads every response body through a 64 KiB buffer. Here the head and a body
+//! of up to [`COALESCE_LIMIT`] leave in one write, and one read buffer per connection serves
+//! the head and the body: it starts at [`FIRST_READ`] bytes and grows only while reads fill it.
 //!
 //! What it reads (RFC 9112 §6.3): no body after a HEAD request or a 1xx, 204 or 304; a chunked
 //! body when `Transfer-Encoding` ends in `chunked` (a `Content-Length` beside it is dropped);
@@ -227,7 +226,11 @@ impl Http1Client {
             let Some(parsed) = ParsedHead::parse(&self.buf)? else {
                 return Ok(false);
             };
-            let head_bytes = self.buf.split_to(parsed.len).freeze();
+            // Copied out (a head is a few hundred bytes), so the read buffer stays this
+            // connection's alone and is reused for the body instead of pinned by the header
+            // values that point into it.
+            let head_bytes = Bytes::copy_from_slice(&self.buf[..parsed.len]);
+            self.buf.advance(parsed.len);
             if (100..200).contains(&parsed.status) {
                 if parsed.status == 101 {
                     return Err(Error::explain(

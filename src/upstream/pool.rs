@@ -40,7 +40,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Connections to upstreams: pooled HTTP/1 connections first, otherwise Pingora's connector
 /// (a new connection, or a shared HTTP/2 one).
 pub struct UpstreamConnector {
-    pingora: Connector,
+    pingora: Arc<Connector>,
     idle: IdlePool,
     idle_timeout: Duration,
 }
@@ -52,7 +52,7 @@ impl UpstreamConnector {
         let mut options = ConnectorOptions::new(pool_size);
         options.keepalive_pool_size = pool_size;
         Self {
-            pingora: Connector::new(Some(options)),
+            pingora: Arc::new(Connector::new(Some(options))),
             idle: IdlePool::new(pool_size, idle_timeout),
             idle_timeout,
         }
@@ -82,22 +82,20 @@ impl UpstreamConnector {
     }
 
     /// Returns a finished session's connection for reuse, when its protocol state allows it;
-    /// otherwise it is closed.
-    pub async fn release(&self, session: UpstreamSession, peer: &HttpPeer) {
+    /// otherwise it is closed. Never waits: an HTTP/1 connection goes back to this worker's
+    /// list, an HTTP/2 stream is handed back to Pingora's pool on a task of its own.
+    pub fn release(&self, session: UpstreamSession, peer: &HttpPeer) {
         match session {
             UpstreamSession::H1(client) => {
                 if let Some(stream) = client.into_reusable() {
                     self.idle.put(PoolKey::of(peer), stream);
                 }
             }
-            // Boxed: Pingora's release is a large future, which would otherwise take room in
-            // every exchange's state (see `exchange`).
             UpstreamSession::Pingora(other) => {
-                Box::pin(
-                    self.pingora
-                        .release_http_session(other, peer, Some(self.idle_timeout)),
-                )
-                .await
+                let (pingora, peer, idle) = (self.pingora.clone(), peer.clone(), self.idle_timeout);
+                tokio::spawn(async move {
+                    pingora.release_http_session(other, &peer, Some(idle)).await;
+                });
             }
         }
     }
