@@ -84,8 +84,7 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
     server_options.h2c = true;
     let mut proxy_app = pingora::proxy::http_proxy(&conf, proxy);
     proxy_app.server_options = Some(server_options);
-    let mut proxy_service =
-        Service::new("sluice proxy".to_owned(), WorkerLocal(Arc::new(proxy_app)));
+    let mut proxy_service = Service::new("sluice proxy".to_owned(), WorkerLocal::http(proxy_app));
     proxy_service.add_tcp(&listen.proxy.to_string());
 
     let mut admin = Service::new(
@@ -102,7 +101,7 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
             file: policy_path.display().to_string(),
             errors: vec![PolicyError::new("listen.forward", e.to_string())],
         })?;
-        let mut forward = Service::new("sluice forward".to_owned(), WorkerLocal(Arc::new(app)));
+        let mut forward = Service::new("sluice forward".to_owned(), WorkerLocal::raw(app));
         forward.add_tcp(&forward_addr.to_string());
         server.add_service(forward);
     }

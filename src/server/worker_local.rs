@@ -10,20 +10,56 @@
 //!
 //! [`WorkerLocal`] sits in front of the listener's app: before the first request it moves the
 //! socket to the current worker's reactor (a duplicate descriptor registered here, the original
-//! deregistered and closed), then serves every request of the connection itself.
+//! deregistered and closed), then serves every request of the connection itself. For an HTTP
+//! app the moved stream gets the small write buffer Pingora's listener gives its streams, so a
+//! response head and a short body still leave in one segment.
 
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::l4::socket::SocketAddr;
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::{GetSocketDigest, SocketDigest, Stream};
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType,
+};
 use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
+
+/// The write buffer of a moved HTTP connection: Pingora's own default for accepted streams
+/// (one TCP segment's payload).
+const WRITE_BUFFER: usize = 1460;
 
 /// A listener app whose connections are registered with the reactor of the thread serving them.
-pub struct WorkerLocal<A>(pub Arc<A>);
+pub struct WorkerLocal<A> {
+    app: Arc<A>,
+    buffer_writes: bool,
+}
+
+impl<A> WorkerLocal<A> {
+    /// For an HTTP app: the moved stream gathers writes as Pingora's accepted streams do.
+    pub fn http(app: A) -> Self {
+        Self {
+            app: Arc::new(app),
+            buffer_writes: true,
+        }
+    }
+
+    /// For an app that needs Pingora's own TCP stream type (the forward listener reads its
+    /// CONNECT head from it and puts TLS on top, which gathers its own records).
+    pub fn raw(app: A) -> Self {
+        Self {
+            app: Arc::new(app),
+            buffer_writes: false,
+        }
+    }
+}
 
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for WorkerLocal<A> {
@@ -32,23 +68,23 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for WorkerLocal<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let mut stream = rehome(stream)?;
+        let mut stream = rehome(stream, self.buffer_writes)?;
         // Served here rather than handed back to Pingora between requests: a connection
         // returned for reuse would come back through `process_new` and be moved again.
         loop {
-            stream = ServerApp::process_new(&self.0, stream, shutdown).await?;
+            stream = ServerApp::process_new(&self.app, stream, shutdown).await?;
         }
     }
 
     async fn cleanup(&self) {
-        self.0.cleanup().await;
+        self.app.cleanup().await;
     }
 }
 
 /// The same connection, registered with the current thread's reactor. A stream that is not a
 /// TCP connection is left as it is; `None` when the connection could not be registered here
 /// (the reactor could not grow), which closes it as a failed accept would.
-fn rehome(stream: Stream) -> Option<Stream> {
+fn rehome(stream: Stream, buffer_writes: bool) -> Option<Stream> {
     let Some(l4) = stream.as_any().downcast_ref::<L4Stream>() else {
         return Some(stream);
     };
@@ -78,5 +114,189 @@ fn rehome(stream: Stream) -> Option<Stream> {
     let digest = SocketDigest::from_raw_fd(moved.as_raw_fd());
     let _ = digest.peer_addr.set(Some(peer));
     moved.set_socket_digest(digest);
+    if buffer_writes {
+        return Some(Box::new(Buffered(BufWriter::with_capacity(
+            WRITE_BUFFER,
+            moved,
+        ))));
+    }
     Some(Box::new(moved))
+}
+
+/// A moved connection with a write buffer; everything else is the TCP stream's own.
+#[derive(Debug)]
+struct Buffered(BufWriter<L4Stream>);
+
+impl AsyncRead for Buffered {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Buffered {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for Buffered {
+    async fn shutdown(&mut self) {
+        // Flushes what is buffered, then shuts the connection down, as Pingora's stream does.
+        let _ = AsyncWriteExt::shutdown(&mut self.0).await;
+    }
+}
+
+impl UniqueID for Buffered {
+    fn id(&self) -> UniqueIDType {
+        self.0.get_ref().id()
+    }
+}
+
+impl Ssl for Buffered {}
+
+impl GetTimingDigest for Buffered {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.0.get_ref().get_timing_digest()
+    }
+}
+
+impl GetProxyDigest for Buffered {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.0.get_ref().get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.0.get_mut().set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for Buffered {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.0.get_ref().get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.0.get_mut().set_socket_digest(digest);
+    }
+}
+
+#[async_trait]
+impl Peek for Buffered {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.0.get_mut().try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// An accepted connection as Pingora's listener hands it over (an L4 stream with its
+    /// peer address), and the client's end.
+    async fn accepted() -> (Stream, TcpStream, std::net::SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (socket, peer) = accepted.unwrap();
+        let mut stream = L4Stream::from(socket);
+        let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
+        let _ = digest.peer_addr.set(Some(SocketAddr::Inet(peer)));
+        stream.set_socket_digest(digest);
+        (Box::new(stream), client.unwrap(), peer)
+    }
+
+    #[tokio::test]
+    async fn a_moved_connection_keeps_its_peer_and_its_bytes() {
+        let (stream, mut client, peer) = accepted().await;
+        let before = stream.id();
+        client.write_all(b"ping").await.unwrap();
+        let mut moved = rehome(stream, false).unwrap();
+        assert_ne!(moved.id(), before, "a new descriptor, registered here");
+        assert!(
+            moved.as_any().is::<L4Stream>(),
+            "raw: still Pingora's stream type"
+        );
+        let digest = moved.get_socket_digest().unwrap();
+        assert_eq!(digest.peer_addr(), Some(&SocketAddr::Inet(peer)));
+        let mut got = [0u8; 4];
+        moved.read_exact(&mut got).await.unwrap();
+        assert_eq!(
+            &got, b"ping",
+            "bytes sent before the move are read after it"
+        );
+        moved.write_all(b"pong").await.unwrap();
+        moved.flush().await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"pong");
+        drop(moved);
+        assert_eq!(
+            client.read(&mut got).await.unwrap(),
+            0,
+            "closed with the moved stream"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http_connection_gathers_its_writes_until_a_flush() {
+        let (stream, mut client, _) = accepted().await;
+        let mut moved = rehome(stream, true).unwrap();
+        moved.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        moved.write_all(b"body").await.unwrap();
+        let mut got = [0u8; 23];
+        let early = tokio::time::timeout(Duration::from_millis(100), client.read(&mut got)).await;
+        assert!(early.is_err(), "nothing leaves before the flush");
+        moved.flush().await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"HTTP/1.1 200 OK\r\n\r\nbody");
+        // Reads, the peek Pingora's HTTP/2 detection uses, and the digests pass through.
+        client.write_all(b"PRI * HTTP/2.0").await.unwrap();
+        let mut peeked = [0u8; 3];
+        assert!(moved.try_peek(&mut peeked).await.unwrap());
+        let mut read = [0u8; 14];
+        moved.read_exact(&mut read).await.unwrap();
+        assert_eq!(&read, b"PRI * HTTP/2.0", "the peeked bytes are read again");
+        assert!(moved.get_socket_digest().unwrap().peer_addr().is_some());
+        assert!(moved.get_timing_digest()[0].is_some());
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_is_not_tcp_is_left_alone() {
+        let (one, _other) = tokio::net::UnixStream::pair().unwrap();
+        let stream: Stream = Box::new(L4Stream::from(one));
+        let id = stream.id();
+        let kept = rehome(stream, true).unwrap();
+        assert_eq!(kept.id(), id);
+    }
 }
