@@ -29,7 +29,7 @@ step() {
 step smuggling env SLUICE_HARDEN_ROUNDS=5 cargo test --test smuggling -- --nocapture
 # 2. Fuzzing: libFuzzer, coverage-guided (cargo-fuzz needs nightly features: RUSTC_BOOTSTRAP).
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-for target in policy request_facts sse cache_key headers; do
+for target in policy request_facts sse cache_key headers upstream_response; do
   corpus=target/harden/corpus/$target
   mkdir -p "$corpus" "fuzz/regressions/$target"
   log "fuzz $target (${fuzz_secs}s)"

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use sluice::exchange::headers::{copy_request_headers, sanitize_response};
 use sluice::policy::{compile_text, SharedState};
+use sluice::upstream::http1::ResponseDecoder;
 use sluice_filters::cache::{canonical_json, CacheKey, Controls, KeyInput, Scope};
 use sluice_filters::eventstream::FrameDecoder;
 use sluice_filters::json_edit;
@@ -27,6 +28,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("sse", sse),
     ("cache_key", cache_key),
     ("headers", headers),
+    ("upstream_response", upstream_response),
 ];
 
 /// The policy parser and compiler: any text is a policy or a list of errors, never a panic.
@@ -212,4 +214,66 @@ fn request_from(data: &[u8]) -> RequestHeader {
         let _ = request.append_header(name, value);
     }
     request
+}
+
+/// Sluice's HTTP/1 response decoder (`upstream::http1`), fed what an upstream might send: any
+/// bytes give a head and body pieces or an error, never a panic; the body handed out is never
+/// longer than what came in; and the same bytes read in other pieces decode the same. The
+/// first byte sets the piece size (1..=64) and whether the request was HEAD.
+pub fn upstream_response(data: &[u8]) {
+    let Some((&seed, wire)) = data.split_first() else {
+        return;
+    };
+    let head_request = seed & 0x80 != 0;
+    let whole = decode_response(wire, wire.len().max(1), head_request);
+    let pieces = decode_response(wire, usize::from(seed & 0x3f) + 1, head_request);
+    assert_eq!(whole, pieces, "the split of the input changes nothing");
+    if let Ok((_, body, _)) = &whole {
+        assert!(body.len() <= wire.len());
+    }
+}
+
+/// Status, body and reusability, or that the response was refused.
+type Decoded = Result<(u16, Vec<u8>, bool), ()>;
+
+fn decode_response(wire: &[u8], piece: usize, head_request: bool) -> Decoded {
+    let mut decoder = ResponseDecoder::new(head_request);
+    let mut pieces = wire.chunks(piece);
+    let mut body = Vec::new();
+    let mut feed = |decoder: &mut ResponseDecoder| -> bool {
+        match pieces.next() {
+            Some(piece) => {
+                let (input, _) = decoder.input();
+                input.extend_from_slice(piece);
+                true
+            }
+            None => false,
+        }
+    };
+    loop {
+        if decoder.read_head().map_err(|_| ())? {
+            break;
+        }
+        if !feed(&mut decoder) {
+            decoder.closed().map_err(|_| ())?;
+        }
+    }
+    loop {
+        while let Some(bytes) = decoder.next_body_piece().map_err(|_| ())? {
+            assert!(!bytes.is_empty());
+            body.extend_from_slice(&bytes);
+        }
+        if decoder.done() {
+            break;
+        }
+        if !feed(&mut decoder) {
+            decoder.closed().map_err(|_| ())?;
+            break;
+        }
+    }
+    // Reuse is judged on what has arrived: bytes after the end of the response (fed here if
+    // the pieces had not reached them yet) make the connection unusable.
+    while feed(&mut decoder) {}
+    let status = decoder.head().map_or(0, |head| head.status.as_u16());
+    Ok((status, body, decoder.reusable()))
 }

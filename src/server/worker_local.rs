@@ -13,11 +13,16 @@
 //! deregistered and closed), then serves every request of the connection itself. For an HTTP
 //! app the moved stream gets the small write buffer Pingora's listener gives its streams, so a
 //! response head and a short body still leave in one segment.
+//!
+//! Pingora puts each new connection on a random worker, so a few connections can all land on
+//! one thread while the other idles (no work stealing to even it out). [`WorkerLocal`] counts
+//! the connections each worker serves and hands a new one to the worker with the fewest.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
@@ -40,6 +45,7 @@ const WRITE_BUFFER: usize = 1460;
 pub struct WorkerLocal<A> {
     app: Arc<A>,
     buffer_writes: bool,
+    workers: Workers,
 }
 
 impl<A> WorkerLocal<A> {
@@ -48,6 +54,7 @@ impl<A> WorkerLocal<A> {
         Self {
             app: Arc::new(app),
             buffer_writes: true,
+            workers: Workers::default(),
         }
     }
 
@@ -57,6 +64,22 @@ impl<A> WorkerLocal<A> {
         Self {
             app: Arc::new(app),
             buffer_writes: false,
+            workers: Workers::default(),
+        }
+    }
+}
+
+impl<A: ServerApp + Send + Sync + 'static> WorkerLocal<A> {
+    /// Serves the connection on this thread until it ends.
+    async fn serve(&self, stream: Stream, shutdown: &ShutdownWatch, worker: &Worker) {
+        let _serving = worker.serving();
+        let Some(mut stream) = rehome(stream, self.buffer_writes) else {
+            return;
+        };
+        // Served here rather than handed back to Pingora between requests: a connection
+        // returned for reuse would come back through `process_new` and be moved again.
+        while let Some(next) = ServerApp::process_new(&self.app, stream, shutdown).await {
+            stream = next;
         }
     }
 }
@@ -68,16 +91,81 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for WorkerLocal<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let mut stream = rehome(stream, self.buffer_writes)?;
-        // Served here rather than handed back to Pingora between requests: a connection
-        // returned for reuse would come back through `process_new` and be moved again.
-        loop {
-            stream = ServerApp::process_new(&self.app, stream, shutdown).await?;
+        let here = self.workers.current();
+        let chosen = self.workers.least_busy(&here);
+        if Arc::ptr_eq(&chosen, &here) {
+            self.serve(stream, shutdown, &here).await;
+        } else {
+            // Handed over before its socket is moved, so it is registered where it is served.
+            let (this, shutdown) = (self.clone(), shutdown.clone());
+            let handle = chosen.handle.clone();
+            handle.spawn(async move { this.serve(stream, &shutdown, &chosen).await });
         }
+        None
     }
 
     async fn cleanup(&self) {
         self.app.cleanup().await;
+    }
+}
+
+/// A worker thread's runtime and the connections it serves.
+struct Worker {
+    thread: std::thread::ThreadId,
+    handle: tokio::runtime::Handle,
+    connections: AtomicUsize,
+}
+
+impl Worker {
+    /// Counts a connection for as long as the guard lives.
+    fn serving(&self) -> impl Drop + '_ {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        Serving(&self.connections)
+    }
+}
+
+struct Serving<'a>(&'a AtomicUsize);
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The workers seen so far: a worker is known once Pingora has given it a connection.
+#[derive(Default)]
+struct Workers(Mutex<Vec<Arc<Worker>>>);
+
+impl Workers {
+    /// The worker this runs on (registered on first sight).
+    fn current(&self) -> Arc<Worker> {
+        let thread = std::thread::current().id();
+        let mut workers = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(worker) = workers.iter().find(|w| w.thread == thread) {
+            return worker.clone();
+        }
+        let worker = Arc::new(Worker {
+            thread,
+            handle: tokio::runtime::Handle::current(),
+            connections: AtomicUsize::new(0),
+        });
+        workers.push(worker.clone());
+        worker
+    }
+
+    /// The worker serving the fewest connections; `here` when it is among the fewest.
+    fn least_busy(&self, here: &Arc<Worker>) -> Arc<Worker> {
+        let workers = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let load = |w: &Worker| w.connections.load(Ordering::Relaxed);
+        let fewest = workers.iter().map(|w| load(w)).min().unwrap_or(0);
+        if load(here) <= fewest {
+            return here.clone();
+        }
+        workers
+            .iter()
+            .find(|w| load(w) == fewest)
+            .cloned()
+            .unwrap_or_else(|| here.clone())
     }
 }
 
@@ -289,6 +377,41 @@ mod tests {
         assert_eq!(&read, b"PRI * HTTP/2.0", "the peeked bytes are read again");
         assert!(moved.get_socket_digest().unwrap().peer_addr().is_some());
         assert!(moved.get_timing_digest()[0].is_some());
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_goes_to_the_worker_serving_the_fewest() {
+        let workers = Workers::default();
+        let here = workers.current();
+        assert!(
+            Arc::ptr_eq(&here, &workers.current()),
+            "one entry per thread"
+        );
+        // Another worker thread, known once it has run a connection.
+        let other = std::thread::spawn({
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let workers = Arc::new(workers);
+            let theirs = workers.clone();
+            move || (runtime.block_on(async move { theirs.current() }), workers)
+        });
+        let (there, workers) = other.join().unwrap();
+        let workers = Arc::try_unwrap(workers).ok().unwrap();
+        assert!(
+            Arc::ptr_eq(&workers.least_busy(&here), &here),
+            "a tie stays here"
+        );
+        let busy = [here.serving(), here.serving()];
+        assert!(Arc::ptr_eq(&workers.least_busy(&here), &there));
+        let _theirs = [there.serving(), there.serving(), there.serving()];
+        assert!(Arc::ptr_eq(&workers.least_busy(&there), &here));
+        drop(busy);
+        assert_eq!(
+            here.connections.load(Ordering::Relaxed),
+            0,
+            "counted while served"
+        );
     }
 
     #[tokio::test]
