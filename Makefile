@@ -49,6 +49,9 @@ manifests:
 supply-chain:
 	@test -d $(ADVISORY_DB) || { echo "no advisory database at $(ADVISORY_DB)"; exit 1; }
 	cargo audit --db $(ADVISORY_DB) --no-fetch --deny warnings
+	@# cargo deny reads the metadata of every platform's dependencies, which a build for this
+	@# one never downloads: fetch them first (from the registry), so --offline finds them.
+	$(CARGO) fetch --locked
 	cargo deny --offline check licenses bans sources
 
 ## harden: every hardening check at full size (fuzzing, 1000 reloads, 30 min soak, …); see

@@ -128,6 +128,19 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def search_steps(throughput: dict) -> str:
+    """A path's throughput search, compact: `screens 10012✗×2 6007✓ · hold 6007✓`."""
+
+    def step(run: dict) -> str:
+        retried = run.get("retried")
+        mark = ("✗✓" if retried else "✓") if run["held"] else ("✗×2" if retried else "✗")
+        return f"{run['rate_asked']}{mark}"
+
+    screens = " ".join(step(run) for run in throughput.get("screens", []))
+    holds = " ".join(step(run) for run in throughput.get("holds", []))
+    return f"screens {screens}" + (f" · hold {holds}" if holds else "")
+
+
 def write(results: dict, output: Path) -> None:
     # The machine and commit as they were when the run started; a re-render keeps them.
     host = results.get("host") or machine()
@@ -169,13 +182,16 @@ def write(results: dict, output: Path) -> None:
             hold = t["hold"]
             held = f"{t['held_rate']}" if t["held_rate"] else f"none (last try {hold['rate_asked']}: p99 {hold['p99'] / 1000:.1f} ms, {pct(hold['success'], hold['all_ok'])})"
             rows.append([LABELS[key], f"{probe.get(key, {}).get('median') or t['ceiling']:.0f}", held,
-                         us(hold["p99"]) if t["held_rate"] else "—"])
+                         us(hold["p99"]) if t["held_rate"] else "—", search_steps(t)])
         sections.append(
             f"### Throughput\n\nUnthrottled: median of {s['rounds']} closed-loop runs ({s['probe']} s, {s['probe_connections']} "
             f"connections). Held: the highest rate tried that kept 100 % success and p99 < {s['p99_limit_ms']} ms for "
             f"{s['hold']} s (open loop, {s['probe_connections']} connections), found by {s['screen']} s screens from 90 % of "
-            "the unthrottled rate: 40 % steps down until one holds, then halving the gap to the lowest that failed.\n\n"
-            + table(["path", "unthrottled req/s", "held req/s", "p99 µs while held"], rows)
+            "the unthrottled rate: 40 % steps down until one holds, then halving the gap to the lowest that failed; a screen "
+            "that fails is tried once more (one scheduling stall on two shared cores fails a 5 s screen), and the paths' "
+            "searches advance together, one step of each in turn. *Search*: each screen's rate, ✓ held, ✗ failed, "
+            "✗✓ held when tried again, ✗×2 failed twice; then each hold.\n\n"
+            + table(["path", "unthrottled req/s", "held req/s", "p99 µs while held", "search"], rows)
         )
 
     streams = results.get("streams") or {}

@@ -7,4 +7,6 @@ pub mod forward;
 pub mod policy;
 pub mod server;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod upstream;

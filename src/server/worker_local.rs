@@ -307,22 +307,21 @@ impl Peek for Buffered {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::tcp_pair;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpStream;
 
     /// An accepted connection as Pingora's listener hands it over (an L4 stream with its
     /// peer address), and the client's end.
     async fn accepted() -> (Stream, TcpStream, std::net::SocketAddr) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap());
-        let (client, accepted) = tokio::join!(client, listener.accept());
-        let (socket, peer) = accepted.unwrap();
+        let (client, socket) = tcp_pair().await;
+        let peer = socket.peer_addr().unwrap();
         let mut stream = L4Stream::from(socket);
         let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
         let _ = digest.peer_addr.set(Some(SocketAddr::Inet(peer)));
         stream.set_socket_digest(digest);
-        (Box::new(stream), client.unwrap(), peer)
+        (Box::new(stream), client, peer)
     }
 
     #[tokio::test]

@@ -565,18 +565,17 @@ fn keepalive(head: &ResponseHeader) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::tcp_pair;
     use pingora::protocols::l4;
     use rand::{Rng, SeedableRng};
     use tokio::io::AsyncWriteExt;
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpStream;
 
     /// A client over a real loopback connection and the upstream's end of it.
     async fn connected() -> (Http1Client, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap());
-        let (client, accepted) = tokio::join!(client, listener.accept());
-        let stream: Stream = Box::new(l4::stream::Stream::from(client.unwrap()));
-        (Http1Client::new(stream, None), accepted.unwrap().0)
+        let (client, upstream) = tcp_pair().await;
+        let stream: Stream = Box::new(l4::stream::Stream::from(client));
+        (Http1Client::new(stream, None), upstream)
     }
 
     fn post(body_len: usize) -> RequestHeader {

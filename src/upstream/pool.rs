@@ -311,16 +311,10 @@ fn still_open(stream: &mut Stream) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::tcp_pair;
     use pingora::protocols::l4;
     use tokio::io::AsyncWriteExt;
-    use tokio::net::{TcpListener, TcpStream};
-
-    async fn tcp_pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap());
-        let (client, accepted) = tokio::join!(client, listener.accept());
-        (client.unwrap(), accepted.unwrap().0)
-    }
+    use tokio::net::TcpStream;
 
     fn key(peer: u64) -> PoolKey {
         PoolKey { peer, worker: 0 }
