@@ -71,7 +71,7 @@ demo: deps
 ## bench: every path side by side in interleaved rounds (direct, nginx, a bare Pingora proxy,
 ## Sluice passthrough, full chain with tracing on and off, cache hit, LiteLLM, Portkey); writes
 ## BENCHMARKS.md. Builds the `production` profile the container image ships (fat LTO: about
-## 15 minutes the first time), then measures for about 25 minutes; the knobs (BENCH_ROUNDS, BENCH_HOLD, BENCH_PHASES, …) are listed in bench/suite.py.
+## 15 minutes the first time), then measures for about 30 minutes; the knobs (BENCH_ROUNDS, BENCH_HOLD, BENCH_PHASES, …) are listed in bench/suite.py.
 bench: deps bench-deps
 	python3 bench/suite.py
 
