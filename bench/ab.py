@@ -3,8 +3,9 @@ the quick way to tell whether a change to the request path helps, before a whole
 
     python3 bench/ab.py BINARY_A BINARY_B [--rate 2000] [--seconds 5] [--rounds 5] [--path full-notrace]
 
-Paths (bench/policies.py's main policy, no tracing): `pass` (no filters), `full-notrace` (the
-full chain, cache miss), `hit` (a cache hit). Per round and binary: a fixed-rate open-loop run
+Paths (bench/policies.py's main policy): `pass` (no filters), `full-notrace` (the full chain,
+cache miss, no tracing), `full` (the same with every request traced, spans exported to the
+bench's local OTLP sink), `hit` (a cache hit). Per round and binary: a fixed-rate open-loop run
 (p50, p99, CPU per request) and a closed-loop run (requests per second). Medians of rounds are
 printed; times on a shared 2-core machine move by tens of microseconds, so read the medians
 and run enough rounds. Optional: `--streams N` adds N concurrent SSE streams per round.
@@ -29,7 +30,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--path", default="full-notrace", choices=["pass", "full-notrace", "hit"])
+    parser.add_argument("--path", default="full-notrace", choices=["pass", "full-notrace", "full", "hit"])
     parser.add_argument("--streams", type=int, default=0)
     parser.add_argument("--mock", default=str(policies.ROOT / "target" / "release" / "sluice-mock"))
     args = parser.parse_args()
@@ -43,13 +44,19 @@ def main() -> int:
         mock = suite.free_ports(1)[0]
         processes.start("mock", [args.mock, "--listen", f"127.0.0.1:{mock}", "--no-record"])
         suite.wait_ready(processes, "mock", f"http://127.0.0.1:{mock}/_mock/health")
+        otlp = None
+        if args.path == "full":
+            otlp = suite.free_ports(1)[0]
+            processes.start("otlp-sink", [sys.executable, policies.ROOT / "bench" / "otlp_sink.py", str(otlp)])
+            suite.wait_ready(processes, "otlp-sink", f"http://127.0.0.1:{otlp}/stats")
         targets = {}
         tenant = f"authorization: Bearer {policies.caller_key(0)}"
-        headers = {"pass": [], "full-notrace": [tenant, "cache-control: no-cache"], "hit": [tenant]}[args.path]
+        miss = [tenant, "cache-control: no-cache"]
+        headers = {"pass": [], "full-notrace": miss, "full": miss, "hit": [tenant]}[args.path]
         prefix = "/pass" if args.path == "pass" else "/full"
         for name, binary in (("A", args.a), ("B", args.b)):
             proxy, admin = suite.free_ports(2)
-            policies.write_policy(work / f"{name}.yaml", policies.sluice_main(proxy, admin, mock, None))
+            policies.write_policy(work / f"{name}.yaml", policies.sluice_main(proxy, admin, mock, otlp))
             processes.start(name, [binary, "run", "-c", work / f"{name}.yaml"], {"SLUICE_LOG": "warn"})
             suite.wait_ready(processes, name, f"http://127.0.0.1:{admin}/readyz")
             pid = processes.started[name].pid

@@ -5,10 +5,16 @@
 //! Export never holds a request: finished spans go into a bounded queue (a full queue drops
 //! the span and counts it in `sluice_otlp_spans_dropped_total`), and one thread of their own
 //! batches them to the collector. With no `telemetry.otlp`, every call here does nothing.
+//!
+//! The export thread is woken once per batch, not once per span: it sleeps until the interval
+//! is up or a request thread sees a whole batch waiting. A channel that woke it for every span
+//! cost each traced request about three futex calls and as many context switches, on cores
+//! the request threads need.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::thread::Thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
@@ -357,15 +363,72 @@ impl Exporter {
 /// A span processor that never makes the request wait: a bounded queue, drained in batches
 /// by a thread with its own small runtime (the exporter's HTTP or gRPC client needs one).
 struct QueuedExport {
-    queue: SyncSender<Command>,
+    spans: Arc<SpanQueue>,
+    /// The export thread, unparked when a batch is waiting or a command is sent.
+    exporter: Thread,
+    /// Flush and stop, which the export thread looks for each time it wakes.
+    control: Sender<Control>,
     counters: ExportCounters,
     stopped: AtomicBool,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-enum Command {
-    Span(Box<SpanData>),
-    Flush(std::sync::mpsc::Sender<()>),
+/// Finished spans on their way to the export thread.
+struct SpanQueue {
+    spans: crossbeam_queue::ArrayQueue<Box<SpanData>>,
+    /// Spans waiting that make the export thread worth waking: a batch, or the whole queue
+    /// when it is smaller than one.
+    wake_at: usize,
+    /// A wake-up is asked for and not yet served: one request thread wakes the exporter, the
+    /// others that see a full batch meanwhile do not.
+    wake_asked: AtomicBool,
+}
+
+/// What became of a span handed to the queue.
+#[derive(Debug, PartialEq, Eq)]
+enum Queued {
+    /// Queued; the export thread is already due to look.
+    Waiting,
+    /// Queued, and a batch is waiting: this caller wakes the export thread.
+    Wake,
+    /// The queue is full: the span is dropped.
+    Full,
+}
+
+impl SpanQueue {
+    fn new(capacity: usize, batch_size: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            spans: crossbeam_queue::ArrayQueue::new(capacity),
+            wake_at: batch_size.clamp(1, capacity),
+            wake_asked: AtomicBool::new(false),
+        }
+    }
+
+    fn push(&self, span: SpanData) -> Queued {
+        if self.spans.push(Box::new(span)).is_err() {
+            return Queued::Full;
+        }
+        if self.spans.len() >= self.wake_at && !self.wake_asked.swap(true, Ordering::AcqRel) {
+            return Queued::Wake;
+        }
+        Queued::Waiting
+    }
+
+    /// Takes the next span; the export thread's side.
+    fn pop(&self) -> Option<SpanData> {
+        self.spans.pop().map(|span| *span)
+    }
+
+    /// Called by the export thread when it wakes, before it drains the queue: a span queued
+    /// after this asks for a wake-up again.
+    fn awake(&self) {
+        self.wake_asked.store(false, Ordering::Release);
+    }
+}
+
+enum Control {
+    Flush(Sender<()>),
     Stop,
 }
 
@@ -379,8 +442,10 @@ impl QueuedExport {
     /// Starts the export thread, which builds the exporter inside its own runtime (gRPC's
     /// channel needs one); a setup error comes back before this returns.
     fn start(settings: &OtlpSettings, counters: ExportCounters) -> Result<Self, TraceSetupError> {
-        let (queue, receiver) = std::sync::mpsc::sync_channel(settings.queue_size.max(1));
+        let spans = Arc::new(SpanQueue::new(settings.queue_size, settings.batch_size));
+        let (control, commands) = std::sync::mpsc::channel();
         let (ready, setup) = std::sync::mpsc::channel();
+        let thread_spans = spans.clone();
         let thread_settings = settings.clone();
         let thread_counters = counters.clone();
         let thread = std::thread::Builder::new()
@@ -403,9 +468,10 @@ impl QueuedExport {
                         export_loop(
                             &runtime,
                             exporter,
-                            receiver,
+                            &thread_spans,
+                            &commands,
                             &thread_settings,
-                            thread_counters,
+                            &thread_counters,
                         );
                     }
                     Err(e) => {
@@ -418,20 +484,32 @@ impl QueuedExport {
             .recv()
             .map_err(|_| TraceSetupError::Exporter("the export thread stopped".to_owned()))??;
         Ok(Self {
-            queue,
+            spans,
+            exporter: thread.thread().clone(),
+            control,
             counters,
             stopped: AtomicBool::new(false),
             thread: Mutex::new(Some(thread)),
         })
     }
+
+    /// Sends a command and wakes the export thread for it; `false` if the thread is gone.
+    fn command(&self, command: Control) -> bool {
+        let sent = self.control.send(command).is_ok();
+        self.exporter.unpark();
+        sent
+    }
 }
 
+/// The export thread: sleeps until a batch is waiting or the interval is up, then sends what
+/// is queued, a batch at a time.
 fn export_loop(
     runtime: &tokio::runtime::Runtime,
     mut exporter: Exporter,
-    receiver: Receiver<Command>,
+    queue: &SpanQueue,
+    commands: &Receiver<Control>,
     settings: &OtlpSettings,
-    counters: ExportCounters,
+    counters: &ExportCounters,
 ) {
     let batch_size = settings.batch_size.max(1);
     let interval = settings.export_interval;
@@ -451,29 +529,42 @@ fn export_loop(
         }
         batch.clear();
     };
+    let drain = |exporter: &mut Exporter, batch: &mut Vec<SpanData>, due: &mut Instant| {
+        while let Some(span) = queue.pop() {
+            batch.push(span);
+            if batch.len() >= batch_size {
+                export(exporter, batch);
+                *due = Instant::now() + interval;
+            }
+        }
+    };
     loop {
-        let wait = due.saturating_duration_since(Instant::now());
-        match receiver.recv_timeout(wait) {
-            Ok(Command::Span(span)) => {
-                batch.push(*span);
-                if batch.len() >= batch_size {
+        // Wakes early on an unpark: a batch is waiting, or a command. Spurious wake-ups only
+        // cost a look at the queue.
+        std::thread::park_timeout(due.saturating_duration_since(Instant::now()));
+        queue.awake();
+        drain(&mut exporter, &mut batch, &mut due);
+        // Every command sent since the last look: unparks coalesce, so one wake-up may be
+        // owed several. A flush or stop takes the spans that ended before it.
+        loop {
+            match commands.try_recv() {
+                Ok(Control::Flush(done)) => {
+                    drain(&mut exporter, &mut batch, &mut due);
                     export(&mut exporter, &mut batch);
-                    due = Instant::now() + interval;
+                    let _ = done.send(());
                 }
+                Ok(Control::Stop) | Err(TryRecvError::Disconnected) => {
+                    drain(&mut exporter, &mut batch, &mut due);
+                    export(&mut exporter, &mut batch);
+                    exporter.shutdown();
+                    return;
+                }
+                Err(TryRecvError::Empty) => break,
             }
-            Ok(Command::Flush(done)) => {
-                export(&mut exporter, &mut batch);
-                let _ = done.send(());
-            }
-            Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => {
-                export(&mut exporter, &mut batch);
-                exporter.shutdown();
-                return;
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                export(&mut exporter, &mut batch);
-                due = Instant::now() + interval;
-            }
+        }
+        if Instant::now() >= due {
+            export(&mut exporter, &mut batch);
+            due = Instant::now() + interval;
         }
     }
 }
@@ -485,17 +576,20 @@ impl SpanProcessor for QueuedExport {
         if !span.span_context.is_sampled() {
             return;
         }
-        match self.queue.try_send(Command::Span(Box::new(span))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.counters.dropped.inc();
-            }
+        if self.stopped.load(Ordering::Acquire) {
+            self.counters.dropped.inc();
+            return;
+        }
+        match self.spans.push(span) {
+            Queued::Waiting => {}
+            Queued::Wake => self.exporter.unpark(),
+            Queued::Full => self.counters.dropped.inc(),
         }
     }
 
     fn force_flush(&self) -> OTelSdkResult {
         let (done, wait) = std::sync::mpsc::channel();
-        if self.queue.send(Command::Flush(done)).is_ok() {
+        if self.command(Control::Flush(done)) {
             let _ = wait.recv_timeout(Duration::from_secs(5));
         }
         Ok(())
@@ -503,7 +597,7 @@ impl SpanProcessor for QueuedExport {
 
     fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
         if !self.stopped.swap(true, Ordering::AcqRel) {
-            let _ = self.queue.send(Command::Stop);
+            self.command(Control::Stop);
             if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
                 let _ = thread.join();
             }
@@ -546,5 +640,68 @@ mod tests {
             assert_eq!(traceparent(&span).to_str().unwrap(), want["traceparent"]);
             assert_eq!(span.trace_state().header(), want["tracestate"]);
         }
+    }
+
+    fn finished_span(id: u64) -> SpanData {
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from(1),
+                SpanId::from(id),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Server,
+            name: "POST /v1/chat/completions".into(),
+            start_time: SystemTime::UNIX_EPOCH,
+            end_time: SystemTime::UNIX_EPOCH,
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: Status::Unset,
+            instrumentation_scope: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_export_thread_is_woken_once_per_batch_not_per_span() {
+        let queue = SpanQueue::new(8, 3);
+        let pushed: Vec<Queued> = (1..=5).map(|id| queue.push(finished_span(id))).collect();
+        // The third span completes a batch and wakes the thread; until it wakes, more spans
+        // do not ask again.
+        use Queued::{Waiting, Wake};
+        assert_eq!(pushed, [Waiting, Waiting, Wake, Waiting, Waiting]);
+
+        queue.awake();
+        let drained: Vec<u64> = std::iter::from_fn(|| queue.pop())
+            .map(|span| u64::from_be_bytes(span.span_context.span_id().to_bytes()))
+            .collect();
+        assert_eq!(
+            drained,
+            [1, 2, 3, 4, 5],
+            "spans leave in the order they came"
+        );
+        let pushed: Vec<Queued> = (6..=8).map(|id| queue.push(finished_span(id))).collect();
+        assert_eq!(
+            pushed,
+            [Waiting, Waiting, Wake],
+            "a wake-up is asked again after one"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_span_and_keeps_the_rest() {
+        let queue = SpanQueue::new(2, 512);
+        assert_eq!(
+            queue.wake_at, 2,
+            "a queue smaller than a batch wakes when it is full"
+        );
+        assert_eq!(queue.push(finished_span(1)), Queued::Waiting);
+        assert_eq!(queue.push(finished_span(2)), Queued::Wake);
+        assert_eq!(queue.push(finished_span(3)), Queued::Full);
+        assert_eq!(std::iter::from_fn(|| queue.pop()).count(), 2);
     }
 }
