@@ -8,7 +8,7 @@
 //!
 //! The export thread is woken once per batch, not once per span: it sleeps until the interval
 //! is up or a request thread sees a whole batch waiting. A channel that woke it for every span
-//! cost each traced request about three futex calls and as many context switches, on cores
+//! cost each traced request about four futex calls and as many context switches, on cores
 //! the request threads need.
 
 use std::sync::atomic::{AtomicBool, Ordering};
