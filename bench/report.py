@@ -73,6 +73,16 @@ def other_load(results: dict) -> float | None:
         return None
 
 
+def stolen(results: dict) -> float | None:
+    """Average CPU cores the hypervisor ran something else on while the bench's were ready
+    (`steal` in /proc/stat) during the measurements; runs before it was recorded have none."""
+    try:
+        start, end = results["machine_start"], results["machine_end"]
+        return max(end["steal"] - start["steal"], 0.0) / (end["wall"] - start["wall"])
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
 def table(header: list, rows: list) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -147,7 +157,9 @@ def write(results: dict, output: Path) -> None:
     s = results["settings"]
     load = other_load(results)
     load_text = "unknown" if load is None else f"{load:.2f} CPU cores on average"
-    quiet = load is not None and load <= 0.25
+    steal = stolen(results)
+    steal_text = "not recorded" if steal is None else f"{steal:.2f} CPU cores on average"
+    quiet = load is not None and load <= 0.25 and (steal is None or steal <= 0.1)
     sections, verdicts = [], Verdicts()
     paths_run = [k for k in LABELS if k in (results.get("probe") or {})]
 
@@ -428,7 +440,8 @@ Raw results of the last run: `bench-out/last/results.json` (re-render with `pyth
 - Kernel: {host['kernel']}; toolchain: {host['rustc']}
 - Run: {host['date']}, commit `{host['commit']}`
 - Load from other processes during the measurements: {load_text} (CPU time outside the bench's own process
-  tree; 0 means the machine was otherwise quiet){busy}
+  tree; 0 means the machine was otherwise quiet)
+- Taken by the host from this virtual machine during the measurements (steal): {steal_text}{busy}
 
 ## Targets (issue 9)
 

@@ -209,10 +209,11 @@ def rss_kb(pid: int) -> int:
 def cpu_snapshot(root: int) -> dict:
     """CPU seconds used so far by the whole machine and by ROOT's process tree (this script, the
     servers it started, the load generators); the report says how much CPU other processes
-    took meanwhile, since the figures are only as good as that."""
+    took meanwhile, and how much the hypervisor took from this VM (steal: time a virtual CPU
+    was ready to run but the host ran something else), since the figures are only as good as that."""
     tick = os.sysconf("SC_CLK_TCK")
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
     stats, children = {}, {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -232,7 +233,8 @@ def cpu_snapshot(root: int) -> dict:
             ours += sum(stats[pid])  # own time and that of its children already reaped
             todo += children.get(pid, [])
     wall = float(Path("/proc/uptime").read_text().split()[0])
-    return {"wall": wall, "busy": (user + nice + system + irq + softirq) / tick, "ours": ours / tick}
+    busy = (user + nice + system + irq + softirq) / tick
+    return {"wall": wall, "busy": busy, "ours": ours / tick, "steal": steal / tick}
 
 
 def cpu_seconds(pid: int) -> float:

@@ -231,7 +231,11 @@ fn mock_usage(body: &[u8]) -> u64 {
 /// What admission reserves: the prompt as Sluice measures it (tiktoken for OpenAI models,
 /// bytes / 4 otherwise) plus the requested output.
 fn reservation(body: &[u8], max_tokens: u64, dialect: Dialect) -> u64 {
-    sluice_filters::limits::estimate_input_tokens(body, Some("gpt-4o-mini"), dialect) + max_tokens
+    let request =
+        sluice_filters::RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+    let body = bytes::Bytes::copy_from_slice(body);
+    let ex = sluice_filters::Exchange::with_dialect("r".into(), request, body, dialect);
+    sluice_filters::limits::estimate_input_tokens(&ex) + max_tokens
 }
 
 #[tokio::test]

@@ -94,13 +94,16 @@ impl Chain {
 
     /// Runs the request phase; the first filter that does not continue ends it.
     pub async fn on_request(&self, ex: &mut Exchange) -> Verdict {
+        let mut verdict = Verdict::Continue;
         for filter in &self.filters {
-            match filter.on_request(ex).await {
-                Verdict::Continue => {}
-                other => return other,
+            verdict = filter.on_request(ex).await;
+            if !matches!(verdict, Verdict::Continue) {
+                break;
             }
         }
-        Verdict::Continue
+        // Only request filters read the parsed body.
+        ex.release_body_json();
+        verdict
     }
 
     pub fn on_upstream_request(&self, ex: &Exchange, upstream: &mut RequestHeader) {

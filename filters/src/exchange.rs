@@ -1,4 +1,4 @@
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,7 +17,11 @@ pub struct Exchange {
     /// The request head as the caller sent it (before any rewrite for the upstream).
     pub request: RequestHeader,
     /// The complete request body; replayed as-is on every upstream attempt.
-    pub body: Bytes,
+    body: Bytes,
+    /// The body as a JSON tree, parsed the first time a filter asks (the token estimate and
+    /// the cache key read the same one) and dropped when the request phase ends, so it is not
+    /// held for as long as the answer streams. `None` inside: the body is not JSON.
+    body_json: OnceLock<Option<serde_json::Value>>,
     pub facts: BodyFacts,
     /// The API family of the route's provider, for reading bodies.
     pub dialect: Dialect,
@@ -73,6 +77,7 @@ impl Exchange {
             route,
             request,
             body,
+            body_json: OnceLock::new(),
             facts,
             dialect,
             usage: None,
@@ -91,6 +96,29 @@ impl Exchange {
             cache: None,
             extensions: http::Extensions::new(),
         }
+    }
+
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Replaces the body sent upstream (a filter's rewrite); a tree parsed from the old one is
+    /// forgotten. The facts stay those of the caller's request.
+    pub fn set_body(&mut self, body: Bytes) {
+        self.body = body;
+        self.body_json = OnceLock::new();
+    }
+
+    /// The body as JSON, parsed on the first call; `None` if it is not JSON.
+    pub fn body_json(&self) -> Option<&serde_json::Value> {
+        self.body_json
+            .get_or_init(|| serde_json::from_slice(&self.body).ok())
+            .as_ref()
+    }
+
+    /// Frees the parsed body once no filter will read it again.
+    pub fn release_body_json(&mut self) {
+        self.body_json = OnceLock::new();
     }
 }
 
@@ -163,6 +191,20 @@ pub enum Outcome {
     Cut,
     /// The caller went away before the response was complete.
     CallerGone,
+}
+
+impl Outcome {
+    /// The variant's name, as spans and logs report it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::InProgress => "InProgress",
+            Outcome::Completed => "Completed",
+            Outcome::Refused => "Refused",
+            Outcome::UpstreamBroke => "UpstreamBroke",
+            Outcome::Cut => "Cut",
+            Outcome::CallerGone => "CallerGone",
+        }
+    }
 }
 
 /// What the cache did with a request (the `x-sluice-cache` response header).
@@ -266,5 +308,22 @@ mod tests {
         };
         assert_eq!(local.overhead(started), Some(ms(2)));
         assert_eq!(local.upstream(), None);
+    }
+
+    #[test]
+    fn the_parsed_body_follows_the_body() {
+        let request = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        let mut ex = Exchange::new("r".into(), request, Bytes::from_static(br#"{"n":1}"#));
+        assert_eq!(ex.body_json().and_then(|b| b["n"].as_u64()), Some(1));
+        ex.set_body(Bytes::from_static(br#"{"n":2}"#));
+        assert_eq!(
+            ex.body_json().and_then(|b| b["n"].as_u64()),
+            Some(2),
+            "a rewrite is what later filters read"
+        );
+        ex.release_body_json();
+        assert!(ex.body_json.get().is_none(), "released, not kept");
+        ex.set_body(Bytes::from_static(b"not json"));
+        assert_eq!(ex.body_json(), None);
     }
 }

@@ -324,9 +324,10 @@ pub fn build_request(
     let upstream = &launched.target.upstream;
     let body = match (&launched.target.model, ex.facts.model.as_deref()) {
         (Some(mapped), Some(asked)) if **mapped != *asked => {
-            json_edit::with_string_field(&ex.body, "model", mapped).unwrap_or(ex.body.clone())
+            json_edit::with_string_field(ex.body(), "model", mapped)
+                .unwrap_or_else(|| ex.body().clone())
         }
-        _ => ex.body.clone(),
+        _ => ex.body().clone(),
     };
     let incoming = &ex.request;
     let path_and_query = incoming.uri.path_and_query().map_or("/", |p| p.as_str());

@@ -777,9 +777,9 @@ fn ask_for_stream_usage(ex: &mut Exchange) -> bool {
     if !(ex.facts.stream && ex.dialect == Dialect::OpenAi) {
         return false;
     }
-    match inject_include_usage(&ex.body) {
+    match inject_include_usage(ex.body()) {
         Some(body) => {
-            ex.body = body;
+            ex.set_body(body);
             true
         }
         None => false,

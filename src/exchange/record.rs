@@ -44,6 +44,21 @@ pub fn operation(path: &str) -> Option<&'static str> {
     }
 }
 
+/// `http.request.method`: the usual methods as static text, without an allocation.
+fn method_name(method: &http::Method) -> opentelemetry::Value {
+    use http::Method;
+    match *method {
+        Method::POST => "POST".into(),
+        Method::GET => "GET".into(),
+        Method::PUT => "PUT".into(),
+        Method::DELETE => "DELETE".into(),
+        Method::HEAD => "HEAD".into(),
+        Method::OPTIONS => "OPTIONS".into(),
+        Method::PATCH => "PATCH".into(),
+        _ => method.to_string().into(),
+    }
+}
+
 /// `gen_ai.system` for a provider.
 pub fn gen_ai_system(provider: ProviderKind) -> &'static str {
     match provider {
@@ -71,9 +86,9 @@ pub fn start_span(
     arrived: SystemTime,
 ) -> Option<Span> {
     let mut attributes = vec![
-        KeyValue::new("http.request.method", ex.request.method.to_string()),
+        KeyValue::new("http.request.method", method_name(&ex.request.method)),
         KeyValue::new("url.path", ex.request.uri.path().to_owned()),
-        KeyValue::new("sluice.route", route.name.to_string()),
+        KeyValue::new("sluice.route", route.name.clone()),
         KeyValue::new("gen_ai.system", gen_ai_system(route.provider)),
     ];
     if let Some(operation) = operation(ex.request.uri.path()) {
@@ -105,7 +120,7 @@ pub fn attempt_span(
         KeyValue::new("gen_ai.system", gen_ai_system(upstream.provider)),
         KeyValue::new("server.address", upstream.host.clone()),
         KeyValue::new("server.port", i64::from(upstream.port)),
-        KeyValue::new("sluice.upstream", upstream.name.to_string()),
+        KeyValue::new("sluice.upstream", upstream.name.clone()),
         KeyValue::new("sluice.attempt", i64::from(attempt)),
         KeyValue::new("sluice.hedge", launched.hedge),
     ];
@@ -113,12 +128,12 @@ pub fn attempt_span(
         attributes.push(KeyValue::new("gen_ai.operation.name", operation));
     }
     if let Some(model) = &launched.model {
-        attributes.push(KeyValue::new("gen_ai.request.model", model.to_string()));
+        attributes.push(KeyValue::new("gen_ai.request.model", model.clone()));
     }
     if let Some(lease) = &launched.lease {
         attributes.push(KeyValue::new(
             "sluice.key",
-            upstream.keys.get(lease.index).name.to_string(),
+            upstream.keys.get(lease.index).name.clone(),
         ));
     }
     let name = match (operation(ex.request.uri.path()), launched.model.as_deref()) {
@@ -297,7 +312,7 @@ fn annotate(
     let mut attributes = vec![
         KeyValue::new("http.response.status_code", i64::from(status)),
         KeyValue::new("sluice.attempts", i64::from(ex.attempts)),
-        KeyValue::new("sluice.outcome", format!("{:?}", ex.outcome)),
+        KeyValue::new("sluice.outcome", ex.outcome.as_str()),
         KeyValue::new("gen_ai.request.stream", ex.facts.stream),
     ];
     // Only an answer has a response model: a failed request names the upstream it tried.
@@ -308,13 +323,13 @@ fn annotate(
         attributes.push(KeyValue::new("gen_ai.response.model", model.to_owned()));
     }
     if let Some(upstream) = &ex.upstream {
-        attributes.push(KeyValue::new("sluice.upstream", upstream.to_string()));
+        attributes.push(KeyValue::new("sluice.upstream", upstream.clone()));
     }
     if let Some(tenant) = &ex.tenant {
-        attributes.push(KeyValue::new("sluice.tenant", tenant.to_string()));
+        attributes.push(KeyValue::new("sluice.tenant", tenant.clone()));
     }
     if let Some(tier) = &ex.tier {
-        attributes.push(KeyValue::new("sluice.tier", tier.to_string()));
+        attributes.push(KeyValue::new("sluice.tier", tier.clone()));
     }
     if let Some(cache) = ex.cache {
         attributes.push(KeyValue::new("sluice.cache", cache.as_str()));
@@ -350,7 +365,7 @@ fn annotate(
     }
     span.set_attributes(attributes);
     if failed {
-        span.set_status(Status::error(format!("{:?}", ex.outcome)));
+        span.set_status(Status::error(ex.outcome.as_str()));
     }
 }
 
@@ -373,7 +388,7 @@ fn log_exchange(
             .extensions
             .get::<LoggedResponse>()
             .map(|logged_response| logged(&logged_response.0));
-        (Some(logged(&ex.body)), response)
+        (Some(logged(ex.body())), response)
     } else {
         (None, None)
     };
@@ -390,7 +405,7 @@ fn log_exchange(
         tenant = ex.tenant.as_deref().unwrap_or("-"),
         tier = ex.tier.as_deref().unwrap_or("-"),
         stream = ex.facts.stream,
-        request_bytes = ex.body.len(),
+        request_bytes = ex.body().len(),
         input_tokens = ex.usage.map(|u| u.input_tokens),
         output_tokens = ex.usage.map(|u| u.output_tokens),
         cost_usd,

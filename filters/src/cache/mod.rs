@@ -20,7 +20,6 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
-use serde_json::Value;
 
 pub use config::{CacheConfig, ModelTtl, ScopeRule, SharedTierConfig, StoreConfig, When};
 pub use key::{
@@ -110,11 +109,11 @@ impl Cache {
         if ex.request.method != Method::POST || controls.no_store {
             return None;
         }
-        let body: Value = serde_json::from_slice(&ex.body).ok()?;
+        let body = ex.body_json()?;
         if !body.is_object() {
             return None;
         }
-        if self.config.when == When::Deterministic && !is_deterministic(&body) {
+        if self.config.when == When::Deterministic && !is_deterministic(body) {
             return None;
         }
         let model_ttl = self.config.ttl_for(ex.facts.model.as_deref());
@@ -140,7 +139,7 @@ impl Cache {
             request: &ex.request,
             credential_scoped: self.facts.credential_scoped,
             stream: ex.facts.stream,
-            body: &body,
+            body,
             rules: &self.rules,
         });
         Some(Plan { key, ttl, controls })

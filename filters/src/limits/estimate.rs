@@ -4,6 +4,7 @@
 
 use super::tokenizer::encoding_for_model;
 use crate::usage::Dialect;
+use crate::Exchange;
 
 /// Bodies above this are estimated, not tokenized: tokenizing costs about a millisecond per
 /// 100 KiB, which a request should not wait for.
@@ -18,15 +19,16 @@ pub fn estimate_from_bytes(body_len: usize) -> u64 {
 }
 
 /// The prompt's tokens as the provider will count them, as near as can be known up front.
-pub fn estimate_input_tokens(body: &[u8], model: Option<&str>, dialect: Dialect) -> u64 {
-    let bytes_estimate = estimate_from_bytes(body.len());
-    if dialect != Dialect::OpenAi || body.len() > MAX_TOKENIZED_BODY {
+pub fn estimate_input_tokens(ex: &Exchange) -> u64 {
+    let body_len = ex.body().len();
+    let bytes_estimate = estimate_from_bytes(body_len);
+    if ex.dialect != Dialect::OpenAi || body_len > MAX_TOKENIZED_BODY {
         return bytes_estimate;
     }
-    let Some(encoding) = model.and_then(encoding_for_model) else {
+    let Some(encoding) = ex.facts.model.as_deref().and_then(encoding_for_model) else {
         return bytes_estimate;
     };
-    let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else {
+    let Some(request) = ex.body_json() else {
         return bytes_estimate;
     };
     let count = |text: &str| encoding.count(text);
@@ -62,20 +64,26 @@ pub fn estimate_input_tokens(body: &[u8], model: Option<&str>, dialect: Dialect)
 mod tests {
     use super::*;
 
+    fn estimate(body: &'static [u8], model: Option<&str>, dialect: Dialect) -> u64 {
+        let request = crate::RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        let mut ex = Exchange::with_dialect(
+            "r".into(),
+            request,
+            bytes::Bytes::from_static(body),
+            dialect,
+        );
+        ex.facts.model = model.map(str::to_owned);
+        estimate_input_tokens(&ex)
+    }
+
     #[test]
     fn openai_chat_is_tokenized() {
         let body =
             br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello, world!"}]}"#;
         // "Hello, world!" is 4 tokens in o200k_base; 3 framing + 3 priming.
-        assert_eq!(
-            estimate_input_tokens(body, Some("gpt-4o-mini"), Dialect::OpenAi),
-            10
-        );
+        assert_eq!(estimate(body, Some("gpt-4o-mini"), Dialect::OpenAi), 10);
         let parts = br#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"Hello, world!"}]}]}"#;
-        assert_eq!(
-            estimate_input_tokens(parts, Some("gpt-4o"), Dialect::OpenAi),
-            10
-        );
+        assert_eq!(estimate(parts, Some("gpt-4o"), Dialect::OpenAi), 10);
     }
 
     #[test]
@@ -83,27 +91,18 @@ mod tests {
         let body =
             br#"{"model":"claude-x","messages":[{"role":"user","content":"Hello, world!"}]}"#;
         let bytes = estimate_from_bytes(body.len());
+        assert_eq!(estimate(body, Some("claude-x"), Dialect::Anthropic), bytes);
         assert_eq!(
-            estimate_input_tokens(body, Some("claude-x"), Dialect::Anthropic),
+            estimate(body, Some("not-a-known-model"), Dialect::OpenAi),
             bytes
         );
-        assert_eq!(
-            estimate_input_tokens(body, Some("not-a-known-model"), Dialect::OpenAi),
-            bytes
-        );
-        assert_eq!(estimate_input_tokens(body, None, Dialect::OpenAi), bytes);
-        assert_eq!(
-            estimate_input_tokens(b"not json", Some("gpt-4o"), Dialect::OpenAi),
-            2
-        );
+        assert_eq!(estimate(body, None, Dialect::OpenAi), bytes);
+        assert_eq!(estimate(b"not json", Some("gpt-4o"), Dialect::OpenAi), 2);
     }
 
     #[test]
     fn prompts_and_inputs_count_too() {
         let body = br#"{"model":"gpt-4o","prompt":["Hello, world!","Hello, world!"]}"#;
-        assert_eq!(
-            estimate_input_tokens(body, Some("gpt-4o"), Dialect::OpenAi),
-            8
-        );
+        assert_eq!(estimate(body, Some("gpt-4o"), Dialect::OpenAi), 8);
     }
 }

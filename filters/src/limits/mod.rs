@@ -274,9 +274,9 @@ impl Limits {
         };
         match limits.over_max_output_tokens {
             OverMax::Reject => too_many(),
-            OverMax::Clamp => match clamp_max_tokens(&ex.body, max) {
+            OverMax::Clamp => match clamp_max_tokens(ex.body(), max) {
                 Some(body) => {
-                    ex.body = body;
+                    ex.set_body(body);
                     ex.facts.max_tokens = Some(max);
                     None
                 }
@@ -305,7 +305,7 @@ impl Limits {
         if (spent as f64) < budget as f64 * rule.above_percent / 100.0 {
             return None;
         }
-        ex.body = json_edit::with_string_field(&ex.body, "model", cheaper)?;
+        ex.set_body(json_edit::with_string_field(ex.body(), "model", cheaper)?);
         ex.facts.model = Some(cheaper.clone());
         tracing::info!(target: "sluice::budget", tenant, asked = %asked, sent = %cheaper, "model downgraded: budget above {}%", rule.above_percent);
         let tier = ex.tier.as_deref().unwrap_or("-");
@@ -446,7 +446,7 @@ impl Filter for Limits {
         let counts_tokens = applicable().any(RequestLimits::counts_tokens);
         // The prompt is measured once, and only when a limit needs it.
         let prompt = if counts_tokens || applicable().any(|l| l.max_input_tokens.is_some()) {
-            estimate_input_tokens(&ex.body, ex.facts.model.as_deref(), ex.dialect)
+            estimate_input_tokens(ex)
         } else {
             0
         };

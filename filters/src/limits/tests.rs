@@ -258,7 +258,7 @@ async fn output_caps_reject_or_clamp() {
         filter.on_request(&mut ex).await,
         Verdict::Continue
     ));
-    let body: serde_json::Value = serde_json::from_slice(&ex.body).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(ex.body()).unwrap();
     assert_eq!(body["max_completion_tokens"], 100);
     assert_eq!(body["model"], "m");
     assert_eq!(ex.facts.max_tokens, Some(100));
@@ -268,7 +268,7 @@ async fn output_caps_reject_or_clamp() {
         Verdict::Continue
     ));
     assert_eq!(
-        &small.body[..],
+        &small.body()[..],
         br#"{"max_tokens":50}"#,
         "within the cap the body is untouched"
     );
@@ -302,7 +302,7 @@ async fn bedrock_converse_output_is_clamped_inside_inference_config() {
         Verdict::Continue
     ));
     assert_eq!(
-        &ex.body[..],
+        &ex.body()[..],
         br#"{"messages":[],"inferenceConfig": {"temperature":0.5,"maxTokens":100}}"#
     );
     assert_eq!(ex.facts.max_tokens, Some(100));
@@ -468,7 +468,7 @@ async fn the_filter_settles_with_the_exchange_usage() {
         filter.on_request(&mut ex).await,
         Verdict::Continue
     ));
-    let reserved = estimate_input_tokens(&ex.body, ex.facts.model.as_deref(), ex.dialect) + 100;
+    let reserved = estimate_input_tokens(&ex) + 100;
     assert_eq!(store.tokens_today("t", SystemTime::now()), reserved);
     let mut response = ResponseHeader::build(200, None).unwrap();
     filter.on_response_head(&mut ex, &mut response);
