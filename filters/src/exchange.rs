@@ -106,7 +106,7 @@ impl Exchange {
     /// forgotten. The facts stay those of the caller's request.
     pub fn set_body(&mut self, body: Bytes) {
         self.body = body;
-        self.body_json = OnceLock::new();
+        self.release_body_json();
     }
 
     /// The body as JSON, parsed on the first call; `None` if it is not JSON.
