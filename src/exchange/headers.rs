@@ -18,16 +18,20 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// Whether a header must not be forwarded: hop-by-hop, or named by `Connection`.
-fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
-    HOP_BY_HOP.contains(name)
-        || headers.get_all(header::CONNECTION).iter().any(|value| {
-            value
-                .to_str()
-                .unwrap_or("")
-                .split(',')
-                .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
-        })
+/// Whether a header of `headers` must not be forwarded: hop-by-hop, or named by `Connection`.
+/// `Connection` is looked up once here, not once for every header the caller asks about.
+fn hop_by_hop(headers: &HeaderMap) -> impl Fn(&HeaderName) -> bool + '_ {
+    let connection = headers.get_all(header::CONNECTION);
+    move |name| {
+        HOP_BY_HOP.contains(name)
+            || connection.iter().any(|value| {
+                value
+                    .to_str()
+                    .unwrap_or("")
+                    .split(',')
+                    .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+            })
+    }
 }
 
 /// Copies the caller's headers for the upstream. Left out: hop-by-hop headers, names with an
@@ -37,6 +41,7 @@ fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
 /// upstream must answer in identity encoding), and the caller's credentials when the upstream
 /// has its own.
 pub fn copy_request_headers(from: &RequestHeader, to: &mut RequestHeader, strip_credentials: bool) {
+    let is_hop_by_hop = hop_by_hop(&from.headers);
     for (name, value) in from.headers.iter() {
         let framing = matches!(
             *name,
@@ -50,7 +55,7 @@ pub fn copy_request_headers(from: &RequestHeader, to: &mut RequestHeader, strip_
         // servers fold into the same variable as its dashed twin: left behind, as nginx does,
         // so it cannot override a header Sluice checked.
         let underscored = name.as_str().contains('_');
-        if framing || underscored || is_hop_by_hop(name, &from.headers) {
+        if framing || underscored || is_hop_by_hop(name) {
             continue;
         }
         if strip_credentials && CALLER_CREDENTIAL_HEADERS.contains(&name.as_str()) {
@@ -67,12 +72,15 @@ pub fn copy_request_headers(from: &RequestHeader, to: &mut RequestHeader, strip_
 pub fn sanitize_response(response: &mut ResponseHeader, downstream_h1_1: bool) {
     // The status line is Sluice's own: an HTTP/1.0 upstream does not make the caller's hop 1.0.
     response.set_version(http::Version::HTTP_11);
-    let names: Vec<HeaderName> = response
-        .headers
-        .keys()
-        .filter(|name| *name == header::TRANSFER_ENCODING || is_hop_by_hop(name, &response.headers))
-        .cloned()
-        .collect();
+    let names: Vec<HeaderName> = {
+        let is_hop_by_hop = hop_by_hop(&response.headers);
+        response
+            .headers
+            .keys()
+            .filter(|name| *name == header::TRANSFER_ENCODING || is_hop_by_hop(name))
+            .cloned()
+            .collect()
+    };
     for name in names {
         response.remove_header(&name);
     }
