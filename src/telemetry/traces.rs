@@ -11,7 +11,7 @@
 //! cost each traced request about four futex calls and as many context switches, on cores
 //! the request threads need.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::Thread;
@@ -382,6 +382,9 @@ struct SpanQueue {
     /// A wake-up is asked for and not yet served: one request thread wakes the exporter, the
     /// others that see a full batch meanwhile do not.
     wake_asked: AtomicBool,
+    /// Set once the export thread has made its last drain: from then on a span left in the
+    /// queue is discarded and counted, by whichever side sees it.
+    closed: AtomicBool,
 }
 
 /// What became of a span handed to the queue.
@@ -393,6 +396,8 @@ enum Queued {
     Wake,
     /// The queue is full: the span is dropped.
     Full,
+    /// The queue is closed: this span, and any others its caller found left, are dropped.
+    Closed { dropped: u64 },
 }
 
 impl SpanQueue {
@@ -402,12 +407,24 @@ impl SpanQueue {
             spans: crossbeam_queue::ArrayQueue::new(capacity),
             wake_at: batch_size.clamp(1, capacity),
             wake_asked: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         }
     }
 
     fn push(&self, span: SpanData) -> Queued {
+        if self.closed.load(Ordering::Acquire) {
+            return Queued::Closed { dropped: 1 };
+        }
         if self.spans.push(Box::new(span)).is_err() {
             return Queued::Full;
+        }
+        // Pairs with the fence in `close`: either the closer's discard sees this span, or this
+        // caller sees the queue closed and discards it, so no span stays queued uncounted.
+        fence(Ordering::SeqCst);
+        if self.closed.load(Ordering::Relaxed) {
+            return Queued::Closed {
+                dropped: self.discard(),
+            };
         }
         if self.spans.len() >= self.wake_at && !self.wake_asked.swap(true, Ordering::AcqRel) {
             return Queued::Wake;
@@ -424,6 +441,17 @@ impl SpanQueue {
     /// after this asks for a wake-up again.
     fn awake(&self) {
         self.wake_asked.store(false, Ordering::Release);
+    }
+
+    /// Closes the queue once nothing will drain it again; returns how many spans were left.
+    fn close(&self) -> u64 {
+        self.closed.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        self.discard()
+    }
+
+    fn discard(&self) -> u64 {
+        std::iter::from_fn(|| self.spans.pop()).count() as u64
     }
 }
 
@@ -584,6 +612,7 @@ impl SpanProcessor for QueuedExport {
             Queued::Waiting => {}
             Queued::Wake => self.exporter.unpark(),
             Queued::Full => self.counters.dropped.inc(),
+            Queued::Closed { dropped } => self.counters.dropped.inc_by(dropped),
         }
     }
 
@@ -601,6 +630,9 @@ impl SpanProcessor for QueuedExport {
             if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
                 let _ = thread.join();
             }
+            // A span whose request passed the `stopped` check just before it was set may
+            // land after the thread's last drain.
+            self.counters.dropped.inc_by(self.spans.close());
         }
         Ok(())
     }
@@ -703,5 +735,40 @@ mod tests {
         assert_eq!(queue.push(finished_span(2)), Queued::Wake);
         assert_eq!(queue.push(finished_span(3)), Queued::Full);
         assert_eq!(std::iter::from_fn(|| queue.pop()).count(), 2);
+    }
+
+    #[test]
+    fn a_closed_queue_counts_every_span_left_in_it_or_pushed_after() {
+        let queue = SpanQueue::new(8, 512);
+        queue.push(finished_span(1));
+        queue.push(finished_span(2));
+        assert_eq!(queue.close(), 2, "the spans the last drain missed");
+        assert_eq!(queue.push(finished_span(3)), Queued::Closed { dropped: 1 });
+        assert!(queue.pop().is_none(), "nothing stays queued once closed");
+    }
+
+    #[test]
+    fn spans_pushed_while_the_queue_closes_are_each_counted_once() {
+        for _ in 0..200 {
+            let queue = Arc::new(SpanQueue::new(64, 512));
+            let pushers: Vec<_> = (0..2)
+                .map(|thread| {
+                    let queue = queue.clone();
+                    std::thread::spawn(move || {
+                        (0..20)
+                            .map(|i| match queue.push(finished_span(thread * 100 + i)) {
+                                Queued::Closed { dropped } => dropped,
+                                Queued::Full => 1,
+                                Queued::Waiting | Queued::Wake => 0,
+                            })
+                            .sum::<u64>()
+                    })
+                })
+                .collect();
+            let closed = queue.close();
+            let dropped: u64 = pushers.into_iter().map(|p| p.join().unwrap()).sum();
+            assert_eq!(closed + dropped, 40);
+            assert!(queue.pop().is_none());
+        }
     }
 }
