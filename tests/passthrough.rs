@@ -353,3 +353,63 @@ async fn upstream_connections_are_reused() {
         "one pooled connection: {peers:?}"
     );
 }
+
+/// An upstream that records the raw bytes of the one request it reads and answers with header
+/// names in mixed case.
+async fn recording_upstream() -> (String, tokio::sync::oneshot::Receiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (seen, received) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buffer = vec![0; 64 * 1024];
+        let read = stream.read(&mut buffer).await.unwrap();
+        let _ = seen.send(String::from_utf8_lossy(&buffer[..read]).into_owned());
+        let body = r#"{"id":"chatcmpl-1","object":"chat.completion","choices":[]}"#;
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Upstream-Trace: t-1\r\nOpenAI-Processing-Ms: 12\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(answer.as_bytes()).await;
+    });
+    (url, received)
+}
+
+/// Header names are case-insensitive (RFC 9110 §5.1). On HTTP/1 Sluice writes the standard
+/// ones in their usual title case and the rest in lower case, as a cache hit (stored by name)
+/// always did, instead of keeping a second, case-preserving map of every head: that map cost
+/// about a tenth of a request's header work.
+#[tokio::test]
+async fn header_names_are_written_titled_if_standard_and_lower_case_otherwise() {
+    let (upstream, received) = recording_upstream().await;
+    let sidecar = Sidecar::start(&passthrough_policy(&upstream)).await;
+    let body = serde_json::to_string(&chat_body("hello", false)).unwrap();
+    let request = format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: sidecar\r\nContent-Type: application/json\r\nOpenAI-Beta: assistants=v2\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = raw_exchange(&sidecar.proxy, request.as_bytes(), Duration::from_secs(5)).await;
+    let upstream_saw = tokio::time::timeout(Duration::from_secs(5), received)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        upstream_saw.contains("\r\nContent-Type: application/json\r\n"),
+        "{upstream_saw}"
+    );
+    assert!(
+        upstream_saw.contains("\r\nopenai-beta: assistants=v2\r\n"),
+        "{upstream_saw}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("\r\nContent-Type: application/json\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("\r\nx-upstream-trace: t-1\r\n"), "{answer}");
+    assert!(
+        answer.contains("\r\nopenai-processing-ms: 12\r\n"),
+        "{answer}"
+    );
+}

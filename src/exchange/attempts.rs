@@ -345,7 +345,7 @@ pub fn build_request(
                 e.to_string(),
             )
         })?;
-    let mut request = RequestHeader::build(
+    let mut request = RequestHeader::build_no_case(
         incoming.method.clone(),
         path.as_bytes(),
         Some(incoming.headers.len() + 4),

@@ -999,7 +999,7 @@ async fn respond_local(
     ex: &mut Exchange,
     local: LocalResponse,
 ) -> Result<(), Close> {
-    let mut response = ResponseHeader::build(local.status, Some(local.headers.len() + 3))
+    let mut response = ResponseHeader::build_no_case(local.status, Some(local.headers.len() + 3))
         .map_err(Close::CallerGone)?;
     for (name, value) in local.headers {
         let _ = response.append_header(name, value);
@@ -1045,8 +1045,8 @@ async fn write_simple(
     headers: &[(http::HeaderName, http::HeaderValue)],
     body: Bytes,
 ) -> Result<(), Close> {
-    let mut response =
-        ResponseHeader::build(status, Some(3 + headers.len())).map_err(Close::CallerGone)?;
+    let mut response = ResponseHeader::build_no_case(status, Some(3 + headers.len()))
+        .map_err(Close::CallerGone)?;
     for (name, value) in headers {
         let _ = response.insert_header(name.clone(), value.clone());
     }

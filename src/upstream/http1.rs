@@ -474,7 +474,7 @@ impl ParsedHead {
 
     fn into_header(self, bytes: &Bytes) -> Result<ResponseHeader> {
         let invalid = |e| Error::because(ErrorType::InvalidHTTPHeader, "in the response head", e);
-        let mut head = ResponseHeader::build(self.status, Some(self.headers.len()))?;
+        let mut head = ResponseHeader::build_no_case(self.status, Some(self.headers.len()))?;
         head.set_version(self.version);
         let reason = &bytes[self.reason.0..self.reason.1];
         if let Ok(reason) = std::str::from_utf8(reason) {
