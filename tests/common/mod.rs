@@ -69,6 +69,34 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Whether process `pid` holds a socket listening on 127.0.0.1:`port` (from `/proc/net/tcp`
+/// and the process's descriptors): a port that accepts connections may be another process's.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    const LISTEN: &str = "0A";
+    let local = format!("0100007F:{port:04X}");
+    let tables = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let inodes: Vec<String> = tables
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&LISTEN))
+                .then(|| fields.get(9).map(|inode| format!("socket:[{inode}]")))
+                .flatten()
+        })
+        .collect();
+    let Ok(descriptors) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    descriptors.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|target| {
+            inodes
+                .iter()
+                .any(|inode| target.as_os_str() == inode.as_str())
+        })
+    })
+}
+
 /// `N` distinct free ports: all held at once while they are chosen, so no two are the same
 /// (separate `free_port` calls may return one port twice).
 pub fn free_ports<const N: usize>() -> [u16; N] {
@@ -158,12 +186,32 @@ impl Sidecar {
         Self::launch_in(dir, body, env, forward).await
     }
 
+    /// Starts the sidecar on freshly chosen ports. A port chosen free can be taken by another
+    /// test's server before the sidecar binds it (Pingora then retries the bind while requests
+    /// reach the other server): such a start is thrown away and tried on other ports.
     async fn launch_in(
-        dir: tempfile::TempDir,
+        mut dir: tempfile::TempDir,
         body: &str,
         env: &[(&str, &str)],
         forward: bool,
     ) -> Sidecar {
+        for _ in 0..4 {
+            match Self::launch_once(dir, body, env, forward).await {
+                Ok(sidecar) => return sidecar,
+                Err(taken) => dir = taken,
+            }
+        }
+        Self::launch_once(dir, body, env, forward)
+            .await
+            .unwrap_or_else(|_| panic!("every port chosen for sluice was taken"))
+    }
+
+    async fn launch_once(
+        dir: tempfile::TempDir,
+        body: &str,
+        env: &[(&str, &str)],
+        forward: bool,
+    ) -> Result<Sidecar, tempfile::TempDir> {
         let policy_path = dir.path().join("sluice.yaml");
         let [proxy_port, admin_port, spare_port] = free_ports();
         let forward_port = forward.then_some(spare_port);
@@ -188,7 +236,7 @@ impl Sidecar {
             command.env(name, value);
         }
         let child = command.spawn().expect("start sluice");
-        let sidecar = Sidecar {
+        let mut sidecar = Sidecar {
             proxy: format!("http://127.0.0.1:{proxy_port}"),
             admin: format!("http://127.0.0.1:{admin_port}"),
             forward: forward_port.map(|port| format!("http://127.0.0.1:{port}")),
@@ -196,20 +244,38 @@ impl Sidecar {
             child,
             _dir: dir,
         };
-        sidecar.wait_ready().await;
-        sidecar
+        let ports: Vec<u16> = [Some(proxy_port), Some(admin_port), forward_port]
+            .into_iter()
+            .flatten()
+            .collect();
+        if sidecar.wait_ready(&ports).await {
+            return Ok(sidecar);
+        }
+        let _ = sidecar.child.kill();
+        let _ = sidecar.child.wait();
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(sidecar._dir.path()).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() != "sluice.log" && entry.file_type().unwrap().is_file() {
+                std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+            }
+        }
+        Err(dir)
     }
 
-    async fn wait_ready(&self) {
+    /// Ready on `/readyz`, with this process holding every listening socket; `false` when a
+    /// port turned out to be another process's.
+    async fn wait_ready(&self, ports: &[u16]) -> bool {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
+            if self.logs().contains("is in use") {
+                return false;
+            }
             let ready = client.get(format!("{}/readyz", self.admin)).send().await;
-            let listening =
-                |url: &str| std::net::TcpStream::connect(url.trim_start_matches("http://")).is_ok();
-            let proxy_up = listening(&self.proxy) && self.forward.as_deref().is_none_or(listening);
-            if ready.is_ok_and(|r| r.status().is_success()) && proxy_up {
-                return;
+            let owned = ports.iter().all(|&port| listens_on(self.pid(), port));
+            if ready.is_ok_and(|r| r.status().is_success()) && owned {
+                return true;
             }
             assert!(Instant::now() < deadline, "sluice did not become ready");
             tokio::time::sleep(Duration::from_millis(50)).await;
