@@ -188,45 +188,62 @@ impl Sidecar {
 
     /// Starts the sidecar on freshly chosen ports. A port chosen free can be taken by another
     /// test's server before the sidecar binds it (Pingora then retries the bind while requests
-    /// reach the other server): such a start is thrown away and tried on other ports.
+    /// reach the other server): such a start is stopped and made again on other ports.
     async fn launch_in(
-        mut dir: tempfile::TempDir,
-        body: &str,
-        env: &[(&str, &str)],
-        forward: bool,
-    ) -> Sidecar {
-        for _ in 0..4 {
-            match Self::launch_once(dir, body, env, forward).await {
-                Ok(sidecar) => return sidecar,
-                Err(taken) => dir = taken,
-            }
-        }
-        Self::launch_once(dir, body, env, forward)
-            .await
-            .unwrap_or_else(|_| panic!("every port chosen for sluice was taken"))
-    }
-
-    async fn launch_once(
         dir: tempfile::TempDir,
         body: &str,
         env: &[(&str, &str)],
         forward: bool,
-    ) -> Result<Sidecar, tempfile::TempDir> {
+    ) -> Sidecar {
         let policy_path = dir.path().join("sluice.yaml");
+        let (child, proxy, admin, forward_url) = Self::spawn(&policy_path, body, env, forward);
+        let mut sidecar = Sidecar {
+            proxy,
+            admin,
+            forward: forward_url,
+            policy_path,
+            child,
+            _dir: dir,
+        };
+        for _ in 0..4 {
+            if sidecar.wait_ready().await {
+                return sidecar;
+            }
+            let _ = sidecar.child.kill();
+            let _ = sidecar.child.wait();
+            (sidecar.child, sidecar.proxy, sidecar.admin, sidecar.forward) =
+                Self::spawn(&sidecar.policy_path, body, env, forward);
+        }
+        assert!(
+            sidecar.wait_ready().await,
+            "every port chosen for sluice was taken"
+        );
+        sidecar
+    }
+
+    /// Writes the policy with fresh ports and starts the process (its log truncated): the
+    /// child and the proxy, admin and forward URLs.
+    fn spawn(
+        policy_path: &Path,
+        body: &str,
+        env: &[(&str, &str)],
+        forward: bool,
+    ) -> (Child, String, String, Option<String>) {
         let [proxy_port, admin_port, spare_port] = free_ports();
         let forward_port = forward.then_some(spare_port);
         let text = policy_with_forward(proxy_port, admin_port, forward_port, body);
-        std::fs::write(&policy_path, text).unwrap();
+        std::fs::write(policy_path, text).unwrap();
+        let log = policy_path.parent().unwrap().join("sluice.log");
         let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
         command
             .args(["run", "-c"])
-            .arg(&policy_path)
+            .arg(policy_path)
             .env(
                 "SLUICE_LOG",
                 std::env::var("SLUICE_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("sluice.log")).unwrap());
+            .stderr(std::fs::File::create(log).unwrap());
         // OpenSSL's trust as in the container image, where neither is set (a developer's shell
         // may name a bundle); a test that wants them passes them in `env`.
         command
@@ -235,37 +252,19 @@ impl Sidecar {
         for (name, value) in env {
             command.env(name, value);
         }
-        let child = command.spawn().expect("start sluice");
-        let mut sidecar = Sidecar {
-            proxy: format!("http://127.0.0.1:{proxy_port}"),
-            admin: format!("http://127.0.0.1:{admin_port}"),
-            forward: forward_port.map(|port| format!("http://127.0.0.1:{port}")),
-            policy_path,
-            child,
-            _dir: dir,
-        };
-        let ports: Vec<u16> = [Some(proxy_port), Some(admin_port), forward_port]
-            .into_iter()
-            .flatten()
-            .collect();
-        if sidecar.wait_ready(&ports).await {
-            return Ok(sidecar);
-        }
-        let _ = sidecar.child.kill();
-        let _ = sidecar.child.wait();
-        let dir = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(sidecar._dir.path()).unwrap() {
-            let entry = entry.unwrap();
-            if entry.file_name() != "sluice.log" && entry.file_type().unwrap().is_file() {
-                std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-            }
-        }
-        Err(dir)
+        let url = |port: u16| format!("http://127.0.0.1:{port}");
+        (
+            command.spawn().expect("start sluice"),
+            url(proxy_port),
+            url(admin_port),
+            forward_port.map(url),
+        )
     }
 
-    /// Ready on `/readyz`, with this process holding every listening socket; `false` when a
-    /// port turned out to be another process's.
-    async fn wait_ready(&self, ports: &[u16]) -> bool {
+    /// Ready on `/readyz`, with this process holding every one of its listening sockets;
+    /// `false` when a port turned out to be another process's.
+    async fn wait_ready(&self) -> bool {
+        let port = |url: &str| url.rsplit(':').next().unwrap().parse::<u16>().unwrap();
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -273,7 +272,10 @@ impl Sidecar {
                 return false;
             }
             let ready = client.get(format!("{}/readyz", self.admin)).send().await;
-            let owned = ports.iter().all(|&port| listens_on(self.pid(), port));
+            let owned = [Some(&self.proxy), Some(&self.admin), self.forward.as_ref()]
+                .into_iter()
+                .flatten()
+                .all(|url| listens_on(self.pid(), port(url)));
             if ready.is_ok_and(|r| r.status().is_success()) && owned {
                 return true;
             }
