@@ -1,6 +1,7 @@
 //! The exchange: one request through a route's filters to its upstream and back.
 //!
-//! Sluice drives the upstream exchange itself from Pingora's `request_filter` (see DESIGN.md):
+//! Sluice drives the upstream exchange itself (see DESIGN.md), as the [`Handler`] of its
+//! listeners' HTTP app (`server::HttpApp`, on Pingora's server sessions):
 //! the whole body is read first so it can be inspected and replayed, the upstream is called over
 //! Sluice's connection pool (`upstream::pool`: HTTP/1 pooled by Sluice, new connections and
 //! HTTP/2 through Pingora's connector), and the response is streamed downstream chunk by chunk.
@@ -17,8 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::{header, Method, StatusCode};
-use pingora::prelude::HttpPeer;
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::protocols::http::ServerSession;
 use pingora::{Error, ErrorType};
 use sluice_filters::{
     ErrorKind, Exchange, LocalResponse, Outcome, Rejection, RequestHeader, ResponseHeader, Verdict,
@@ -34,6 +34,7 @@ use framing::{EventFramer, Framing};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use crate::policy::{Policy, PolicyStore, Route, Target};
+use crate::server::Handler;
 use crate::telemetry::Metrics;
 use crate::upstream::{ProviderKind, Resolver, UpstreamConnector, UpstreamSession};
 pub use inflight::Inflight;
@@ -89,43 +90,16 @@ impl Close {
 }
 
 #[async_trait]
-impl ProxyHttp for SluiceProxy {
-    type CTX = ();
-
-    fn new_ctx(&self) {}
-
-    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> pingora::Result<bool> {
+impl Handler for SluiceProxy {
+    async fn answer(&self, session: &mut ServerSession) -> pingora::Result<()> {
         let _counted = self.inflight.enter();
         let policy = self.policies.current();
         let exchange = std::panic::AssertUnwindSafe(self.exchange(session, &policy));
 
         match futures_util::FutureExt::catch_unwind(exchange).await {
-            Ok(result) => result.map(|()| true).map_err(Close::into_pingora),
+            Ok(result) => result.map_err(Close::into_pingora),
             Err(_panic) => Err(self.answer_panic(session, &policy).await),
         }
-    }
-
-    async fn upstream_peer(&self, _: &mut Session, _: &mut ()) -> pingora::Result<Box<HttpPeer>> {
-        // Every request is answered in `request_filter`; Pingora's own upstream path is unused.
-        Error::e_explain(ErrorType::InternalError, "sluice answers in request_filter")
-    }
-
-    async fn fail_to_proxy(&self, session: &mut Session, _e: &Error, _ctx: &mut ()) -> FailToProxy {
-        // Sluice has already answered (or the caller is gone) when its own exchange fails; only
-        // a failure inside Pingora before the exchange began leaves the caller without an answer.
-        if session.response_written().is_none() {
-            let body = ProviderKind::Openai.error_body(ErrorKind::Internal, "internal error");
-            let _ = write_simple(session, StatusCode::INTERNAL_SERVER_ERROR, &[], body).await;
-        }
-        FailToProxy {
-            error_code: 0,
-            can_reuse_downstream: false,
-        }
-    }
-
-    fn suppress_error_log(&self, _: &Session, _: &(), _: &Error) -> bool {
-        // The exchange logs its own outcome, with the route and request id.
-        true
     }
 }
 
@@ -133,7 +107,7 @@ impl SluiceProxy {
     /// After a panic in an exchange (the hook has reported where, without its message): the
     /// caller gets an error in its provider's shape instead of a dropped connection, and the
     /// connection, in an unknown state, is not reused.
-    async fn answer_panic(&self, session: &mut Session, policy: &Policy) -> Box<Error> {
+    async fn answer_panic(&self, session: &mut ServerSession, policy: &Policy) -> Box<Error> {
         let request = session.req_header();
         let path = request.uri.path_and_query().map_or("/", |p| p.as_str());
         let route = policy.route_for(request_host(request), path);
@@ -150,7 +124,7 @@ impl SluiceProxy {
         Error::explain(ErrorType::InternalError, "the exchange panicked")
     }
 
-    async fn exchange(&self, session: &mut Session, policy: &Policy) -> Result<(), Close> {
+    async fn exchange(&self, session: &mut ServerSession, policy: &Policy) -> Result<(), Close> {
         let arrived = (Instant::now(), SystemTime::now());
         let metrics = self.policies.metrics();
         let request = session.req_header();
@@ -195,7 +169,10 @@ impl SluiceProxy {
             Err(BodyError::CallerGone(e)) => return Err(Close::CallerGone(e)),
         };
 
-        let request = session.req_header().clone();
+        // Without the caller's header-name case map, which nothing Sluice sends reads (the
+        // heads it builds are case-free): a clone copied it for every request, and a stream
+        // held the copy for as long as it was open.
+        let request = RequestHeader::from(session.req_header().as_owned_parts());
         let mut ex = Exchange::with_dialect(route.name.clone(), request, body, provider.dialect());
         ex.started = arrived.0;
         let span = record::start_span(self.policies.tracer(), &ex, route, arrived.1);
@@ -244,7 +221,7 @@ impl SluiceProxy {
     /// that, so every failure can still be tried elsewhere.
     async fn forward<'r>(
         &'r self,
-        session: &mut Session,
+        session: &mut ServerSession,
         route: &'r Route,
         ex: &mut Exchange,
         trace: Option<SpanContext>,
@@ -288,7 +265,7 @@ impl SluiceProxy {
             let far = Instant::now() + Duration::from_secs(86_400);
             tokio::select! {
                 biased;
-                gone = session.as_downstream_mut().read_body_or_idle(true) => {
+                gone = session.read_body_or_idle(true) => {
                     ex.outcome = Outcome::CallerGone;
                     ex.attempts = plan.made;
                     ex.upstream = tried;
@@ -397,7 +374,7 @@ impl SluiceProxy {
     #[allow(clippy::too_many_arguments)]
     async fn deliver(
         &self,
-        session: &mut Session,
+        session: &mut ServerSession,
         route: &Route,
         ex: &mut Exchange,
         mut launched: Launched<'_>,
@@ -455,9 +432,7 @@ impl SluiceProxy {
             let _ = response.insert_header("server-timing", timing);
         }
         let head_only = upstream_session.response_done() || ex.request.method == Method::HEAD;
-        let written = session
-            .write_response_header(Box::new(response), head_only)
-            .await;
+        let written = session.write_response_header(Box::new(response)).await;
         ex.timings.head_sent = Some(Instant::now());
         if let Err(e) = written {
             ex.outcome = Outcome::CallerGone;
@@ -503,7 +478,7 @@ impl SluiceProxy {
             }
             StreamEnd::Complete => {}
         }
-        if let Err(e) = session.write_response_body(None, true).await {
+        if let Err(e) = session.write_response_body(Bytes::new(), true).await {
             ex.outcome = Outcome::CallerGone;
             return Err(Close::CallerGone(e));
         }
@@ -519,7 +494,7 @@ impl SluiceProxy {
     /// pooled).
     async fn stream_body(
         &self,
-        session: &mut Session,
+        session: &mut ServerSession,
         route: &Route,
         ex: &mut Exchange,
         upstream_session: &mut UpstreamSession,
@@ -554,7 +529,7 @@ impl SluiceProxy {
     #[allow(clippy::too_many_arguments)]
     async fn copy_body(
         &self,
-        session: &mut Session,
+        session: &mut ServerSession,
         route: &Route,
         ex: &mut Exchange,
         upstream_session: &mut UpstreamSession,
@@ -575,7 +550,7 @@ impl SluiceProxy {
             let chunk = tokio::select! {
                 biased;
                 chunk = upstream_session.read_response_body() => chunk,
-                gone = session.as_downstream_mut().read_body_or_idle(true) => {
+                gone = session.read_body_or_idle(true) => {
                     ex.outcome = Outcome::CallerGone;
                     return Err(Close::CallerGone(caller_gone(gone)));
                 }
@@ -609,7 +584,7 @@ impl SluiceProxy {
                             ErrorKind::UpstreamUnavailable,
                             "the upstream connection broke mid-stream; the response is incomplete",
                         );
-                        if let Err(e) = session.write_response_body(Some(event), false).await {
+                        if let Err(e) = session.write_response_body(event, false).await {
                             return Err(Close::CallerGone(e));
                         }
                     }
@@ -641,7 +616,7 @@ impl SluiceProxy {
                 ErrorKind::UpstreamUnavailable,
                 "the upstream ended the stream without its final event; the response is incomplete",
             );
-            if let Err(e) = session.write_response_body(Some(event), false).await {
+            if let Err(e) = session.write_response_body(event, false).await {
                 return Err(Close::CallerGone(e));
             }
             let error = Error::explain(
@@ -664,7 +639,7 @@ impl SluiceProxy {
 /// One metered piece of the upstream's body on its way down: the chunk filters (which may cut
 /// the stream: `Some(StreamEnd::Cut)`), the content timings, then the caller.
 async fn forward_chunk(
-    session: &mut Session,
+    session: &mut ServerSession,
     route: &Route,
     ex: &mut Exchange,
     event_stream: bool,
@@ -682,7 +657,7 @@ async fn forward_chunk(
             .stream_error_event(rejection.kind, &rejection.message);
         ex.outcome = Outcome::Cut;
         tracing::info!(route = %ex.route, "stream cut: {}", rejection.message);
-        return match session.write_response_body(Some(event), true).await {
+        return match session.write_response_body(event, true).await {
             Ok(()) => Ok(Some(StreamEnd::Cut)),
             Err(e) => Err(Close::CallerGone(e)),
         };
@@ -704,7 +679,7 @@ async fn forward_chunk(
 
 /// Sends response body bytes downstream, counted and (when the policy logs bodies) kept.
 async fn send_body(
-    session: &mut Session,
+    session: &mut ServerSession,
     ex: &mut Exchange,
     logged: &mut Option<BytesMut>,
     chunk: Bytes,
@@ -717,7 +692,7 @@ async fn send_body(
         let room = record::LOGGED_BODY_LIMIT.saturating_sub(logged.len());
         logged.extend_from_slice(&chunk[..chunk.len().min(room)]);
     }
-    if let Err(e) = session.write_response_body(Some(chunk), false).await {
+    if let Err(e) = session.write_response_body(chunk, false).await {
         ex.outcome = Outcome::CallerGone;
         return Err(Close::CallerGone(e));
     }
@@ -823,7 +798,7 @@ fn malformed_body(error: &Error) -> bool {
 }
 
 async fn read_body(
-    session: &mut Session,
+    session: &mut ServerSession,
     route: &Route,
     timeout: Duration,
 ) -> Result<Bytes, BodyError> {
@@ -897,7 +872,7 @@ async fn read_body(
 
 /// Whether the request carried both `Content-Length` and `Transfer-Encoding`. Pingora drops
 /// `Content-Length` in that case (RFC 9112 §6.3) and goes on; the raw head still shows it.
-fn has_conflicting_framing(session: &Session) -> bool {
+fn has_conflicting_framing(session: &ServerSession) -> bool {
     let request = session.req_header();
     if !request.headers.contains_key(header::TRANSFER_ENCODING) {
         return false;
@@ -906,7 +881,6 @@ fn has_conflicting_framing(session: &Session) -> bool {
         return true;
     }
     session
-        .as_downstream()
         .as_http1()
         .is_some_and(|h1| raw_head_has_content_length(&h1.get_headers_raw_bytes()))
 }
@@ -933,7 +907,7 @@ pub(crate) fn request_host(request: &RequestHeader) -> Option<&str> {
 /// Answers with an error of Sluice's own in the provider's shape, logged and counted as the
 /// exchange's own early refusals are (the forward listener's checks, before the exchange).
 pub(crate) async fn reject(
-    session: &mut Session,
+    session: &mut ServerSession,
     provider: ProviderKind,
     rejection: Rejection,
     metrics: &Metrics,
@@ -946,7 +920,7 @@ pub(crate) async fn reject(
 }
 
 async fn refuse(
-    session: &mut Session,
+    session: &mut ServerSession,
     provider: ProviderKind,
     ex: &mut Exchange,
     rejection: Rejection,
@@ -968,7 +942,7 @@ async fn refuse(
 /// Answers with an error of Sluice's own in the provider's shape, before any exchange began.
 /// The connection is closed afterwards if the request body was not read to its end.
 async fn respond_rejection(
-    session: &mut Session,
+    session: &mut ServerSession,
     provider: ProviderKind,
     rejection: Rejection,
     started: Instant,
@@ -978,7 +952,7 @@ async fn respond_rejection(
 
 /// Writes a rejection in the provider's shape with its `server-timing`.
 async fn write_rejection(
-    session: &mut Session,
+    session: &mut ServerSession,
     provider: ProviderKind,
     rejection: Rejection,
     timing: Option<HeaderValue>,
@@ -994,7 +968,7 @@ async fn write_rejection(
 
 /// Answers with a response a filter made (a cache hit).
 async fn respond_local(
-    session: &mut Session,
+    session: &mut ServerSession,
     route: &Route,
     ex: &mut Exchange,
     local: LocalResponse,
@@ -1011,12 +985,10 @@ async fn respond_local(
         let _ = response.insert_header("server-timing", timing);
     }
     let head_only = local.body.is_empty();
-    let written = session
-        .write_response_header(Box::new(response), head_only)
-        .await;
+    let written = session.write_response_header(Box::new(response)).await;
     ex.timings.head_sent = Some(Instant::now());
     let written = match (written, head_only) {
-        (Ok(()), false) => session.write_response_body(Some(local.body), true).await,
+        (Ok(()), false) => session.write_response_body(local.body, true).await,
         (other, _) => other,
     };
     match written {
@@ -1040,7 +1012,7 @@ fn is_event_stream(response: &ResponseHeader) -> bool {
 }
 
 async fn write_simple(
-    session: &mut Session,
+    session: &mut ServerSession,
     status: StatusCode,
     headers: &[(http::HeaderName, http::HeaderValue)],
     body: Bytes,
@@ -1052,24 +1024,29 @@ async fn write_simple(
     }
     let _ = response.insert_header(header::CONTENT_TYPE, "application/json");
     let _ = response.insert_header(header::CONTENT_LENGTH, body.len());
-    if !session.as_downstream_mut().is_body_done() {
+    if !session.is_body_done() {
         // The rest of the request body will not be read, so the connection cannot carry
         // another request.
         session.set_keepalive(None);
     }
     session
-        .write_response_header(Box::new(response), false)
+        .write_response_header(Box::new(response))
         .await
         .map_err(Close::CallerGone)?;
     session
-        .write_response_body(Some(body), true)
+        .write_response_body(body, true)
         .await
         .map_err(Close::CallerGone)
 }
 
 /// The access line (and request count) for a request refused before its exchange began (no
 /// route, bad framing, body too large or too slow).
-fn log_early_rejection(session: &Session, route: &str, rejection: &Rejection, metrics: &Metrics) {
+fn log_early_rejection(
+    session: &ServerSession,
+    route: &str,
+    rejection: &Rejection,
+    metrics: &Metrics,
+) {
     record::count_early_rejection(metrics, route, rejection.status);
     let request = session.req_header();
     tracing::info!(

@@ -149,37 +149,46 @@ pub fn attempt_span(
 pub fn server_timing(ex: &Exchange, streamed: bool) -> Option<HeaderValue> {
     let mut timings = ex.timings;
     timings.head_sent = Some(Instant::now());
-    let sluice = Millis(timings.overhead(ex.started)?);
-    let text = match timings.upstream() {
+    let sluice = timings.overhead(ex.started)?;
+    let mut text = String::with_capacity(64);
+    push_metric(&mut text, "sluice;dur=", sluice);
+    match timings.upstream() {
         Some(upstream) if !streamed && timings.upstream_head.is_some() => {
-            let upstream = Millis(upstream);
-            format!("sluice;dur={sluice}, upstream;dur={upstream}, ttft;dur={upstream}")
+            push_metric(&mut text, ", upstream;dur=", upstream);
+            push_metric(&mut text, ", ttft;dur=", upstream);
         }
-        Some(upstream) => format!("sluice;dur={sluice}, upstream;dur={}", Millis(upstream)),
-        None => match ex.cache {
-            Some(status) => format!("sluice;dur={sluice}, cache;desc={}", status.as_str()),
-            None => format!("sluice;dur={sluice}"),
-        },
-    };
-    HeaderValue::from_str(&text).ok()
+        Some(upstream) => push_metric(&mut text, ", upstream;dur=", upstream),
+        None => {
+            if let Some(status) = ex.cache {
+                text.push_str(", cache;desc=");
+                text.push_str(status.as_str());
+            }
+        }
+    }
+    HeaderValue::try_from(text).ok()
 }
 
 /// `server-timing` for an answer made before any exchange began (no route, bad framing):
 /// everything since the request arrived was Sluice's.
 pub fn own_timing(started: Instant) -> Option<HeaderValue> {
-    HeaderValue::from_str(&format!("sluice;dur={}", Millis(started.elapsed()))).ok()
+    let mut text = String::with_capacity(24);
+    push_metric(&mut text, "sluice;dur=", started.elapsed());
+    HeaderValue::try_from(text).ok()
 }
 
-/// A duration in milliseconds with three decimals (`1.234`), as `server-timing` writes it:
-/// integer arithmetic on the microseconds, because formatting floats took more of the hot path
-/// than the rest of the header (callgrind).
-struct Millis(Duration);
-
-impl std::fmt::Display for Millis {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Rounded to the nearest microsecond, as `{:.3}` of the milliseconds would be.
-        let micros = (self.0.as_nanos() + 500) / 1000;
-        write!(f, "{}.{:03}", micros / 1000, micros % 1000)
+/// Appends `label` and a duration in milliseconds with three decimals (`1.234`), as
+/// `server-timing` writes it: integer arithmetic on the microseconds, and no `format!`, because
+/// formatting (floats first, then `fmt` itself) took more of the hot path than the rest of the
+/// header (callgrind).
+fn push_metric(text: &mut String, label: &str, duration: Duration) {
+    // Rounded to the nearest microsecond, as `{:.3}` of the milliseconds would be.
+    let micros = (duration.as_nanos() + 500) / 1000;
+    text.push_str(label);
+    text.push_str(itoa::Buffer::new().format(micros / 1000));
+    let fraction = (micros % 1000) as u32;
+    text.push('.');
+    for digit in [fraction / 100, fraction / 10 % 10, fraction % 10] {
+        text.push(char::from_digit(digit, 10).expect("a decimal digit"));
     }
 }
 
@@ -440,7 +449,11 @@ mod tests {
 
     #[test]
     fn milliseconds_have_three_rounded_decimals() {
-        let text = |nanos: u64| Millis(Duration::from_nanos(nanos)).to_string();
+        let text = |nanos: u64| {
+            let mut text = String::new();
+            push_metric(&mut text, "", Duration::from_nanos(nanos));
+            text
+        };
         assert_eq!(text(0), "0.000");
         assert_eq!(text(1_499), "0.001");
         assert_eq!(text(1_500), "0.002");

@@ -10,19 +10,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use http::{header, StatusCode};
 use pingora::listeners::TlsAccept;
-use pingora::prelude::HttpPeer;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::{server::handshake_with_callback, SslStream, TlsRef};
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::tls::pkey::{PKey, Private};
 use pingora::tls::ssl::{self, AlpnError, SslAcceptor, SslMethod};
-use pingora::Error;
 use sluice_filters::{ErrorKind, Rejection};
 
 use super::ca::{CertificateAuthority, LeafCertificate};
 use super::rules::normalize_host;
 use crate::exchange::{self, SluiceProxy};
 use crate::policy::PolicyStore;
+use crate::server::Handler;
 use crate::upstream::ProviderKind;
 
 /// ALPN protocols offered to intercepted clients, in Sluice's order of preference.
@@ -123,12 +122,8 @@ impl ForwardedExchange {
 }
 
 #[async_trait]
-impl ProxyHttp for ForwardedExchange {
-    type CTX = ();
-
-    fn new_ctx(&self) {}
-
-    async fn request_filter(&self, session: &mut Session, ctx: &mut ()) -> pingora::Result<bool> {
+impl Handler for ForwardedExchange {
+    async fn answer(&self, session: &mut ServerSession) -> pingora::Result<()> {
         let intercepted = session
             .digest()
             .and_then(|digest| digest.ssl_digest.as_ref())
@@ -157,7 +152,7 @@ impl ProxyHttp for ForwardedExchange {
                         message,
                     );
                     exchange::reject(session, provider, rejection, self.policies.metrics()).await?;
-                    return Ok(true);
+                    return Ok(());
                 }
             }
             None => {
@@ -170,22 +165,6 @@ impl ProxyHttp for ForwardedExchange {
                 }
             }
         }
-        self.inner.request_filter(session, ctx).await
-    }
-
-    async fn upstream_peer(
-        &self,
-        session: &mut Session,
-        ctx: &mut (),
-    ) -> pingora::Result<Box<HttpPeer>> {
-        self.inner.upstream_peer(session, ctx).await
-    }
-
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut ()) -> FailToProxy {
-        self.inner.fail_to_proxy(session, e, ctx).await
-    }
-
-    fn suppress_error_log(&self, session: &Session, ctx: &(), error: &Error) -> bool {
-        self.inner.suppress_error_log(session, ctx, error)
+        self.inner.answer(session).await
     }
 }

@@ -1,11 +1,11 @@
 //! HTTPS_PROXY mode: the forward listener (`listen.forward`).
 //!
-//! Pingora refuses `CONNECT` (405), so this listener is a [`ServerApp`] of its own. On each
+//! The proxy listener refuses `CONNECT` (405), so this listener is a [`ServerApp`] of its own. On each
 //! connection it reads one request head (bounded in size and time) and asks the policy:
 //!
 //! - `CONNECT host:port` to an **intercepted** host: `200`, then TLS with a certificate minted
-//!   for `host` from the sidecar's CA, then the decrypted stream goes to Pingora's HTTP
-//!   processing with the proxy listener's exchange ([`ForwardedExchange`]) — routed by host,
+//!   for `host` from the sidecar's CA, then the decrypted stream goes to the proxy listener's
+//!   HTTP app (`server::HttpApp`) and exchange ([`ForwardedExchange`]) — routed by host,
 //!   every filter as in base-URL mode. Sluice never dials the host the client named: the
 //!   exchange goes to the policy's upstreams.
 //! - `CONNECT` to a host and port the policy lets through (`forward.tunnel`): the target is
@@ -24,17 +24,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::apps::{HttpServerApp, HttpServerOptions, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
-use pingora::proxy::HttpProxy;
-use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use tokio::io::AsyncWriteExt;
 
 use crate::exchange::SluiceProxy;
 use crate::policy::{Policy, PolicyStore};
+use crate::server::HttpApp;
 use head::{Head, HeadError, Target};
 pub use intercept::ForwardedExchange;
 use intercept::{InterceptError, Interceptor};
@@ -46,16 +45,12 @@ const KEEPALIVE_SECONDS: u64 = 60;
 
 pub struct ForwardApp {
     policies: Arc<PolicyStore>,
-    exchange: Arc<HttpProxy<ForwardedExchange>>,
+    exchange: Arc<HttpApp<ForwardedExchange>>,
     interceptor: Interceptor,
 }
 
 impl ForwardApp {
-    pub fn new(
-        conf: &Arc<ServerConf>,
-        policies: Arc<PolicyStore>,
-        proxy: SluiceProxy,
-    ) -> Result<Self, InterceptError> {
+    pub fn new(policies: Arc<PolicyStore>, proxy: SluiceProxy) -> Result<Self, InterceptError> {
         let exchange = ForwardedExchange::new(proxy, policies.clone());
         for action in Action::ALL {
             // Present from the start, so a rate over them has a zero to begin with.
@@ -66,7 +61,8 @@ impl ForwardApp {
         }
         Ok(Self {
             policies,
-            exchange: Arc::new(pingora::proxy::http_proxy(conf, exchange)),
+            // No h2c: a plain request here is HTTP/1.1 absolute-form; h2 comes by ALPN.
+            exchange: Arc::new(HttpApp::new(exchange, HttpServerOptions::default())),
             interceptor: Interceptor::new()?,
         })
     }

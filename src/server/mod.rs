@@ -24,8 +24,10 @@ use crate::policy::{
 use crate::telemetry::sla::SlaMonitor;
 use crate::telemetry::traces::Tracer;
 use crate::upstream::{PoolSweeper, UpstreamConnector};
+pub use http_app::{Handler, HttpApp};
 use worker_local::WorkerLocal;
 
+mod http_app;
 mod worker_local;
 
 /// Starts the sidecar and serves until a signal ends it; never returns on success.
@@ -57,7 +59,6 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let conf = server.configuration.clone();
     // After bootstrap: the exporter runs on a thread of its own, which a fork would lose.
     let tracer = match &store.current().telemetry.otlp {
         Some(settings) => {
@@ -82,8 +83,7 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
     let proxy = SluiceProxy::new(store.clone(), inflight.clone(), connector.clone());
     let mut server_options = HttpServerOptions::default();
     server_options.h2c = true;
-    let mut proxy_app = pingora::proxy::http_proxy(&conf, proxy);
-    proxy_app.server_options = Some(server_options);
+    let proxy_app = HttpApp::new(proxy, server_options);
     let mut proxy_service = Service::new("sluice proxy".to_owned(), WorkerLocal::http(proxy_app));
     proxy_service.add_tcp(&listen.proxy.to_string());
 
@@ -97,7 +97,7 @@ pub fn run(policy_path: &Path) -> Result<(), PolicyErrors> {
     server.add_service(proxy_service);
     if let Some(forward_addr) = listen.forward {
         let proxy = SluiceProxy::new(store.clone(), inflight.clone(), connector.clone());
-        let app = ForwardApp::new(&conf, store.clone(), proxy).map_err(|e| PolicyErrors {
+        let app = ForwardApp::new(store.clone(), proxy).map_err(|e| PolicyErrors {
             file: policy_path.display().to_string(),
             errors: vec![PolicyError::new("listen.forward", e.to_string())],
         })?;
