@@ -76,9 +76,9 @@ struct Recording {
     /// Still a candidate: a 200 so far, within `max_entry`.
     storable: bool,
     headers: Vec<(HeaderName, HeaderValue)>,
-    /// The body as it went downstream (refcounted slices, not copies).
-    chunks: Vec<Bytes>,
-    size: usize,
+    /// The body as it went downstream, copied: a refcounted slice would keep the whole read
+    /// buffer it came from (4 KiB or more) alive for as long as the stream, and the entry, last.
+    body: BytesMut,
     /// The flight this request leads; released in `on_done`, or when the exchange is dropped.
     lead: Arc<Mutex<Option<FlightLead>>>,
 }
@@ -208,8 +208,7 @@ impl Cache {
             ttl: plan.ttl,
             storable: true,
             headers: Vec::new(),
-            chunks: Vec::new(),
-            size: 0,
+            body: BytesMut::new(),
             lead: Arc::new(Mutex::new(lead)),
         });
     }
@@ -307,6 +306,15 @@ impl Filter for Cache {
         let ok = ex.status == Some(StatusCode::OK);
         if let Some(recording) = ex.extensions.get_mut::<Recording>() {
             recording.storable = ok;
+            // A declared length within bounds is reserved at once, so the body is not regrown.
+            let declared = response
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+            if let Some(len) = declared.filter(|&len| ok && len <= self.config.max_entry.0 as usize)
+            {
+                recording.body.reserve(len);
+            }
             recording.headers = REPLAYED_HEADERS
                 .iter()
                 .flat_map(|name| {
@@ -324,13 +332,12 @@ impl Filter for Cache {
         let max_entry = self.config.max_entry.0 as usize;
         if let Some(recording) = ex.extensions.get_mut::<Recording>() {
             if recording.storable {
-                recording.size += chunk.len();
-                if recording.size > max_entry {
+                if recording.body.len() + chunk.len() > max_entry {
                     recording.storable = false;
-                    recording.chunks = Vec::new();
+                    recording.body = BytesMut::new();
                     self.count(|c| &c.too_large);
                 } else {
-                    recording.chunks.push(chunk.clone());
+                    recording.body.extend_from_slice(chunk);
                 }
             }
         }
@@ -359,27 +366,13 @@ impl Filter for Cache {
             ttl: recording.ttl,
             stream: ex.facts.stream,
             headers: recording.headers.clone(),
-            body: Body::Plain(concat(&recording.chunks, recording.size)),
+            // Exactly its size: the entry outlives the recording's growth room.
+            body: Body::Plain(Bytes::copy_from_slice(&recording.body)),
             usage: ex.usage,
         };
         if let Some(lead) = &lead {
             lead.publish(Arc::new(entry.clone()));
         }
         self.store.keep(recording.key.clone(), entry, lead);
-    }
-}
-
-/// One buffer from the recorded chunks; a single chunk is kept as is.
-fn concat(chunks: &[Bytes], size: usize) -> Bytes {
-    match chunks {
-        [] => Bytes::new(),
-        [one] => one.clone(),
-        many => {
-            let mut out = BytesMut::with_capacity(size);
-            for chunk in many {
-                out.extend_from_slice(chunk);
-            }
-            out.freeze()
-        }
     }
 }

@@ -511,6 +511,42 @@ fn respond(
     filter.on_done(ex);
 }
 
+/// A stored entry holds a copy of the body of its own size, not the upstream's read buffer:
+/// a slice of it would keep the whole buffer (4 KiB or more) alive for the entry's TTL.
+#[tokio::test]
+async fn a_stored_body_does_not_keep_the_read_buffer_it_came_in() {
+    let store = store(1 << 20);
+    let filter = cache_filter(&store, CacheConfig::default());
+    let body = json!({"model": "m", "temperature": 0, "messages": []});
+    let mut first = exchange(&body, "a", &[]);
+    assert!(matches!(
+        filter.on_request(&mut first).await,
+        Verdict::Continue
+    ));
+    first.status = Some(StatusCode::OK);
+    let answer = b"{\"choices\":[]}";
+    let mut head = ResponseHeader::build(200, None).unwrap();
+    head.insert_header("content-length", answer.len()).unwrap();
+    filter.on_response_head(&mut first, &mut head);
+    // As the upstream client hands a body out: a slice of a larger read buffer.
+    let mut read_buffer = bytes::BytesMut::with_capacity(4096);
+    read_buffer.extend_from_slice(answer);
+    read_buffer.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    let buffer = read_buffer.freeze();
+    let range = buffer.as_ptr() as usize..buffer.as_ptr() as usize + 4096;
+    filter.on_response_chunk(&mut first, &buffer.slice(..answer.len()));
+    first.outcome = Outcome::Completed;
+    filter.on_done(&first);
+    drop(first);
+
+    let mut again = exchange(&body, "a", &[]);
+    let Verdict::Respond(hit) = filter.on_request(&mut again).await else {
+        panic!("expected a hit")
+    };
+    assert_eq!(&hit.body[..], answer);
+    assert!(!range.contains(&(hit.body.as_ptr() as usize)));
+}
+
 #[tokio::test]
 async fn a_complete_stream_is_replayed_byte_for_byte_to_its_tenant_only() {
     let store = store(1 << 20);
