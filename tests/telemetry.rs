@@ -746,7 +746,9 @@ tenants:
             "messages": [{"role": "user", "content": prompt}],
         });
         let mut ids = Vec::new();
+        let mut sizes = Vec::new();
         for body in [whole.clone(), whole, chat_body("streamed", true)] {
+            sizes.push(serde_json::to_vec(&body).unwrap().len());
             let response = reqwest::Client::new()
                 .post(format!("{}/openai/v1/chat/completions", sidecar.proxy))
                 .bearer_auth(CALLER_KEY)
@@ -771,8 +773,15 @@ tenants:
             let id = line["fields"]["request_id"].as_str().unwrap().to_owned();
             ids.iter().position(|i| *i == id).expect("a request's id")
         });
-        for line in &lines {
+        for (line, size) in lines.iter().zip(&sizes) {
             let fields = &line["fields"];
+            // The body as sent upstream, also for the stream, whose body is released once its
+            // answer is chosen (and grew by the usage option Sluice asks for).
+            let sent = fields["request_bytes"].as_u64().unwrap() as usize;
+            match fields["stream"].as_bool() {
+                Some(true) => assert!(sent > *size, "{fields}"),
+                _ => assert_eq!(sent, *size, "{fields}"),
+            }
             assert_eq!(fields["tenant"], "team", "{fields}");
             assert_eq!(fields["tier"], "free", "{fields}");
             assert_eq!(fields["status"], 200, "{fields}");

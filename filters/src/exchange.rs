@@ -18,6 +18,8 @@ pub struct Exchange {
     pub request: RequestHeader,
     /// The complete request body; replayed as-is on every upstream attempt.
     body: Bytes,
+    /// Its length, kept when the body itself is released (for the access log).
+    body_len: usize,
     /// The body as a JSON tree, parsed the first time a filter asks (the token estimate and
     /// the cache key read the same one) and dropped when the request phase ends, so it is not
     /// held for as long as the answer streams. `None` inside: the body is not JSON.
@@ -76,6 +78,7 @@ impl Exchange {
         Self {
             route,
             request,
+            body_len: body.len(),
             body,
             body_json: OnceLock::new(),
             facts,
@@ -105,7 +108,21 @@ impl Exchange {
     /// Replaces the body sent upstream (a filter's rewrite); a tree parsed from the old one is
     /// forgotten. The facts stay those of the caller's request.
     pub fn set_body(&mut self, body: Bytes) {
+        self.body_len = body.len();
         self.body = body;
+        self.release_body_json();
+    }
+
+    /// The length of the body sent upstream, also after [`Self::release_body`].
+    pub fn body_len(&self) -> usize {
+        self.body_len
+    }
+
+    /// Frees the body once no attempt will send it again (the answer is chosen): a stream
+    /// would otherwise hold its whole prompt, often tens of KiB of conversation, for as long
+    /// as it is open. [`Self::body`] is empty afterwards; [`Self::body_len`] is kept.
+    pub fn release_body(&mut self) {
+        self.body = Bytes::new();
         self.release_body_json();
     }
 
@@ -308,6 +325,22 @@ mod tests {
         };
         assert_eq!(local.overhead(started), Some(ms(2)));
         assert_eq!(local.upstream(), None);
+    }
+
+    #[test]
+    fn a_released_body_keeps_its_length() {
+        let mut ex = Exchange::new(
+            "r".into(),
+            RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap(),
+            Bytes::from_static(br#"{"model":"m","messages":[]}"#),
+        );
+        ex.set_body(Bytes::from_static(br#"{"model":"cheaper","messages":[]}"#));
+        assert_eq!(ex.body_len(), 33);
+        assert!(ex.body_json().is_some());
+        ex.release_body();
+        assert!(ex.body().is_empty());
+        assert!(ex.body_json().is_none());
+        assert_eq!(ex.body_len(), 33);
     }
 
     #[test]

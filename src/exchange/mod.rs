@@ -197,6 +197,10 @@ impl SluiceProxy {
                 // streams, about 10 KiB.
                 match Box::pin(self.forward(session, route, &mut ex, trace)).await {
                     Ok(Forwarded::Answer(launched, answered, attempts)) => {
+                        if !policy.telemetry.log_bodies {
+                            // No attempt will send the body again, and nothing else reads it.
+                            ex.release_body();
+                        }
                         let deliver = self.deliver(
                             session, route, &mut ex, launched, answered, injected, attempts,
                         );

@@ -414,7 +414,7 @@ fn log_exchange(
         tenant = ex.tenant.as_deref().unwrap_or("-"),
         tier = ex.tier.as_deref().unwrap_or("-"),
         stream = ex.facts.stream,
-        request_bytes = ex.body().len(),
+        request_bytes = ex.body_len(),
         input_tokens = ex.usage.map(|u| u.input_tokens),
         output_tokens = ex.usage.map(|u| u.output_tokens),
         cost_usd,
