@@ -1,7 +1,7 @@
 //! HTTPS_PROXY mode: the forward listener (`listen.forward`).
 //!
-//! The proxy listener refuses `CONNECT` (405), so this listener is a [`ServerApp`] of its own. On each
-//! connection it reads one request head (bounded in size and time) and asks the policy:
+//! The proxy listener refuses `CONNECT` (405), so this listener is a [`ServerApp`] of its own.
+//! On each connection it reads one request head (bounded in size and time) and asks the policy:
 //!
 //! - `CONNECT host:port` to an **intercepted** host: `200`, then TLS with a certificate minted
 //!   for `host` from the sidecar's CA, then the decrypted stream goes to the proxy listener's

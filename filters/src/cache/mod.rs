@@ -306,15 +306,6 @@ impl Filter for Cache {
         let ok = ex.status == Some(StatusCode::OK);
         if let Some(recording) = ex.extensions.get_mut::<Recording>() {
             recording.storable = ok;
-            // A declared length within bounds is reserved at once, so the body is not regrown.
-            let declared = response
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-            if let Some(len) = declared.filter(|&len| ok && len <= self.config.max_entry.0 as usize)
-            {
-                recording.body.reserve(len);
-            }
             recording.headers = REPLAYED_HEADERS
                 .iter()
                 .flat_map(|name| {
